@@ -1,0 +1,3 @@
+from anncli.cli import main
+
+main()

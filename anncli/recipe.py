@@ -1,0 +1,239 @@
+"""The recipe: a typed schema, YAML loading and `a.b=c` overrides.
+
+Every key of a recipe file is validated; an unknown key, a wrong type or a bad value becomes one
+`RecipeError` line naming the file and the dotted key. Key names are a public interface: scripts and
+the SLURM templates set them with `--set`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from anncli.errors import UserError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class RecipeError(UserError):
+    """A recipe that cannot be used; the message is one line for the user."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    name: Literal["ann", "fcn", "nonlocal"] = "ann"
+    backbone: Literal["resnet50", "resnet101", "small"] = "resnet101"
+    num_classes: int = Field(19, ge=1, le=255)
+    output_stride: Literal[8, 16] = 8
+    norm: Literal["syncbn", "bn"] = "syncbn"
+    aux: bool = True
+    key_channels: int = Field(256, ge=1)
+    value_channels: int = Field(256, ge=1)
+    psp_sizes: list[int] = Field(default_factory=lambda: [1, 3, 6, 8], min_length=1)
+    psp_pool: Literal["avg", "max"] = "avg"
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    pretrained: Optional[str] = None
+    channels_last: bool = False
+
+
+class SynthConfig(_Section):
+    """Parameters of the synthetic long-range set, created under data.root when missing."""
+
+    train: int = Field(2048, ge=1)
+    val: int = Field(256, ge=1)
+    size: tuple[int, int] = (64, 128)
+    seed: int = 0
+    max_samples: int = Field(256, ge=1)
+
+
+class DataConfig(_Section):
+    dataset: Literal["cityscapes", "ade20k", "pascal_context", "synth"] = "cityscapes"
+    root: str = "data/cityscapes"
+    train: str = "cityscapes-train-{000000..000029}.tar"
+    val: str = "cityscapes-val-{000000..000004}.tar"
+    num_workers: int = Field(4, ge=0)
+    shuffle_buffer: int = Field(256, ge=0)
+    max_skip_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    synth: Optional[SynthConfig] = None
+
+
+class AugmentConfig(_Section):
+    crop: tuple[int, int] = (769, 769)
+    base_size: Optional[tuple[int, int]] = None
+    scale: tuple[float, float] = (0.5, 2.0)
+    aspect: Optional[tuple[float, float]] = (0.9, 1.1)
+    cat_max_ratio: float = Field(0.75, gt=0.0, le=1.0)
+    flip: float = Field(0.5, ge=0.0, le=1.0)
+    photometric: Literal["none", "mmseg", "brightness"] = "brightness"
+    brightness_delta: int = Field(10, ge=0, le=255)
+    mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
+    std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    bgr: bool = False
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "AugmentConfig":
+        if self.crop[0] < 1 or self.crop[1] < 1:
+            raise ValueError("crop: both sides must be positive")
+        if not 0 < self.scale[0] <= self.scale[1]:
+            raise ValueError("scale: expected 0 < low <= high")
+        if self.aspect is not None and not 0 < self.aspect[0] <= self.aspect[1]:
+            raise ValueError("aspect: expected 0 < low <= high")
+        return self
+
+
+class LossConfig(_Section):
+    ohem: bool = True
+    ohem_thresh: float = Field(0.7, gt=0.0, le=1.0)
+    ohem_min_kept: int = Field(100_000, ge=0)
+    aux_weight: float = Field(0.4, ge=0.0)
+    class_weights: Optional[list[float]] = None
+
+
+class OptimConfig(_Section):
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.01, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(5e-4, ge=0.0)
+    poly_power: float = Field(0.9, ge=0.0)
+    min_lr: float = Field(0.0, ge=0.0)
+    warmup_iters: int = Field(0, ge=0)
+    grad_clip: Optional[float] = Field(None, gt=0.0)
+
+
+class TrainConfig(_Section):
+    iters: int = Field(60_000, ge=1)
+    batch_size: int = Field(1, ge=1, description="images per process per micro-step")
+    world_size: int = Field(8, ge=1, description="processes the recipe was written for")
+    accum_steps: int = Field(1, ge=1)
+    lr_scaling: Literal["none", "linear"] = "none"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    seed: int = 0
+    checkpoint_every: int = Field(4000, ge=1)
+    keep_last: int = Field(3, ge=1)
+    val_every: int = Field(0, ge=0)
+    log_every: int = Field(50, ge=1)
+    max_bad_steps: int = Field(5, ge=1)
+    tensorboard: bool = False
+
+
+class DeepSpeedConfig(_Section):
+    zero_stage: Literal[0, 1, 2] = 1
+
+
+class EvalConfig(_Section):
+    scales: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
+    flip: bool = False
+    mode: Literal["whole", "slide"] = "whole"
+    crop: Optional[tuple[int, int]] = None
+    stride: Optional[tuple[int, int]] = None
+    merge: Literal["logits", "softmax"] = "logits"
+    resize_short: Optional[int] = None
+    max_long: Optional[int] = None
+    size_divisor: int = Field(1, ge=1)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+    @model_validator(mode="after")
+    def _window(self) -> "EvalConfig":
+        if any(s <= 0 for s in self.scales):
+            raise ValueError("scales: every scale must be > 0")
+        if self.mode == "slide" and (self.crop is None or self.stride is None):
+            raise ValueError("slide mode needs eval.crop and eval.stride")
+        if self.crop and self.stride and (self.stride[0] > self.crop[0] or self.stride[1] > self.crop[1]):
+            raise ValueError("stride: must not be larger than the crop")
+        return self
+
+
+class Recipe(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
+    engine: Literal["ddp", "deepspeed"] = "ddp"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    loss: LossConfig = Field(default_factory=LossConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Recipe":
+        weights = self.loss.class_weights
+        if weights is not None and len(weights) != self.model.num_classes:
+            raise ValueError(
+                f"loss.class_weights: {len(weights)} weights for model.num_classes={self.model.num_classes}"
+            )
+        return self
+
+    @property
+    def effective_batch(self) -> int:
+        return self.train.batch_size * self.train.world_size * self.train.accum_steps
+
+
+def _set_dotted(tree: dict, dotted: str, value, source: str) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"{source}: --set {dotted}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """`train.iters=100` → ("train.iters", 100); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not p for p in key.split(".")):
+        raise RecipeError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. train.iters=100")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif first["type"] == "missing":
+        msg = "required key is missing"
+    given = first.get("input")
+    detail = "" if first["type"] in ("extra_forbidden", "missing") or isinstance(given, dict) else f" (got {given!r})"
+    more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
+    return f"{source}: {key}: {msg}{detail}{more}"
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read, override and validate a recipe; every problem is one `RecipeError` line."""
+    source = str(path)
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"{source}: recipe file not found")
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"{source}: not valid YAML{where}") from None
+    if not isinstance(tree, dict):
+        raise RecipeError(f"{source}: expected a mapping of sections at the top level")
+    tree.setdefault("name", p.stem)
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_dotted(tree, key, value, source)
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as e:
+        raise RecipeError(_format_error(source, e)) from None
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
