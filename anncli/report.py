@@ -1,0 +1,121 @@
+"""What the user sees and what the run records: progress, periodic lines, JSONL events, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+console = Console(stderr=True)
+
+
+class EventLog:
+    """Append-only JSONL of everything a run did; one JSON object per line, flushed at once."""
+
+    def __init__(self, path: Path | None):
+        self._file = open(path, "a", buffering=1) if path is not None else None
+
+    def write(self, event: str, **fields) -> None:
+        if self._file is None:
+            return
+        record = {"event": event, "time": round(time.time(), 3), **fields}
+        self._file.write(json.dumps(record) + "\n")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class TrainProgress:
+    """A rich progress bar on a terminal, plain periodic lines otherwise (logs, SLURM output files)."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.enabled = enabled
+        self.interactive = enabled and sys.stderr.isatty()
+        self._progress = None
+        if self.interactive:
+            self._progress = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[stats]}"),
+                console=console,
+            )
+            self._task = self._progress.add_task("train", total=total, completed=start, stats="")
+            self._progress.start()
+
+    def update(self, step: int, stats: dict, log_line: bool) -> None:
+        if not self.enabled:
+            return
+        text = "  ".join(f"{k} {_fmt(v)}" for k, v in stats.items())
+        if self._progress is not None:
+            self._progress.update(self._task, completed=step, stats=text)
+        elif log_line:
+            print(f"step {step}  {text}", file=sys.stderr, flush=True)
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            console.print(text) if self.interactive else print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+            self._progress = None
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+class TensorBoard:
+    """Optional TensorBoard scalars; a clear error when asked for without the package."""
+
+    def __init__(self, log_dir: Path | None):
+        self._writer = None
+        if log_dir is None:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            from anncli.errors import UserError
+
+            raise UserError("train.tensorboard is on but tensorboard is not installed (pip install 'anncli[tensorboard]')") from None
+        self._writer = SummaryWriter(str(log_dir))
+
+    def scalars(self, step: int, values: dict) -> None:
+        if self._writer is not None:
+            for k, v in values.items():
+                self._writer.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+def _pct(value: float) -> str:
+    return "nan" if value != value else f"{value * 100:.2f}"
+
+
+def metrics_table(metrics: dict, title: str = "Evaluation") -> Table:
+    """Per-class IoU/Acc and the summary row, in percent with two decimals (mmseg's printout)."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("class")
+    table.add_column("IoU", justify="right")
+    table.add_column("Acc", justify="right")
+    table.add_column("GT pixels", justify="right")
+    for row in metrics["per_class"]:
+        table.add_row(row["name"], _pct(row["IoU"]), _pct(row["Acc"]), f"{row['pixels']:,}")
+    table.add_section()
+    table.add_row("mean", _pct(metrics["mIoU"]), _pct(metrics["mAcc"]), f"{metrics['pixels']:,}", style="bold")
+    table.caption = f"aAcc {_pct(metrics['aAcc'])}  mIoU {_pct(metrics['mIoU'])}  mAcc {_pct(metrics['mAcc'])}"
+    return table
