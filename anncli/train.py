@@ -176,8 +176,8 @@ def _resume(path: Path, recipe: Recipe, engine, stream, info) -> dict:
             "exact resume needs the same world size (use --init-from to start a new run from its weights)"
         )
     engine.load(path)
-    ck.restore_rng(torch.load(ck.rank_file(path, "rng", info.rank, ".pt"), weights_only=True))
     stream.load_state_dict(json.loads(ck.rank_file(path, "data", info.rank, ".json").read_text()))
+    state["rng"] = torch.load(ck.rank_file(path, "rng", info.rank, ".pt"), weights_only=True)
     return state
 
 
@@ -233,21 +233,27 @@ def _train(recipe: Recipe, opts: TrainOptions, info, run_dir: Path, stop: StopFl
     start = 0
     events = EventLog(run_dir / "events.jsonl" if info.is_main else None)
     print(f"[ann] {describe_rank(info)}; run directory {run_dir}", file=sys.stderr, flush=True)
+    rng_state = None
     if resume_from is not None:
         state = _resume(resume_from, recipe, engine, stream, info)
+        rng_state = state.pop("rng")
         start = state["step"]
         counters["bad_steps_total"] = state.get("bad_steps_total", 0)
         events.write("resume", step=start, checkpoint=str(resume_from), restart=os.environ.get("SLURM_RESTART_COUNT"))
         if info.is_main:
             print(f"[ann] resumed from {resume_from} at step {start}", file=sys.stderr, flush=True)
     else:
-        torch.manual_seed(t.seed + 1000 * info.rank)  # dropout differs per rank, reproducibly
         events.write("start", step=0, world_size=info.world_size, recipe=recipe.name)
     tb = TensorBoard(run_dir / "tb" if (t.tensorboard and info.is_main) else None)
     base_lr, _ = scaled_lr(recipe, info.world_size)
     progress = TrainProgress(t.iters, start, enabled=info.is_main)
     model.train()
     batches = iter(stream)
+    # Seed or restore only now: starting the data iterator may draw from the global RNG.
+    if rng_state is not None:
+        ck.restore_rng(rng_state)
+    else:
+        torch.manual_seed(t.seed + 1000 * info.rank)  # dropout differs per rank, reproducibly
     bad_in_row = 0
     window_start, window_images = time.perf_counter(), 0
     step = start
@@ -316,10 +322,11 @@ def _train(recipe: Recipe, opts: TrainOptions, info, run_dir: Path, stop: StopFl
 
 
 def _validate(recipe: Recipe, model, info, step: int, events, tb, progress) -> None:
-    from anncli.evaluate import validate_during_training
+    from anncli.evaluate import validate
 
-    metrics = validate_during_training(recipe, model, info)
-    if metrics is not None:
+    model.eval()
+    metrics = validate(model, recipe, info)
+    if info.is_main:
         events.write("val", step=step, mIoU=metrics["mIoU"], aAcc=metrics["aAcc"], mAcc=metrics["mAcc"])
         tb.scalars(step, {"val/mIoU": metrics["mIoU"], "val/aAcc": metrics["aAcc"]})
         progress.message(f"[ann] step {step}: val mIoU {metrics['mIoU'] * 100:.2f}")

@@ -1,0 +1,142 @@
+"""`ann train` end to end on the synthetic shards, with real processes and real gloo ranks."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from anncli.errors import EXIT_PREEMPTED
+from conftest import ROOT, ann_cmd, ann_env, run_ann, tiny_overrides
+
+
+def _events(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+
+
+def _final_weights(run_dir: Path, step: int) -> dict:
+    path = run_dir / "checkpoints" / f"step-{step:06d}"
+    assert (path / "COMPLETE").is_file(), sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    return torch.load(path / "model.pt", weights_only=True)
+
+
+def _assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+
+
+def test_single_process_loss_falls_checkpoints_and_resume(tmp_path, synth_root):
+    run = tmp_path / "run"
+    args = ["train", "recipes/demo.yaml", "--work-dir", run, *tiny_overrides(synth_root, **{"train.iters": 30,
+            "train.checkpoint_every": 10, "train.keep_last": 2, "train.val_every": 30})]
+    res = run_ann(*args)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "creat" in (res.stdout + res.stderr).lower()  # the synthetic set was made on first use, and said so
+    steps = [e for e in _events(run) if e["event"] == "step"]
+    assert len(steps) == 30
+    first, last = sum(e["loss"] for e in steps[:5]) / 5, sum(e["loss"] for e in steps[-5:]) / 5
+    assert last < first * 0.8, (first, last)
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step-000020", "step-000030"]
+    assert any(e["event"] == "val" and 0 <= e["mIoU"] <= 1 for e in _events(run))
+    assert (run / "recipe.yaml").is_file()
+
+    # --resume auto continues to a longer schedule from step 30
+    res = run_ann(*args[:-2], *tiny_overrides(synth_root, **{"train.iters": 33}))
+    assert res.returncode == 0, res.stderr[-3000:]
+    resumed = [e for e in _events(run) if e["event"] == "resume"]
+    assert resumed and resumed[-1]["step"] == 30
+    assert (run / "checkpoints" / "step-000033" / "COMPLETE").is_file()
+
+
+def test_resume_refuses_a_different_model(tmp_path, synth_root):
+    run = tmp_path / "run"
+    assert run_ann("train", "recipes/demo.yaml", "--work-dir", run, *tiny_overrides(synth_root)).returncode == 0
+    res = run_ann("train", "recipes/demo.yaml", "--work-dir", run,
+                  *tiny_overrides(synth_root, **{"model.key_channels": 16, "train.iters": 9}))
+    assert res.returncode == 2
+    assert "model.key_channels=32 (recipe: 16)" in res.stderr and "Traceback" not in res.stderr
+
+
+def _train_until_killed(cmd: list[str], run: Path, after_step: int, sig: int) -> int:
+    """Start training, wait until the checkpoint of `after_step` is complete, then send `sig`."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ann_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    marker = run / "checkpoints" / f"step-{after_step:06d}" / "COMPLETE"
+    deadline = time.time() + 300
+    while not marker.exists():
+        assert proc.poll() is None, f"training ended early: {proc.stderr.read()[-2000:]}"
+        assert time.time() < deadline
+        time.sleep(0.05)
+    time.sleep(random.uniform(0.0, 0.3))  # somewhere in the steps after the checkpoint
+    os.killpg(proc.pid, sig)
+    proc.wait(timeout=120)
+    return proc.returncode
+
+
+@pytest.mark.parametrize("nproc,workers", [(1, 0), (1, 2), (2, 0), (2, 2)])
+def test_sigkill_then_restart_is_bitwise_identical(tmp_path, synth_root, nproc, workers):
+    overrides = tiny_overrides(synth_root, **{"train.iters": 12, "train.checkpoint_every": 4,
+                                              "data.num_workers": workers})
+    base = ["train", "recipes/demo.yaml", "--nproc-per-node", nproc, *overrides]
+    ref = run_ann(*base, "--work-dir", tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    run = tmp_path / "killed"
+    cmd = ann_cmd(*base, "--work-dir", run)
+    _train_until_killed(cmd, run, after_step=random.choice([4, 8]), sig=signal.SIGKILL)
+    res = subprocess.run(cmd, cwd=ROOT, env=ann_env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert any(e["event"] == "resume" for e in _events(run))
+    _assert_bitwise_equal(_final_weights(tmp_path / "ref", 12), _final_weights(run, 12))
+
+
+def test_sigterm_saves_at_current_step_and_resume_matches(tmp_path, synth_root):
+    overrides = tiny_overrides(synth_root, **{"train.iters": 40, "train.checkpoint_every": 100})
+    base = ["train", "recipes/demo.yaml", *overrides]
+    ref = run_ann(*base, "--work-dir", tmp_path / "ref")
+    assert ref.returncode == 0, ref.stderr[-3000:]
+
+    run = tmp_path / "term"
+    cmd = ann_cmd(*base, "--work-dir", run)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ann_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (run / "events.jsonl").exists() or not any(e["event"] == "step" for e in _events(run)):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == EXIT_PREEMPTED, proc.stderr.read()[-2000:]
+    preempted = [e for e in _events(run) if e["event"] == "preempted"]
+    assert len(preempted) == 1
+    step = preempted[0]["step"]
+    assert 0 < step < 40
+    assert (run / "checkpoints" / f"step-{step:06d}" / "COMPLETE").is_file()
+
+    res = subprocess.run(cmd, cwd=ROOT, env=ann_env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    _assert_bitwise_equal(_final_weights(tmp_path / "ref", 40), _final_weights(run, 40))
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_deepspeed_zero_trains_checkpoints_and_resumes(tmp_path, synth_root, stage):
+    run = tmp_path / "ds"
+    common = ["train", "recipes/demo.yaml", "--nproc-per-node", 2, "--work-dir", run, "--set", "engine=deepspeed",
+              "--set", f"deepspeed.zero_stage={stage}"]
+    res = run_ann(*common, *tiny_overrides(synth_root, **{"train.iters": 4, "train.checkpoint_every": 2}))
+    assert res.returncode == 0, res.stderr[-4000:]
+    ckpt = run / "checkpoints" / "step-000004"
+    assert (ckpt / "COMPLETE").is_file() and (ckpt / "deepspeed").is_dir() and (ckpt / "model.pt").is_file()
+    res = run_ann(*common, *tiny_overrides(synth_root, **{"train.iters": 6, "train.checkpoint_every": 2}))
+    assert res.returncode == 0, res.stderr[-4000:]
+    assert [e["step"] for e in _events(run) if e["event"] == "resume"] == [4]
+    assert (run / "checkpoints" / "step-000006" / "COMPLETE").is_file()
+
+
+def test_bad_resume_path_is_one_line(tmp_path, synth_root):
+    res = run_ann("train", "recipes/demo.yaml", "--resume", tmp_path / "nope", *tiny_overrides(synth_root))
+    assert res.returncode == 2 and "no such directory" in res.stderr and "Traceback" not in res.stderr
