@@ -1,0 +1,1 @@
+"""Datasets as WebDataset shards: packing (datasets), the synthetic set (synth), reading (shards), augmentation."""

@@ -1,0 +1,132 @@
+"""The synthetic long-range set: a distant coloured key decides the class of identical grey squares.
+
+Each image (default 64x128) has a noise background (class 0, uniform [0, 0.5] per pixel and channel), a
+10x10 key (class 4) in the left or right outer quarter coloured red, green or blue (0.95 on one channel,
+0.1 on the others, N(0, 0.03) noise), and 2–4 grey squares (0.7 + N(0, 0.03)), 6–11 px, in the far half,
+≥ 2 px apart. A square's class is 1 + the key's colour index, so its label depends on pixels 40–118 px
+away: a plain FCN guesses, a non-local block can look. A 1-px rim around every object is ignore (255).
+Sizes scale with the image (relative to 64x128).
+
+Sample i of a split is drawn from its own generator, seeded by (seed, split, i): the same seed gives
+identical bytes, and validation samples do not depend on how many training samples were asked for.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from anncli.data.datasets import manifest_for
+from anncli.data.shards import IGNORE_INDEX, ShardWriter, manifest_path, write_json
+from anncli.errors import UserError
+
+COLOURS = ("red", "green", "blue")
+KEY_CLASS = 4
+_SPLIT_STREAMS = {"train": 1, "val": 2}
+
+
+def parse_size(size) -> tuple[int, int]:
+    if isinstance(size, str):
+        try:
+            h, w = (int(v) for v in size.lower().split("x"))
+        except ValueError:
+            raise UserError(f"--size {size!r}: expected HxW, e.g. 64x128") from None
+    else:
+        h, w = (int(v) for v in size)
+    if h < 16 or w < 32:
+        raise UserError(f"size {h}x{w}: the synthetic set needs at least 16x32 pixels")
+    return h, w
+
+
+def _place_squares(rng, h, w, left: bool, n: int, lo: int, hi: int) -> list[tuple[int, int, int]]:
+    x_lo, x_hi = (w // 2, w) if left else (0, w // 2)
+    boxes: list[tuple[int, int, int]] = []
+    for _ in range(n):
+        for _try in range(50):
+            side = int(rng.integers(lo, hi + 1))
+            y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(x_lo, x_hi - side + 1))
+            # ≥ 2 px between squares: the boxes grown by 2 must not overlap.
+            if all(y >= by + bs + 2 or by >= y + side + 2 or x >= bx + bs + 2 or bx >= x + side + 2
+                   for by, bx, bs in boxes):
+                boxes.append((y, x, side))
+                break
+    return boxes
+
+
+def make_sample(rng: np.random.Generator, h: int, w: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """→ (uint8 HxWx3 RGB image, uint8 HxW label, meta)."""
+    s = min(h / 64, w / 128)
+    key_side, lo, hi = max(3, round(10 * s)), max(2, round(6 * s)), max(3, round(11 * s))
+    img = rng.uniform(0.0, 0.5, (h, w, 3))
+    label = np.zeros((h, w), np.uint8)
+    left = bool(rng.random() < 0.5)
+    colour = int(rng.integers(3))
+    quarter = w // 4
+    ky = int(rng.integers(0, h - key_side + 1))
+    kx = int(rng.integers(0, quarter - key_side + 1)) if left else int(rng.integers(w - quarter, w - key_side + 1))
+    tint = np.full(3, 0.1)
+    tint[colour] = 0.95
+    img[ky : ky + key_side, kx : kx + key_side] = tint + rng.normal(0, 0.03, (key_side, key_side, 3))
+    label[ky : ky + key_side, kx : kx + key_side] = KEY_CLASS
+    boxes = _place_squares(rng, h, w, left, int(rng.integers(2, 5)), lo, hi)
+    for y, x, side in boxes:
+        img[y : y + side, x : x + side] = 0.7 + rng.normal(0, 0.03, (side, side, 3))
+        label[y : y + side, x : x + side] = 1 + colour
+    for y, x, side in [(ky, kx, key_side), *boxes]:
+        ring = label[max(0, y - 1) : y + side + 1, max(0, x - 1) : x + side + 1]
+        ring[ring == 0] = IGNORE_INDEX
+    image = np.clip(np.rint(img * 255), 0, 255).astype(np.uint8)
+    meta = {"key_colour": COLOURS[colour], "key_side": "left" if left else "right", "squares": len(boxes)}
+    return image, label, meta
+
+
+def _encode_png(arr: np.ndarray) -> bytes:
+    if arr.ndim == 3:
+        arr = cv2.cvtColor(arr, cv2.COLOR_RGB2BGR)
+    ok, buf = cv2.imencode(".png", arr, [cv2.IMWRITE_PNG_COMPRESSION, 1])
+    assert ok
+    return buf.tobytes()
+
+
+def _write_split(out: Path, split: str, count: int, h: int, w: int, seed: int, max_samples: int) -> dict:
+    writer = ShardWriter(out, f"synth-{split}", max_samples, 1 << 62)
+    for i in range(count):
+        rng = np.random.default_rng([seed & ((1 << 63) - 1), _SPLIT_STREAMS[split], i])
+        image, label, meta = make_sample(rng, h, w)
+        key = f"synth_{split}_{i:06d}"
+        meta = {"dataset": "synth", "split": split, "key": key, "height": h, "width": w, **meta}
+        writer.write(key, {"img.png": _encode_png(image), "seg.png": _encode_png(label),
+                           "meta.json": json.dumps(meta, sort_keys=True).encode()})
+    manifest = manifest_for("synth", split, writer.close())
+    write_json(manifest_path(out, "synth", split), manifest)
+    return manifest
+
+
+def write_synth(out, *, train: int = 2048, val: int = 256, size="64x128", seed: int = 0, max_samples: int = 256,
+                verbose: bool = True) -> dict:
+    """Write synth-train-*.tar, synth-val-*.tar and their manifests under `out`; returns both manifests."""
+    h, w = parse_size(size)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    manifests = {split: _write_split(out, split, n, h, w, seed, max_samples)
+                 for split, n in (("train", train), ("val", val))}
+    if verbose:
+        print(f"wrote the synthetic set to {out}: {train} train and {val} val samples, {h}x{w}, seed {seed}")
+    return manifests
+
+
+def ensure_synth(root: str, cfg) -> bool:
+    """Create the synthetic set under `root` when its manifests are missing (saying so); True if created."""
+    root_path = Path(root)
+    if all(manifest_path(root_path, "synth", s).is_file() for s in _SPLIT_STREAMS):
+        return False
+    h, w = parse_size(cfg.size)
+    print(f"creating the synthetic long-range dataset under {root_path} ({cfg.train} train, {cfg.val} val, {h}x{w})")
+    write_synth(root_path, train=cfg.train, val=cfg.val, size=(h, w), seed=cfg.seed, max_samples=cfg.max_samples,
+                verbose=False)
+    return True
