@@ -35,7 +35,7 @@ RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML, e.g. recipes/citys
 SetOpt = Annotated[
     Optional[list[str]], typer.Option("--set", help="Override a recipe key: --set train.iters=100 (repeatable).")
 ]
-NodesOpt = Annotated[int, typer.Option("--nodes", min=1, help="Number of nodes.")]
+NodesOpt = Annotated[Optional[int], typer.Option("--nodes", min=1, help="Number of nodes (default 1, or the SLURM allocation's).")]
 NprocOpt = Annotated[
     Optional[int],
     typer.Option("--nproc-per-node", "--gpus-per-node", min=1, help="Processes per node (default: visible GPUs, or 1)."),
@@ -84,7 +84,7 @@ def train(
     work_dir: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<recipe name>).")] = None,
     resume: Annotated[str, typer.Option(help="auto (newest complete checkpoint), never, or a checkpoint path.")] = "auto",
     init_from: Annotated[Optional[Path], typer.Option(help="Load model weights only from this checkpoint.")] = None,
-    nodes: NodesOpt = 1,
+    nodes: NodesOpt = None,
     nproc_per_node: NprocOpt = None,
     node_rank: NodeRankOpt = None,
     rdzv_endpoint: RdzvOpt = None,
@@ -122,7 +122,7 @@ def eval_(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write every number and the protocol here.")] = None,
     save_pred: Annotated[Optional[Path], typer.Option(help="Write label-id PNGs of the predictions here.")] = None,
     work_dir: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<recipe name>).")] = None,
-    nodes: NodesOpt = 1,
+    nodes: NodesOpt = None,
     nproc_per_node: NprocOpt = None,
     node_rank: NodeRankOpt = None,
     rdzv_endpoint: RdzvOpt = None,

@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# Multi-scale + flip evaluation of one checkpoint across SLURM nodes; the metrics JSON goes into the run.
+#
+#   sbatch slurm/eval.sh [RECIPE] [CHECKPOINT] [ann eval options...]
+#   sbatch slurm/eval.sh                                      # recipes/cityscapes.yaml, newest checkpoint
+#   sbatch slurm/eval.sh recipes/cityscapes.yaml runs/ann-cityscapes/checkpoints/step-060000
+#   sbatch slurm/eval.sh recipes/cityscapes.yaml --scales 0.75,1,1.25 --mode slide
+#
+# The run directory is the one slurm/train.sh used for the same job name and recipe:
+# runs/<job name>-<recipe file name> (WORK_DIR=... overrides it). Without CHECKPOINT, the newest
+# complete checkpoint of that run is evaluated. Metrics: <run>/eval-<checkpoint>-ms-flip.json.
+#
+#SBATCH --job-name=ann
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=4
+#SBATCH --cpus-per-task=32
+#SBATCH --time=04:00:00
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-%x-%j.out
+
+# Network knobs (see docs/cluster.md):
+# export NCCL_SOCKET_IFNAME=ib0
+# export GLOO_SOCKET_IFNAME=eth0
+# export NCCL_DEBUG=INFO
+
+set -uo pipefail
+
+EXIT_USAGE=2
+
+usage() {
+    cat <<'EOF'
+usage: sbatch [sbatch options] slurm/eval.sh [RECIPE] [CHECKPOINT] [ann eval options...]
+
+  RECIPE       recipe YAML (default: recipes/cityscapes.yaml)
+  CHECKPOINT   checkpoint directory (default: the newest complete one of the run)
+  options      passed to `ann eval`, e.g. --scales 0.75,1,1.25 --mode slide
+
+Evaluates with the recipe's eval.scales (--multiscale) and horizontal flip (--flip) on every node;
+writes <run directory>/eval-<checkpoint>-ms-flip.json. Run directory: runs/<job name>-<recipe
+file name>, or $WORK_DIR.
+EOF
+}
+
+die() {
+    echo "slurm/eval.sh: error: $1" >&2
+    usage >&2
+    exit "$EXIT_USAGE"
+}
+
+recipe="recipes/cityscapes.yaml"
+checkpoint=""
+if [[ $# -gt 0 && "$1" != -* ]]; then
+    recipe="$1"
+    shift
+fi
+if [[ $# -gt 0 && "$1" != -* ]]; then
+    checkpoint="$1"
+    shift
+fi
+for arg in "$@"; do
+    if [[ "$arg" == "-h" || "$arg" == "--help" ]]; then
+        usage
+        exit 0
+    fi
+done
+[[ -f "$recipe" ]] || die "recipe '$recipe' not found (relative paths start at $PWD)"
+[[ -n "${SLURM_JOB_ID:-}" ]] || die "not inside a SLURM job: submit it with sbatch"
+ann="${ANN:-ann}"
+command -v "$ann" >/dev/null || die "'$ann' not found: activate the environment with ann before sbatch, or set ANN"
+
+name="$(basename "$recipe")"
+work_dir="${WORK_DIR:-runs/${SLURM_JOB_NAME:-ann}-${name%.*}}"
+if [[ -z "$checkpoint" ]]; then
+    shopt -s nullglob
+    markers=("$work_dir"/checkpoints/step-*/COMPLETE)   # zero-padded steps: the glob order is step order
+    shopt -u nullglob
+    [[ ${#markers[@]} -gt 0 ]] || die "no complete checkpoint under $work_dir/checkpoints; give CHECKPOINT"
+    checkpoint="$(dirname "${markers[-1]}")"
+fi
+[[ -f "$checkpoint/COMPLETE" ]] || die "checkpoint '$checkpoint' is missing or incomplete (no COMPLETE marker)"
+metrics="$work_dir/eval-$(basename "$checkpoint")-ms-flip.json"
+nodes="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"
+
+echo "ann: job $SLURM_JOB_ID: evaluating $checkpoint on $nodes node(s) ($SLURM_JOB_NODELIST); metrics -> $metrics"
+
+srun --nodes="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
+    "$ann" eval "$recipe" --checkpoint "$checkpoint" --work-dir "$work_dir" --multiscale --flip \
+    --json "$metrics" "$@"
+rc=$?
+echo "ann: job $SLURM_JOB_ID finished with exit code $rc"
+exit "$rc"

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Train one recipe across SLURM nodes; a preempted or timed-out job saves, requeues itself and resumes.
+#
+#   sbatch slurm/train.sh [RECIPE] [ann train options...]
+#   sbatch slurm/train.sh                                     # recipes/cityscapes.yaml, the paper's run
+#   sbatch slurm/train.sh recipes/ade20k.yaml --set train.iters=1000
+#   sbatch --nodes=1 --gpus-per-node=8 slurm/train.sh         # the same 8 GPUs on one node
+#   sbatch -J exp1 slurm/train.sh                             # another run directory: runs/exp1-cityscapes
+#   sbatch --gpus-per-node=0 --cpus-per-task=1 slurm/train.sh recipes/demo.yaml   # CPU-only cluster
+#
+# Defaults: 2 nodes x 4 GPUs = the paper's world of 8 processes (ann_r101-d8_8xb1-...: 8 x batch 1).
+# Each node runs one task: `ann train`, which starts a torchrun agent there; the agents meet in a c10d
+# rendezvous at the first node of the job (address from `scontrol show node`, port from the job id).
+# The run directory is runs/<job name>-<recipe file name> (WORK_DIR=... overrides it): the same after a
+# requeue, so `--resume auto` continues from its newest complete checkpoint.
+# The `ann` command is $ANN (default: `ann` on PATH; jobs inherit the submitting shell's PATH).
+#
+#SBATCH --job-name=ann
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=4
+#SBATCH --cpus-per-task=32
+#SBATCH --time=24:00:00
+#SBATCH --requeue
+#SBATCH --signal=TERM@120
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-%x-%j.out
+# --signal has no B: prefix on purpose: every process of the step gets SIGTERM 120 s before the time
+# limit; the ranks agree on it at the end of a step, save a checkpoint and exit with EXIT_PREEMPTED.
+
+# Network knobs, when NCCL or Gloo pick an interface the other nodes cannot reach (see docs/cluster.md):
+# export NCCL_SOCKET_IFNAME=ib0          # a prefix list (eth,ib) or an exclusion (^lo,docker0)
+# export GLOO_SOCKET_IFNAME=eth0         # Gloo (CPU collectives, DeepSpeed on CPU) needs its own
+# export NCCL_DEBUG=INFO                 # which interfaces and transports NCCL chose, per rank
+# export ANN_RDZV_TIMEOUT=900            # seconds every node has to join the rendezvous
+
+set -uo pipefail
+
+EXIT_USAGE=2
+EXIT_PREEMPTED=124   # anncli.errors.EXIT_PREEMPTED: the run saved on SIGTERM/SIGUSR1 and wants a requeue
+
+usage() {
+    cat <<'EOF'
+usage: sbatch [sbatch options] slurm/train.sh [RECIPE] [ann train options...]
+
+  RECIPE     recipe YAML (default: recipes/cityscapes.yaml)
+  options    passed to `ann train`, e.g. --set train.iters=1000 --set engine=deepspeed
+
+Run directory: runs/<job name>-<recipe file name>, or $WORK_DIR. The job requeues itself when
+training exits with 124 (preempted after saving) and resumes from the newest complete checkpoint.
+Override the #SBATCH defaults on the command line: --nodes, --gpus-per-node, --cpus-per-task, --time.
+EOF
+}
+
+die() {
+    echo "slurm/train.sh: error: $1" >&2
+    usage >&2
+    exit "$EXIT_USAGE"
+}
+
+recipe="recipes/cityscapes.yaml"
+if [[ $# -gt 0 && "$1" != -* ]]; then
+    recipe="$1"
+    shift
+fi
+for arg in "$@"; do
+    if [[ "$arg" == "-h" || "$arg" == "--help" ]]; then
+        usage
+        exit 0
+    fi
+done
+[[ -f "$recipe" ]] || die "recipe '$recipe' not found (relative paths start at $PWD)"
+[[ -n "${SLURM_JOB_ID:-}" ]] || die "not inside a SLURM job: submit it with sbatch"
+ann="${ANN:-ann}"
+command -v "$ann" >/dev/null || die "'$ann' not found: activate the environment with ann before sbatch, or set ANN"
+
+name="$(basename "$recipe")"
+work_dir="${WORK_DIR:-runs/${SLURM_JOB_NAME:-ann}-${name%.*}}"
+nodes="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"
+head="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+
+echo "ann: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $nodes node(s) ($SLURM_JOB_NODELIST," \
+     "head $head), recipe $recipe, run directory $work_dir"
+
+# Check the recipe and options once, and print the world, batch and commands, before any node starts.
+"$ann" train "$recipe" --work-dir "$work_dir" --resume auto "$@" --dry-run | sed -n '/^---$/,$p' || exit "$EXIT_USAGE"
+
+srun --nodes="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
+    "$ann" train "$recipe" --work-dir "$work_dir" --resume auto "$@"
+rc=$?
+
+if [[ "$rc" -eq "$EXIT_PREEMPTED" ]]; then
+    echo "ann: job $SLURM_JOB_ID saved a checkpoint after a preemption signal; requeueing it"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+fi
+echo "ann: job $SLURM_JOB_ID finished with exit code $rc"
+exit "$rc"

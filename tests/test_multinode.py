@@ -1,0 +1,116 @@
+"""Several nodes by hand on one machine: real `ann train` processes, torchrun agents and gloo ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory) -> Path:
+    """A small synthetic set shared by the tests of this file."""
+    root = tmp_path_factory.mktemp("synth")
+    subprocess.run([sys.executable, "-m", "anncli", "data", "synth", str(root), "--train", "64", "--val", "16",
+                    "--size", "64x128"], check=True, capture_output=True, timeout=300)
+    return root
+
+
+def train_cmd(synth: Path, work_dir: Path, iters: int, every: int, *extra: str) -> list[str]:
+    sets = [f"train.iters={iters}", f"train.checkpoint_every={every}", "train.batch_size=2", "train.log_every=1",
+            "data.synth.train=64", "data.synth.val=16", f"data.root={synth}"]
+    return [sys.executable, "-m", "anncli", "train", "recipes/demo.yaml", "--work-dir", str(work_dir),
+            *[a for s in sets for a in ("--set", s)], *extra]
+
+
+def env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", **extra}
+
+
+def start(cmd: list[str], log: Path, **extra: str) -> subprocess.Popen:
+    return subprocess.Popen(cmd, cwd=ROOT, env=env(**extra), stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def wait_for(predicate, what: str, timeout: float = 300, procs=()) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if any(p.poll() is not None for p in procs):
+            raise AssertionError(f"a process ended before {what}")
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def checkpoints(work_dir: Path) -> list[str]:
+    return sorted(p.parent.name for p in (work_dir / "checkpoints").glob("step-*/COMPLETE"))
+
+
+def worker_pid(log: Path, rank: int) -> int | None:
+    m = re.search(rf"\[ann\] rank {rank}/\d+ on \S+ \(pid (\d+)", log.read_text(errors="replace"))
+    return int(m.group(1)) if m else None
+
+
+def test_two_nodes_by_hand_form_one_world_and_write_one_checkpoint(synth, tmp_path):
+    port, work = free_port(), tmp_path / "run"
+    procs = [start(train_cmd(synth, work, 2, 100, "--nodes", "2", "--node-rank", str(r),
+                             "--rdzv-endpoint", f"127.0.0.1:{port}"), tmp_path / f"node{r}.log", ANN_RDZV_TIMEOUT="300")
+             for r in (0, 1)]
+    codes = [p.wait(timeout=600) for p in procs]
+    logs = "\n".join((tmp_path / f"node{r}.log").read_text() for r in (0, 1))
+    assert codes == [0, 0], logs
+    assert checkpoints(work) == ["step-000002"]
+    state = json.loads((work / "checkpoints" / "step-000002" / "state.json").read_text())
+    assert state["world_size"] == 2 and state["step"] == 2
+    assert "rank 0/2" in logs and "rank 1/2" in logs
+
+
+def test_lone_node_fails_with_a_rendezvous_timeout_instead_of_hanging(synth, tmp_path):
+    cmd = train_cmd(synth, tmp_path / "run", 2, 100, "--nodes", "2", "--rdzv-endpoint", f"127.0.0.1:{free_port()}")
+    done = subprocess.run(cmd, cwd=ROOT, env=env(ANN_RDZV_TIMEOUT="10"), capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "RendezvousTimeoutError" in done.stderr
+    assert "ANN_RDZV_TIMEOUT=10" in done.stderr and "not all 2 nodes reached" in done.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_killed_worker_ends_the_job_with_a_message_naming_the_rank(synth, tmp_path):
+    log, work = tmp_path / "train.log", tmp_path / "run"
+    proc = start(train_cmd(synth, work, 400, 400, "--nproc-per-node", "2"), log)
+    wait_for(lambda: "step 1 " in log.read_text() and worker_pid(log, 1), "the first step", procs=[proc])
+    os.kill(worker_pid(log, 1), signal.SIGKILL)
+    code = proc.wait(timeout=60)
+    out = log.read_text()
+    assert code not in (0, None)
+    assert re.search(r"rank\s*:\s*1 \(local_rank: 1\)", out), out[-3000:]  # torchrun's root-cause block
+    assert "exited with code" in out and "on " + socket.gethostname() in out
+
+
+@pytest.mark.slow
+def test_max_restarts_restarts_the_workers_from_the_last_checkpoint(synth, tmp_path):
+    log, work = tmp_path / "train.log", tmp_path / "run"
+    proc = start(train_cmd(synth, work, 16, 4, "--nproc-per-node", "2", "--max-restarts", "1"), log)
+    wait_for(lambda: checkpoints(work) and worker_pid(log, 1), "the first checkpoint", procs=[proc])
+    os.kill(worker_pid(log, 1), signal.SIGKILL)
+    code = proc.wait(timeout=900)
+    out = log.read_text()
+    assert code == 0, out[-3000:]
+    assert re.search(r"\[ann\] resumed from \S+step-0000(0[4-9]|1[0-2]) at step", out), out[-3000:]
+    assert checkpoints(work)[-1] == "step-000016"
