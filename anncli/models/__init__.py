@@ -1,0 +1,1 @@
+"""Networks: dilated deep-stem ResNets, APNB/AFNB attention, the ANN network and its baselines."""
