@@ -1,0 +1,348 @@
+"""Training throughput and peak memory: the demo recipe on 1 and 2 CPU ranks, and ANN-R101 on a GPU.
+
+CPU part: runs the real CLI (`python -m anncli train recipes/demo.yaml ...`) once per setting and reads
+the step records of `<work-dir>/events.jsonl`. img/s is the median over the records after the first
+`--warmup-records` (it counts images over all ranks); `mem_mb` is rank 0's peak resident set. The
+script also samples the resident set of the whole process tree (launcher + every rank) twice a second.
+Settings: 1 rank with every core as threads (what `ann train` does by default), 1 rank with 1 thread,
+and 2 ranks with 1 thread each (what torchrun does). A setting that runs past `--max-seconds` is sent
+SIGTERM (the CLI saves and exits as on preemption) and reports the records it wrote.
+
+GPU part (only when CUDA is available; otherwise skipped with the reason): ANN with the dilated
+ResNet-101 at 769x769, batch 2, fp32 vs bf16 + channels_last, built directly (model + DDPEngine +
+SegLoss on random tensors: the data pipeline is not what is measured), with the model FLOPs per image
+from torch.utils.flop_counter on one forward + backward and the achieved fraction of the GPU's peak.
+
+    python benchmarks/train_throughput.py                  # writes benchmarks/results/train_throughput.json
+    python benchmarks/train_throughput.py --quick --out /tmp/t.json   # tiny images, a few steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = "recipes/demo.yaml"
+
+# Dense peak TFLOPS by device-name fragment: (bf16, fp32, tf32). First match wins.
+PEAK_TFLOPS = [
+    ("H100 PCIe", (756.0, 51.0, 378.0)),
+    ("H100", (989.0, 67.0, 495.0)),  # SXM (reported as "H100 80GB HBM3")
+    ("H200", (989.0, 67.0, 495.0)),
+    ("A100", (312.0, 19.5, 156.0)),
+]
+
+
+# --- the machine ------------------------------------------------------------------------------------
+
+
+def machine_info() -> dict:
+    import torch
+
+    cpus = os.cpu_count() or 1
+    load = os.getloadavg()[0]
+    info = {"cpu_count": cpus, "cpu": platform.machine(), "torch": torch.__version__, "python": platform.python_version(),
+            "load_avg_1min_at_start": round(load, 2)}
+    if load > 0.5 * cpus:
+        info["note"] = (f"numbers taken on a shared {cpus}-core machine: load average {load:.1f} at start, "
+                        "other processes competed for the cores, so img/s is lower and noisier than on an idle machine")
+    return info
+
+
+def peak_tflops(device_name: str) -> dict | None:
+    for fragment, (bf16, fp32, tf32) in PEAK_TFLOPS:
+        if fragment.lower() in device_name.lower():
+            return {"bf16": bf16, "fp32": fp32, "tf32": tf32}
+    return None
+
+
+# --- CPU: the real CLI ------------------------------------------------------------------------------
+
+
+class TreeRss:
+    """Samples the summed resident set of a process and all its descendants; keeps the peak (MiB)."""
+
+    def __init__(self, pid: int, period_s: float = 0.5):
+        self.pid, self.period_s, self.peak_mb = pid, period_s, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _tree(self) -> set[int]:
+        parents = {}
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                try:
+                    parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                except (OSError, IndexError, ValueError):
+                    continue
+        tree, grew = {self.pid}, True
+        while grew:
+            new = {p for p, parent in parents.items() if parent in tree} - tree
+            tree |= new
+            grew = bool(new)
+        return tree
+
+    def _sample(self) -> float:
+        total_kb = 0
+        for pid in self._tree():
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith("VmRSS:"):
+                        total_kb += int(line.split()[1])
+            except OSError:
+                continue
+        return total_kb / 1024
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self.peak_mb = max(self.peak_mb, self._sample())
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.peak_mb
+
+
+def summarize_steps(records: list[dict], warmup: int) -> dict:
+    """Median img/s over the records after the first `warmup`, and the peak memory over all of them."""
+    steady = records[warmup:]
+    out = {"records": len(records), "records_used": len(steady),
+           "last_step": records[-1]["step"] if records else 0,
+           "peak_mem_mb_rank0": round(max((r["mem_mb"] for r in records), default=0.0), 1)}
+    if steady:
+        rates = [r["img_per_s"] for r in steady]
+        out.update(img_per_s_median=round(statistics.median(rates), 3),
+                   img_per_s_min=round(min(rates), 3), img_per_s_max=round(max(rates), 3))
+    else:
+        out["img_per_s_median"] = None
+    return out
+
+
+def read_steps(events: Path) -> list[dict]:
+    if not events.is_file():
+        return []
+    rows = [json.loads(line) for line in events.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("event") == "step"]
+
+
+def cli_command(work_dir: Path, data_root: Path, nproc: int, args) -> list[str]:
+    sets = {
+        "train.iters": args.iters, "train.log_every": args.log_every, "train.checkpoint_every": 10**9,
+        "data.root": data_root, "data.synth.train": args.synth_train, "data.synth.val": 16,
+        **args.extra_sets,
+    }
+    cmd = [sys.executable, "-m", "anncli", "train", RECIPE, "--work-dir", str(work_dir), "--resume", "never"]
+    for key, value in sets.items():
+        cmd += ["--set", f"{key}={value}"]
+    return cmd + (["--nproc-per-node", str(nproc)] if nproc > 1 else [])
+
+
+def run_setting(name: str, nproc: int, threads: int, data_root: Path, scratch: Path, args) -> dict:
+    work_dir = scratch / name
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1", GLOO_SOCKET_IFNAME="lo")
+    log = (scratch / f"{name}.log").open("w")
+    start = time.perf_counter()
+    child = subprocess.Popen(cli_command(work_dir, data_root, nproc, args), cwd=ROOT, env=env,
+                             stdout=log, stderr=subprocess.STDOUT)
+    rss = TreeRss(child.pid)
+    terminated = False
+    try:
+        child.wait(timeout=args.max_seconds)
+    except subprocess.TimeoutExpired:
+        terminated = True
+        child.send_signal(signal.SIGTERM)  # the CLI saves and exits as on preemption
+        child.wait(timeout=300)
+    wall = time.perf_counter() - start
+    tree_peak = rss.stop()
+    log.close()
+    records = read_steps(work_dir / "events.jsonl")
+    stopped_early = terminated and (not records or records[-1]["step"] < args.iters)  # not just its exit
+    if not terminated and child.returncode != 0:
+        tail = (scratch / f"{name}.log").read_text()[-2000:]
+        raise RuntimeError(f"setting {name}: ann train exited with {child.returncode}:\n{tail}")
+    result = {"ranks": nproc, "threads_per_rank": threads, "iters_requested": args.iters,
+              "log_every": args.log_every, "warmup_records_skipped": args.warmup_records,
+              "stopped_early_after_s": args.max_seconds if stopped_early else None,
+              **summarize_steps(records, args.warmup_records),
+              "peak_rss_mb_all_processes": round(tree_peak, 1), "wall_s": round(wall, 1)}
+    print(f"[bench] {name}: {json.dumps(result)}", flush=True)
+    return result
+
+
+def cpu_benchmark(args) -> dict:
+    cpus = os.cpu_count() or 1
+    settings = [("1rank_all_threads", 1, cpus), ("1rank_1thread", 1, 1), ("2ranks_1thread", 2, 1)]
+    with tempfile.TemporaryDirectory(prefix="ann-train-bench-") as tmp:
+        scratch = Path(tmp)
+        data_root = scratch / "synth"
+        size = args.extra_sets.get("data.synth.size", "[64, 128]").strip("[]").replace(", ", "x").replace(",", "x")
+        subprocess.run([sys.executable, "-m", "anncli", "data", "synth", str(data_root), "--train", str(args.synth_train),
+                        "--val", "16", "--size", size], cwd=ROOT, check=True, capture_output=True)
+        runs = {name: run_setting(name, nproc, threads, data_root, scratch, args) for name, nproc, threads in settings}
+    two, one, one_t1 = (runs[k]["img_per_s_median"] for k in ("2ranks_1thread", "1rank_all_threads", "1rank_1thread"))
+    ratio = lambda a, b: round(a / b, 3) if a and b else None  # noqa: E731
+    return {
+        "recipe": RECIPE, "overrides": {k: str(v) for k, v in args.extra_sets.items()},
+        "batch_size_per_rank": args.batch_size, "synth_train_samples": args.synth_train,
+        "settings": runs,
+        "ratios": {"2ranks_over_1rank_img_per_s": ratio(two, one),
+                   "2ranks_over_1rank_1thread_img_per_s": ratio(two, one_t1)},
+    }
+
+
+# --- GPU: ANN-R101 built directly ---------------------------------------------------------------------
+
+
+def bench_recipe(backbone: str, num_classes: int, precision: str, channels_last: bool, batch: int):
+    from anncli.recipe import ModelConfig, Recipe, TrainConfig
+
+    return Recipe(name="bench", model=ModelConfig(backbone=backbone, num_classes=num_classes, channels_last=channels_last,
+                                                  norm="bn"),
+                  train=TrainConfig(precision=precision, batch_size=batch, world_size=1))
+
+
+def model_flops_per_image(model_cfg, crop: tuple[int, int]) -> float:
+    """FLOPs of the network's forward + backward for one image (torch's counter: 2 per multiply-add).
+
+    Counted on the meta device, so it costs no compute and does not depend on the device or precision;
+    the loss is left out (a plain sum of the logits starts the backward pass).
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from anncli.models.ann import build_model
+
+    with torch.device("meta"):
+        model = build_model(model_cfg).train()
+        images = torch.empty(1, 3, *crop)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        main, aux = model(images)
+        (main.sum() + (aux.sum() if aux is not None else 0)).backward()
+    return float(counter.get_total_flops())
+
+
+def measure_training(backbone: str, num_classes: int, crop: tuple[int, int], batch: int, precision: str,
+                     channels_last: bool, steps: int, warmup: int, device) -> dict:
+    """img/s, peak memory and FLOPs/image of the training step (DDPEngine, one process) on random tensors."""
+    import torch
+
+    from anncli.distributed import DistInfo
+    from anncli.engine import DDPEngine
+    from anncli.losses import SegLoss
+    from anncli.models.ann import build_model
+
+    recipe = bench_recipe(backbone, num_classes, precision, channels_last, batch)
+    torch.manual_seed(0)
+    model = build_model(recipe.model).to(device).train()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    engine = DDPEngine(model, recipe, DistInfo(rank=0, world_size=1, local_rank=0, device=device))
+    criterion = SegLoss(recipe.loss, num_classes).to(device)
+    images = torch.randn(batch, 3, *crop, device=device).contiguous(memory_format=fmt)
+    labels = torch.randint(0, num_classes, (batch, *crop), device=device)
+    flops = model_flops_per_image(recipe.model, crop)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync()
+            start = time.perf_counter()
+        engine.micro_step(images, labels, criterion, boundary=True)
+        engine.optimizer_step()
+    sync()
+    seconds = time.perf_counter() - start
+    out = {"precision": precision, "channels_last": channels_last, "batch": batch, "crop": list(crop),
+           "steps_timed": steps, "s_per_step": round(seconds / steps, 4),
+           "img_per_s": round(batch * steps / seconds, 3), "flops_per_image": flops,
+           "achieved_tflops": round(flops * batch * steps / seconds / 1e12, 3)}
+    if device.type == "cuda":
+        out["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    return out
+
+
+def gpu_benchmark(args) -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"skipped": f"CUDA is not available (torch {torch.__version__}, no GPU on this machine)",
+                "flops_per_image_r101_769": model_flops_per_image(bench_recipe("resnet101", 19, "fp32", False, 2).model,
+                                                                  (769, 769))}
+    device = torch.device("cuda", 0)
+    name = torch.cuda.get_device_name(device)
+    peaks = peak_tflops(name)
+    runs = {}
+    for precision, channels_last in (("fp32", False), ("bf16", True)):
+        run = measure_training("resnet101", 19, (769, 769), 2, precision, channels_last, args.gpu_steps, 5, device)
+        if peaks is not None:
+            key = "bf16" if precision == "bf16" else "fp32"
+            run["peak_tflops"] = peaks[key]
+            achieved = run["flops_per_image"] * run["img_per_s"] / 1e12
+            run["fraction_of_peak"] = round(achieved / peaks[key], 4)
+            if precision == "fp32":  # cuDNN convolutions use TF32 by default
+                run["fraction_of_tf32_peak"] = round(achieved / peaks["tf32"], 4)
+        else:
+            run["fraction_of_peak"] = None
+        runs[f"{precision}{'_channels_last' if channels_last else ''}"] = run
+        print(f"[bench] gpu {precision}: {json.dumps(run)}", flush=True)
+        torch.cuda.empty_cache()
+    fp32, bf16 = runs["fp32"], runs["bf16_channels_last"]
+    return {"device": name, "model": "ann, dilated ResNet-101 (output stride 8), 19 classes, OHEM CE + aux",
+            "tf32_allowed": {"cudnn": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32},
+            "peak_tflops_known": peaks is not None, "runs": runs,
+            "bf16_over_fp32_img_per_s": round(bf16["img_per_s"] / fp32["img_per_s"], 3)}
+
+
+# --- main -------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--iters", type=int, default=40, help="training iterations per CPU setting")
+    p.add_argument("--log-every", type=int, default=2)
+    p.add_argument("--warmup-records", type=int, default=3, help="first step records left out of the median")
+    p.add_argument("--max-seconds", type=float, default=100.0, help="SIGTERM a CPU setting after this long")
+    p.add_argument("--synth-train", type=int, default=256)
+    p.add_argument("--gpu-steps", type=int, default=20)
+    p.add_argument("--skip-gpu", action="store_true")
+    p.add_argument("--quick", action="store_true", help="tiny images, batch 2, a few steps (a smoke run)")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train_throughput.json")
+    args = p.parse_args(argv)
+    args.extra_sets, args.batch_size = {}, 16
+    if args.quick:
+        args.iters, args.log_every, args.warmup_records, args.synth_train = 4, 1, 1, 16
+        args.batch_size = 2
+        args.extra_sets = {"data.synth.size": "[32, 64]", "augment.crop": "[32, 64]", "train.batch_size": 2,
+                           "data.shuffle_buffer": 8}
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    result = {"benchmark": "train_throughput", "quick": args.quick, "machine": machine_info(),
+              "cpu": cpu_benchmark(args)}
+    result["gpu"] = {"skipped": "--skip-gpu"} if args.skip_gpu else gpu_benchmark(args)
+    result["machine"]["load_avg_1min_at_end"] = round(os.getloadavg()[0], 2)
+    result["seconds_total"] = round(time.perf_counter() - started, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"[bench] wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
