@@ -114,7 +114,9 @@ def _build_model(recipe: Recipe, info):
     if recipe.model.norm == "syncbn" and info.distributed:
         model = convert_sync_batchnorm(model, info.device)
     model = model.to(info.device)
-    if recipe.model.channels_last:
+    # DeepSpeed broadcasts and flattens parameters as plain contiguous buffers, which channels_last
+    # weights are not; under it only the inputs go channels_last.
+    if recipe.model.channels_last and recipe.engine != "deepspeed":
         model = model.to(memory_format=torch.channels_last)
     return model
 
