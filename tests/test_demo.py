@@ -34,6 +34,7 @@ def test_ann_beats_fcn_in_a_short_run(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.demo
 def test_demo_recipes_meet_the_published_margin(tmp_path):
     """What `make demo` runs: ANN >= 0.80 mIoU and ANN - FCN >= 0.25 (about 7 minutes on 2 cores)."""
     sets = _sets(**{"data.root": tmp_path / "synth"})

@@ -140,3 +140,16 @@ def test_deepspeed_zero_trains_checkpoints_and_resumes(tmp_path, synth_root, sta
 def test_bad_resume_path_is_one_line(tmp_path, synth_root):
     res = run_ann("train", "recipes/demo.yaml", "--resume", tmp_path / "nope", *tiny_overrides(synth_root))
     assert res.returncode == 2 and "no such directory" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_dry_run_prints_the_plan_and_scales_the_lr_when_asked(tmp_path):
+    res = run_ann("train", "recipes/cityscapes.yaml", "--nproc-per-node", 2, "--dry-run",
+                  "--set", "train.lr_scaling=linear", "--work-dir", tmp_path / "never")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "world size:      2 (1 node(s) x 2 process(es))" in out
+    assert "effective batch: 2 (recipe: 8)" in out
+    assert "0.0025 (linear scaling 0.01 x 2/8" in out and "iterations:      60000" in out
+    assert "torch.distributed.run" in out and not (tmp_path / "never").exists()
+    same = run_ann("train", "recipes/cityscapes.yaml", "--nproc-per-node", 8, "--dry-run")
+    assert "0.01 (the recipe's; effective batch matches)" in same.stdout
