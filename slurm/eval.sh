@@ -19,7 +19,7 @@
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
 
-# Network knobs (see docs/cluster.md):
+# Network knobs (README: "When a node cannot reach the head node"):
 # export NCCL_SOCKET_IFNAME=ib0
 # export GLOO_SOCKET_IFNAME=eth0
 # export NCCL_DEBUG=INFO

@@ -28,7 +28,7 @@
 # --signal has no B: prefix on purpose: every process of the step gets SIGTERM 120 s before the time
 # limit; the ranks agree on it at the end of a step, save a checkpoint and exit with EXIT_PREEMPTED.
 
-# Network knobs, when NCCL or Gloo pick an interface the other nodes cannot reach (see docs/cluster.md):
+# Network knobs, when NCCL or Gloo pick an interface the other nodes cannot reach (README: "When a node cannot reach the head node"):
 # export NCCL_SOCKET_IFNAME=ib0          # a prefix list (eth,ib) or an exclusion (^lo,docker0)
 # export GLOO_SOCKET_IFNAME=eth0         # Gloo (CPU collectives, DeepSpeed on CPU) needs its own
 # export NCCL_DEBUG=INFO                 # which interfaces and transports NCCL chose, per rank
