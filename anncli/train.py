@@ -207,7 +207,7 @@ def _train(recipe: Recipe, opts: TrainOptions, info, run_dir: Path, stop: StopFl
     import torch
 
     from anncli import checkpoint as ck
-    from anncli.data.shards import TrainStream
+    from anncli.data.stream import TrainStream
     from anncli.distributed import any_rank, describe_rank, set_train_timeout
     from anncli.engine import build_engine
     from anncli.losses import SegLoss

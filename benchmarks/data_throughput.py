@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from anncli.data.shards import ShardWriter, TrainStream, decode_image, decode_label
+from anncli.data.shards import ShardWriter, decode_image, decode_label
+from anncli.data.stream import TrainStream
 from anncli.data.transforms import TrainTransform
 from anncli.recipe import AugmentConfig
 

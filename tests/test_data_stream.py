@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from anncli.data import shards
-from anncli.data.shards import DataError, ShardWriter, TrainStream, eval_samples, resolve_urls
+from anncli.data import stream
+from anncli.data.shards import DataError, ShardWriter, eval_samples, resolve_urls
+from anncli.data.stream import TrainStream
 from anncli.data.synth import _encode_png, make_sample, write_synth
 from anncli.errors import UserError
 from anncli.recipe import AugmentConfig
@@ -66,8 +67,8 @@ def test_resume_skips_ahead_without_decoding(synth_root, monkeypatch):
     first = _stream(urls)
     _take(first, 6)
     calls = []
-    real = shards.decode_sample
-    monkeypatch.setattr(shards, "decode_sample", lambda k, f: calls.append(k) or real(k, f))
+    real = stream.decode_sample
+    monkeypatch.setattr(stream, "decode_sample", lambda k, f: calls.append(k) or real(k, f))
     resumed = _stream(urls)
     resumed.load_state_dict(first.state_dict())
     _take(resumed, 1)
