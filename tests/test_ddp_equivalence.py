@@ -85,3 +85,44 @@ def _initial_state() -> dict:
 
     torch.manual_seed(0)
     return build_model(_recipe().model).state_dict()
+
+
+class _NoNormNet(torch.nn.Module):
+    """A BN-free segmentation net, so that micro-batches and one big batch see the same numerics."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(8, 5, 1))
+
+    def forward(self, x):
+        return self.body(x), None
+
+
+def _steps_with_accumulation(accum: int) -> dict:
+    from anncli.distributed import init_distributed
+    from anncli.engine import DDPEngine
+    from anncli.losses import SegLoss
+
+    recipe = Recipe(name="acc", loss={"ohem": False, "aux_weight": 0.0}, optim={"name": "sgd", "lr": 0.1},
+                    train={"batch_size": 4 // accum, "accum_steps": accum})
+    torch.manual_seed(0)
+    model = _NoNormNet()
+    engine = DDPEngine(model, recipe, init_distributed())
+    criterion = SegLoss(recipe.loss, 5)
+    images, labels = _data()
+    per = 4 // accum
+    for step in range(STEPS):
+        for micro in range(accum):
+            part = slice(micro * per, (micro + 1) * per)
+            _, finite = engine.micro_step(images[step, part], labels[step, part], criterion,
+                                          boundary=micro + 1 == accum)
+            assert finite
+        engine.optimizer_step()
+    return model.state_dict()
+
+
+def test_gradient_accumulation_equals_the_whole_batch():
+    whole, accumulated = _steps_with_accumulation(1), _steps_with_accumulation(2)
+    for key in whole:
+        torch.testing.assert_close(accumulated[key], whole[key], atol=1e-6, rtol=1e-5)
+    assert not torch.equal(whole["body.0.weight"], _NoNormNet().state_dict()["body.0.weight"])

@@ -153,3 +153,30 @@ def test_dry_run_prints_the_plan_and_scales_the_lr_when_asked(tmp_path):
     assert "torch.distributed.run" in out and not (tmp_path / "never").exists()
     same = run_ann("train", "recipes/cityscapes.yaml", "--nproc-per-node", 8, "--dry-run")
     assert "0.01 (the recipe's; effective batch matches)" in same.stdout
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_and_checkpoints_the_scaler(tmp_path, synth_root, precision):
+    run = tmp_path / "amp"
+    res = run_ann("train", "recipes/demo.yaml", "--work-dir", run, "--set", f"train.precision={precision}",
+                  *tiny_overrides(synth_root, **{"train.iters": 3, "train.checkpoint_every": 3}))
+    assert res.returncode == 0, res.stderr[-3000:]
+    steps = [e for e in _events(run) if e["event"] == "step"]
+    assert len(steps) == 3 and all(e["loss"] == e["loss"] for e in steps)
+    optim = torch.load(run / "checkpoints" / "step-000003" / "optim.pt", weights_only=True)
+    assert (optim["scaler"] is not None) == (precision == "fp16")
+    assert ("scale" in steps[-1]) == (precision == "fp16")
+
+
+def test_non_finite_losses_in_a_row_stop_with_the_last_good_checkpoint(tmp_path, synth_root):
+    run = tmp_path / "nan"
+    res = run_ann("train", "recipes/demo.yaml", "--work-dir", run, "--set", "optim.lr=1e30",
+                  "--set", "train.max_bad_steps=2",
+                  *tiny_overrides(synth_root, **{"train.iters": 20, "train.checkpoint_every": 1}))
+    assert res.returncode == 2, res.stderr[-3000:]
+    last = res.stderr.strip().splitlines()[-1]
+    assert "2 non-finite losses in a row" in last and "Last good checkpoint:" in last
+    bad = [e for e in _events(run) if e["event"] == "bad_step"]
+    assert len(bad) == 2
+    good = [p for p in (run / "checkpoints").iterdir() if (p / "COMPLETE").exists()]
+    assert good and str(max(good)) in last
