@@ -188,3 +188,41 @@ def restore_rng(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- one run per directory --------------------------------------------------------------------------
+
+
+def lock_run_dir(run_dir: Path, timeout_s: float):
+    """Hold `<run>/.lock` for this process's lifetime, so that two trainings never share a run directory.
+
+    A run that was just killed may still be saving (its workers got SIGTERM); wait for it up to
+    `timeout_s`, then fail with a line naming the holder. The kernel drops the lock when the holder dies.
+    """
+    import fcntl
+    import time
+
+    path = Path(run_dir) / ".lock"
+    handle = open(path, "a+")
+    deadline = time.monotonic() + timeout_s
+    announced = False
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            holder = path.read_text().strip() or "another process"
+            if time.monotonic() >= deadline:
+                handle.close()
+                raise UserError(f"run directory {run_dir} is in use by {holder}; wait for it to finish or "
+                                "pass another --work-dir") from None
+            if not announced:
+                print(f"[ann] run directory {run_dir} is in use by {holder}; waiting up to {timeout_s:.0f} s",
+                      flush=True)
+                announced = True
+            time.sleep(0.5)
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+    handle.flush()
+    return handle

@@ -268,6 +268,19 @@ def plan_launch(
     return _plain_plan(req, env, nproc)
 
 
+def _terminate_with_parent() -> None:
+    """In the child, before exec: if `ann` itself dies (even by SIGKILL), the child gets SIGTERM.
+
+    torchrun then stops its workers the graceful way (they save a checkpoint), instead of training on
+    as orphans beside a restarted run.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+
+
 def execute(plan: LaunchPlan) -> int:
     """Start the planned command, forward SIGTERM/SIGUSR1/SIGINT to it, return the exit code for `ann`.
 
@@ -281,7 +294,8 @@ def execute(plan: LaunchPlan) -> int:
     print(f"ann: {plan.lines[0]} on {host}: {plan.nnodes} node(s) x {plan.nproc_per_node} process(es) "
           f"= world size {plan.world_size}", file=sys.stderr, flush=True)
     try:
-        child = subprocess.Popen(plan.command, env=plan.env, start_new_session=True)
+        child = subprocess.Popen(plan.command, env=plan.env, start_new_session=True,
+                                 preexec_fn=_terminate_with_parent)
     except FileNotFoundError:
         raise UserError(f"cannot start {plan.command[0]!r}: not found on PATH") from None
     received: list[int] = []

@@ -213,10 +213,15 @@ def _train(recipe: Recipe, opts: TrainOptions, info, run_dir: Path, stop: StopFl
     from anncli.losses import SegLoss
     from anncli.report import EventLog, TensorBoard, TrainProgress
 
+    from anncli.distributed import barrier
+
     t = recipe.train
+    lock = None
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        lock = ck.lock_run_dir(run_dir, float(os.environ.get("ANN_LOCK_TIMEOUT", "300")))
         (run_dir / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+    barrier()  # every rank looks for the checkpoint to resume only once the run directory is ours
     resume_from = ck.resolve_resume(opts.resume, run_dir)
     if resume_from is not None and opts.init_from is not None:
         raise UserError(f"--init-from {opts.init_from} and resuming from {resume_from} exclude each other; pass --resume never")
@@ -321,6 +326,8 @@ def _train(recipe: Recipe, opts: TrainOptions, info, run_dir: Path, stop: StopFl
         progress.close()
         tb.close()
         events.close()
+        if lock is not None:
+            lock.close()
 
 
 def _validate(recipe: Recipe, model, info, step: int, events, tb, progress) -> None:

@@ -60,3 +60,21 @@ def test_incompatible_model_is_one_line(tmp_path):
 def test_missing_checkpoint_path(tmp_path):
     with pytest.raises(UserError, match="no such directory"):
         ck.resolve_resume(str(tmp_path / "nope"), tmp_path)
+
+
+def test_run_directory_lock_excludes_a_second_run(tmp_path):
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from anncli.checkpoint import lock_run_dir; "
+        f"h = lock_run_dir({str(tmp_path)!r}, 5); print('locked', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match=f"in use by pid {holder.pid}"):
+            ck.lock_run_dir(tmp_path, 1)
+    finally:
+        holder.kill()
+        holder.wait()
+    ck.lock_run_dir(tmp_path, 5).close()  # the kernel released the dead holder's lock

@@ -76,7 +76,25 @@ def _train_until_killed(cmd: list[str], run: Path, after_step: int, sig: int) ->
     time.sleep(random.uniform(0.0, 0.3))  # somewhere in the steps after the checkpoint
     os.killpg(proc.pid, sig)
     proc.wait(timeout=120)
+    _wait_for_no_process_using(run)
     return proc.returncode
+
+
+def _wait_for_no_process_using(run: Path, timeout: float = 120) -> None:
+    """Workers of a killed `ann` must not live on as orphans training into the same run directory."""
+    deadline = time.time() + timeout
+    while True:
+        alive = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                if str(run) in cmdline.read_bytes().decode(errors="replace"):
+                    alive.append(cmdline.parent.name)
+            except OSError:
+                pass
+        if not alive:
+            return
+        assert time.time() < deadline, f"processes still using {run}: {alive}"
+        time.sleep(0.2)
 
 
 @pytest.mark.parametrize("nproc,workers", [(1, 0), (1, 2), (2, 0), (2, 2)])
