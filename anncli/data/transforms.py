@@ -91,6 +91,15 @@ def _resize_window(src: np.ndarray, fy: float, fx: float, y0: int, x0: int, vh: 
     return out[dy : dy + vh, dx : dx + vw]
 
 
+def _pad(window: np.ndarray, ch: int, cw: int, value: int) -> np.ndarray:
+    """A contiguous ch×cw array: the window at the top left, `value` below and to the right of it."""
+    vh, vw = window.shape[:2]
+    if (vh, vw) == (ch, cw):
+        return np.ascontiguousarray(window)
+    fill = (value,) * (window.shape[2] if window.ndim == 3 else 1)
+    return cv2.copyMakeBorder(window, 0, ch - vh, 0, cw - vw, cv2.BORDER_CONSTANT, value=fill)
+
+
 def _lut(fn) -> np.ndarray:
     return np.clip(np.rint(fn(np.arange(256, dtype=np.float32))), 0, 255).astype(np.uint8)
 
@@ -140,14 +149,11 @@ class TrainTransform:
         fy, fx = sh / h, sw / w
         y0, x0 = _choose_crop(label, sh, sw, ch, cw, fy, fx, cfg, rng)
         vh, vw = min(ch, sh - y0), min(cw, sw - x0)
-        img = np.zeros((ch, cw, 3), np.uint8)
-        lbl = np.full((ch, cw), IGNORE_INDEX, np.uint8)
-        img[:vh, :vw] = _resize_window(image, fy, fx, y0, x0, vh, vw, cv2.INTER_LINEAR)
-        lbl[:vh, :vw] = _resize_window(label, fy, fx, y0, x0, vh, vw, cv2.INTER_NEAREST)
+        img = _pad(_resize_window(image, fy, fx, y0, x0, vh, vw, cv2.INTER_LINEAR), ch, cw, 0)
+        lbl = _pad(_resize_window(label, fy, fx, y0, x0, vh, vw, cv2.INTER_NEAREST), ch, cw, IGNORE_INDEX)
         if rng.random() < cfg.flip:
-            img, lbl = img[:, ::-1], lbl[:, ::-1]
-        img = _photometric(np.ascontiguousarray(img), cfg, rng)
-        return img, np.ascontiguousarray(lbl)
+            img, lbl = cv2.flip(img, 1), cv2.flip(lbl, 1)
+        return _photometric(img, cfg, rng), lbl
 
     def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
         """→ (float32 tensor [3,ch,cw] normalised, int64 tensor [ch,cw] with 255 = ignore)."""
