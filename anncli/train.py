@@ -208,12 +208,10 @@ def _train(recipe: Recipe, opts: TrainOptions, info, run_dir: Path, stop: StopFl
 
     from anncli import checkpoint as ck
     from anncli.data.stream import TrainStream
-    from anncli.distributed import any_rank, describe_rank, set_train_timeout
+    from anncli.distributed import any_rank, barrier, describe_rank, set_train_timeout
     from anncli.engine import build_engine
     from anncli.losses import SegLoss
     from anncli.report import EventLog, TensorBoard, TrainProgress
-
-    from anncli.distributed import barrier
 
     t = recipe.train
     lock = None
