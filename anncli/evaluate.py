@@ -163,18 +163,6 @@ def _resolve_checkpoint(recipe, opts: EvalOptions) -> Path:
     return found
 
 
-def _prepare_data(recipe, info) -> None:
-    """Create the synthetic set when the recipe asks for it and it is missing (rank 0, others wait)."""
-    if recipe.data.synth is None:
-        return
-    from anncli.data.synth import ensure_synth
-    from anncli.distributed import barrier
-
-    if info.is_main:
-        ensure_synth(recipe.data.root, recipe.data.synth)
-    barrier()
-
-
 def run_evaluation(recipe, opts: EvalOptions) -> dict:
     """Evaluate a checkpoint on a split; rank 0 prints the table and writes the JSON. Returns the report."""
     from anncli import distributed
@@ -187,9 +175,11 @@ def run_evaluation(recipe, opts: EvalOptions) -> dict:
 
 
 def _run(recipe, opts: EvalOptions, info) -> dict:
+    from anncli.data.synth import prepare_synth
+
     start = time.perf_counter()
     checkpoint = _resolve_checkpoint(recipe, opts)
-    _prepare_data(recipe, info)
+    prepare_synth(recipe.data, info.is_main)
     model = load_model(recipe, checkpoint, info.device)
     cm, total = _evaluate_split(model, recipe, opts.split, opts.protocol, info, opts.save_pred, info.is_main)
     metrics = metrics_from_confusion(cm, _class_names(recipe, opts.split))

@@ -93,14 +93,10 @@ class StopFlag:
 
 def _prepare_data(recipe: Recipe, info) -> list[str]:
     from anncli.data.shards import resolve_urls
-    from anncli.data.synth import ensure_synth
-    from anncli.distributed import barrier
+    from anncli.data.synth import prepare_synth
 
-    d = recipe.data
-    if d.synth is not None and info.is_main:
-        ensure_synth(d.root, d.synth)
-    barrier()
-    return resolve_urls(d.root, d.dataset, d.train)
+    prepare_synth(recipe.data, info.is_main)
+    return resolve_urls(recipe.data.root, recipe.data.dataset, recipe.data.train)
 
 
 def _build_model(recipe: Recipe, info):

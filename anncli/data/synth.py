@@ -130,3 +130,12 @@ def ensure_synth(root: str, cfg) -> bool:
     write_synth(root_path, train=cfg.train, val=cfg.val, size=(h, w), seed=cfg.seed, max_samples=cfg.max_samples,
                 verbose=False)
     return True
+
+
+def prepare_synth(data, is_main: bool) -> None:
+    """Create the recipe's synthetic set on rank 0 when it asks for one that is missing; every rank waits."""
+    from anncli.distributed import barrier
+
+    if data.synth is not None and is_main:
+        ensure_synth(data.root, data.synth)
+    barrier()
