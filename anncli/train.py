@@ -255,52 +255,22 @@ def _train(recipe: Recipe, opts: TrainOptions, info, run_dir: Path, stop: StopFl
         ck.restore_rng(rng_state)
     else:
         torch.manual_seed(t.seed + 1000 * info.rank)  # dropout differs per rank, reproducibly
-    bad_in_row = 0
-    window_start, window_images = time.perf_counter(), 0
+    meter = _Meter()
     step = start
     try:
         while step < t.iters:
             lr = lr_at(step, base_lr, recipe)
             engine.set_lr(lr)
-            good = 0
-            while good < t.accum_steps:
-                batch = next(batches)
-                images = batch["image"].to(info.device, non_blocking=True)
-                if recipe.model.channels_last:
-                    images = images.contiguous(memory_format=torch.channels_last)
-                labels = batch["label"].to(info.device, non_blocking=True)
-                stats, finite = engine.micro_step(images, labels, criterion, boundary=good + 1 == t.accum_steps)
-                window_images += images.shape[0] * info.world_size
-                if finite:
-                    good += 1
-                    bad_in_row = 0
-                    continue
-                counters["bad_steps_total"] += 1
-                bad_in_row += 1
-                events.write("bad_step", step=step, loss=float(stats[0]))
-                progress.message(f"[ann] step {step}: non-finite loss, step skipped ({bad_in_row} in a row)")
-                if bad_in_row >= t.max_bad_steps:
-                    last = ck.latest_checkpoint(run_dir)
-                    raise UserError(
-                        f"{bad_in_row} non-finite losses in a row at step {step}; stopping. "
-                        f"Last good checkpoint: {last or 'none'}. Lower optim.lr or use train.precision=fp32/bf16."
-                    )
-            engine.optimizer_step()
+            stats = _train_step(engine, batches, criterion, recipe, info, step, meter, counters, events, progress,
+                                run_dir)
             step += 1
             if step == start + 1:
                 set_train_timeout()
             if step % t.log_every == 0 or step == t.iters:
-                elapsed = time.perf_counter() - window_start
-                record = {
-                    "loss": float(stats[1]), "aux_loss": float(stats[2]), "total_loss": float(stats[0]),
-                    "lr": lr, "img_per_s": window_images / max(elapsed, 1e-9), "mem_mb": _memory_mb(info.device),
-                }
-                if engine.scale() is not None:
-                    record["scale"] = engine.scale()
+                record = meter.record(stats, lr, engine.scale(), info.device)
                 events.write("step", step=step, **record)
                 tb.scalars(step, {f"train/{k}": v for k, v in record.items()})
                 progress.update(step, {k: record[k] for k in ("loss", "lr", "img_per_s")}, log_line=True)
-                window_start, window_images = time.perf_counter(), 0
             else:
                 progress.update(step, {"loss": float(stats[1]), "lr": lr}, log_line=False)
             preempted = any_rank(stop.signal is not None, info.device)
@@ -322,6 +292,60 @@ def _train(recipe: Recipe, opts: TrainOptions, info, run_dir: Path, stop: StopFl
         events.close()
         if lock is not None:
             lock.close()
+
+
+class _Meter:
+    """Images seen since the last logged step, for img/s, and non-finite losses in a row."""
+
+    def __init__(self):
+        self.start, self.images, self.bad_in_row = time.perf_counter(), 0, 0
+
+    def record(self, stats, lr: float, scale: float | None, device) -> dict:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        record = {"loss": float(stats[1]), "aux_loss": float(stats[2]), "total_loss": float(stats[0]), "lr": lr,
+                  "img_per_s": self.images / elapsed, "mem_mb": _memory_mb(device)}
+        if scale is not None:
+            record["scale"] = scale
+        self.start, self.images = time.perf_counter(), 0
+        return record
+
+
+def _train_step(engine, batches, criterion, recipe: Recipe, info, step: int, meter: _Meter, counters: dict,
+                events, progress, run_dir: Path):
+    """One optimizer step over `train.accum_steps` micro-batches with a finite loss; returns the last stats.
+
+    A micro-batch whose loss is non-finite on any rank is skipped on every rank and counted;
+    `train.max_bad_steps` of them in a row stop the run.
+    """
+    import torch
+
+    from anncli.checkpoint import latest_checkpoint
+
+    t = recipe.train
+    good = 0
+    while good < t.accum_steps:
+        batch = next(batches)
+        images = batch["image"].to(info.device, non_blocking=True)
+        if recipe.model.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        labels = batch["label"].to(info.device, non_blocking=True)
+        stats, finite = engine.micro_step(images, labels, criterion, boundary=good + 1 == t.accum_steps)
+        meter.images += images.shape[0] * info.world_size
+        if finite:
+            good += 1
+            meter.bad_in_row = 0
+            continue
+        counters["bad_steps_total"] += 1
+        meter.bad_in_row += 1
+        events.write("bad_step", step=step, loss=float(stats[0]))
+        progress.message(f"[ann] step {step}: non-finite loss, step skipped ({meter.bad_in_row} in a row)")
+        if meter.bad_in_row >= t.max_bad_steps:
+            raise UserError(
+                f"{meter.bad_in_row} non-finite losses in a row at step {step}; stopping. Last good checkpoint: "
+                f"{latest_checkpoint(run_dir) or 'none'}. Lower optim.lr or use train.precision=fp32/bf16."
+            )
+    engine.optimizer_step()
+    return stats
 
 
 def _validate(recipe: Recipe, model, info, step: int, events, tb, progress) -> None:
