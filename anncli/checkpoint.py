@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from anncli.errors import UserError
-from anncli.recipe import Recipe, load_recipe
+from anncli.recipe import Recipe
 
 COMPLETE = "COMPLETE"
 STEP_PREFIX = "step-"
@@ -103,10 +103,6 @@ def load_model_for_inference(path: Path, recipe: Recipe) -> dict:
     path = require_checkpoint(path)
     check_compatible(path, recipe)
     return torch.load(path / "model.pt", map_location="cpu", weights_only=True)
-
-
-def load_recipe_of(path: Path) -> Recipe:
-    return load_recipe(checkpoint_recipe(path))
 
 
 # --- writing ---------------------------------------------------------------------------------------
