@@ -65,12 +65,13 @@ def test_resume_refuses_a_different_model(tmp_path, synth_root):
 
 def _train_until_killed(cmd: list[str], run: Path, after_step: int, sig: int) -> int:
     """Start training, wait until the checkpoint of `after_step` is complete, then send `sig`."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ann_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    log = run.parent / f"{run.name}.log"  # a file, not a pipe: nobody reads a pipe once the test moves on
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ann_env(), stdout=subprocess.DEVNULL, stderr=open(log, "w"),
+                            start_new_session=True)
     marker = run / "checkpoints" / f"step-{after_step:06d}" / "COMPLETE"
     deadline = time.time() + 300
     while not marker.exists():
-        assert proc.poll() is None, f"training ended early: {proc.stderr.read()[-2000:]}"
+        assert proc.poll() is None, f"training ended early: {log.read_text()[-2000:]}"
         assert time.time() < deadline
         time.sleep(0.05)
     time.sleep(random.uniform(0.0, 0.3))  # somewhere in the steps after the checkpoint
@@ -122,13 +123,14 @@ def test_sigterm_saves_at_current_step_and_resume_matches(tmp_path, synth_root):
 
     run = tmp_path / "term"
     cmd = ann_cmd(*base, "--work-dir", run)
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ann_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = tmp_path / "term.log"
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ann_env(), stdout=subprocess.DEVNULL, stderr=open(log, "w"))
     deadline = time.time() + 300
     while not (run / "events.jsonl").exists() or not any(e["event"] == "step" for e in _events(run)):
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=120) == EXIT_PREEMPTED, proc.stderr.read()[-2000:]
+    assert proc.wait(timeout=120) == EXIT_PREEMPTED, log.read_text()[-2000:]
     preempted = [e for e in _events(run) if e["event"] == "preempted"]
     assert len(preempted) == 1
     step = preempted[0]["step"]
