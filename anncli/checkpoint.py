@@ -162,10 +162,9 @@ def prune(run_dir: Path, keep_last: int) -> None:
     done = complete_checkpoints(run_dir)
     for old in done[: max(0, len(done) - keep_last)]:
         shutil.rmtree(old, ignore_errors=True)
-    newest = done[-1].name if done else None
     for p in checkpoints_dir(run_dir).iterdir():
         incomplete = p.name.startswith(STEP_PREFIX) and not is_complete(p)
-        if (p.name.startswith(".tmp-") or incomplete) and p.name != newest:
+        if p.name.startswith(".tmp-") or incomplete:
             shutil.rmtree(p, ignore_errors=True)
 
 
