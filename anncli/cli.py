@@ -229,7 +229,7 @@ def data_inspect(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Counts, image sizes and per-class pixel histogram of shards."""
-    from anncli.data.shards import inspect_shards
+    from anncli.data.inspect import inspect_shards
 
     _run(inspect_shards, shards, as_json=json_out)
 

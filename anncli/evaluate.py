@@ -73,7 +73,7 @@ def evaluate_model(model, samples: Iterable[dict], protocol: Protocol, num_class
 
 
 def _manifest(recipe, split: str) -> Optional[dict]:
-    from anncli.data.shards import read_manifest
+    from anncli.data.manifest import read_manifest
 
     try:
         return read_manifest(recipe.data.root, recipe.data.dataset, split)
@@ -114,7 +114,8 @@ def _reduce(cm: torch.Tensor, samples: int, failed: bool) -> tuple[torch.Tensor,
 def _evaluate_split(model, recipe, split: str, protocol: Protocol, info, save_pred: Optional[Path],
                     show_progress: bool) -> tuple[torch.Tensor, int]:
     """Confusion and sample count of the whole split, summed over ranks; every rank gets the result."""
-    from anncli.data.shards import eval_samples, resolve_urls
+    from anncli.data.manifest import resolve_urls
+    from anncli.data.shards import eval_samples
 
     urls = resolve_urls(recipe.data.root, recipe.data.dataset, split)
     samples = eval_samples(urls, rank=info.rank, world_size=info.world_size, num_workers=recipe.data.num_workers)

@@ -92,7 +92,7 @@ class StopFlag:
 
 
 def _prepare_data(recipe: Recipe, info) -> list[str]:
-    from anncli.data.shards import resolve_urls
+    from anncli.data.manifest import resolve_urls
     from anncli.data.synth import prepare_synth
 
     prepare_synth(recipe.data, info.is_main)
