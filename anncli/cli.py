@@ -244,7 +244,7 @@ def model_summary(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Parameters per module and FLOPs, the way mmseg's get_flops does."""
-    from anncli.models.summary import print_summary
+    from anncli.summary import print_summary
 
     _run(print_summary, model=model, backbone=backbone, classes=classes, input_size=input_size, aux=aux,
          as_json=json_out)

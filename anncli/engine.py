@@ -17,9 +17,8 @@ from torch import nn
 from anncli.checkpoint import save_torch
 from anncli.distributed import DistInfo, all_reduce_sum_, barrier
 from anncli.errors import UserError
+from anncli.precision import AUTOCAST_DTYPES
 from anncli.recipe import Recipe
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_optimizer(params, recipe: Recipe) -> torch.optim.Optimizer:

@@ -11,7 +11,6 @@ on the image's device.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -21,8 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from anncli.errors import UserError
-
-_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+from anncli.precision import autocast
+from anncli.sizes import parse_hw
 
 
 @dataclass(frozen=True)
@@ -126,19 +125,13 @@ def view_logits(model, x: torch.Tensor, protocol: Protocol) -> torch.Tensor:
     return forward_padded(model, x, protocol.size_divisor)
 
 
-def _autocast(device: torch.device, precision: str):
-    if precision not in _AUTOCAST:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=_AUTOCAST[precision])
-
-
 @torch.no_grad()
 def infer_logits(model, image: torch.Tensor, protocol: Protocol) -> torch.Tensor:
     """Merged float32 scores [K, H, W] at the original size for a normalised image [3, H, W]."""
     height, width = image.shape[-2:]
     batch = image.unsqueeze(0)
     total, views = None, 0
-    with _autocast(image.device, protocol.precision):
+    with autocast(image.device, protocol.precision):
         for size in view_sizes(height, width, protocol):
             scaled = batch if size == (height, width) else F.interpolate(
                 batch, size=size, mode="bilinear", align_corners=False)
@@ -180,20 +173,6 @@ def parse_scales(text: str) -> tuple[float, ...]:
     if any(not (0 < s < math.inf) for s in scales):
         raise UserError(f"--scales {text!r}: every scale must be > 0")
     return scales
-
-
-def parse_hw(text: str, option: str) -> tuple[int, int]:
-    """`864x864` (height x width) or `864`; both sides positive integers."""
-    parts = text.lower().replace(" ", "").split("x")
-    try:
-        sizes = [int(p) for p in parts]
-    except ValueError:
-        sizes = []
-    if len(sizes) == 1:
-        sizes *= 2
-    if len(sizes) != 2 or min(sizes) < 1:
-        raise UserError(f"{option} {text!r}: expected HxW with positive integers, e.g. 864x864")
-    return sizes[0], sizes[1]
 
 
 def resolve_protocol(recipe, *, multiscale: bool = False, scales: Optional[str] = None, flip: Optional[bool] = None,
