@@ -178,7 +178,7 @@ def predict(
     fmt: Annotated[str, typer.Option("--format", help="trainid, or cityscapes (labelIds for the test server).")] = "trainid",
 ) -> None:
     """Segment images: label-id PNG, colour PNG and overlay per image."""
-    from anncli.evaluate import run_predict
+    from anncli.predict import run_predict
 
     _run(run_predict, images=images, checkpoint=checkpoint, out=out, recipe_path=recipe, overrides=set_ or [],
          multiscale=multiscale, flip=flip, fmt=fmt)

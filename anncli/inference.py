@@ -1,4 +1,5 @@
-"""Test-time inference: whole image or sliding windows, multi-scale, horizontal flip.
+"""Test-time inference: whole image or sliding windows, multi-scale, horizontal flip; the protocol that says
+which, and the network with a checkpoint's weights to run it on.
 
 Every view (one scale, flipped or not) produces logits at its own size; they are resized to the
 original resolution right away and added to one accumulator, so memory holds one view at a time.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -149,6 +151,16 @@ def infer_logits(model, image: torch.Tensor, protocol: Protocol) -> torch.Tensor
     if protocol.merge == "softmax":
         total /= views
     return total[0]
+
+
+def load_model(recipe, checkpoint: Path, device: torch.device):
+    """The recipe's network with the checkpoint's weights, in eval mode on the device."""
+    from anncli.checkpoint import load_model_for_inference
+    from anncli.models.ann import build_model
+
+    model = build_model(recipe.model)
+    model.load_state_dict(load_model_for_inference(Path(checkpoint), recipe))
+    return model.to(device).eval()
 
 
 def normalize_image(image: np.ndarray, protocol: Protocol, device: torch.device) -> torch.Tensor:

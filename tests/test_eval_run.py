@@ -203,7 +203,8 @@ def test_bad_input_exits_2_with_one_line(setup, args, message):
 
 def test_missing_synthetic_set_is_created_and_validate_matches(tmp_path):
     from anncli.distributed import DistInfo
-    from anncli.evaluate import load_model, validate
+    from anncli.evaluate import validate
+    from anncli.inference import load_model
 
     recipe_path = write_recipe(tmp_path / "synth.yaml", tmp_path / "synth")
     tree = yaml.safe_load(recipe_path.read_text())
