@@ -140,7 +140,8 @@ def train(
 @_launched("eval")
 def eval_(
     recipe: RecipeArg,
-    checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint directory (default: newest complete one of the run).")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(
+        help="Checkpoint directory (default: the newest complete one of the run directory).")] = None,
     set_: SetOpt = None,
     multiscale: Annotated[bool, typer.Option("--multiscale", help="Use the recipe's eval.scales.")] = False,
     scales: Annotated[Optional[str], typer.Option(help="Comma-separated scales, e.g. 0.75,1,1.25.")] = None,
@@ -150,7 +151,9 @@ def eval_(
     stride: Annotated[Optional[str], typer.Option(help="Slide stride HxW, e.g. 576x576.")] = None,
     merge: Annotated[Optional[str], typer.Option(help="logits (sum, official) or softmax (mean, mmseg).")] = None,
     split: Annotated[str, typer.Option(help="Data split: val, train, or a shard pattern.")] = "val",
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write every number and the protocol here.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help=(
+        "Write every number and the protocol here; {checkpoint} in the path becomes the checkpoint's name, "
+        "e.g. runs/x/eval-{checkpoint}.json."))] = None,
     save_pred: Annotated[Optional[Path], typer.Option(help="Write label-id PNGs of the predictions here.")] = None,
     work_dir: WorkDirOpt = None,
     *,

@@ -40,6 +40,9 @@ class EvalOptions:
                                     stride=stride, merge=merge)
         if not split or not split.strip():
             raise UserError("--split: empty")
+        checkpoint = resolve_checkpoint(recipe, checkpoint, work_dir)
+        if json_out is not None:
+            json_out = Path(str(json_out).replace("{checkpoint}", checkpoint.name))
         return cls(protocol=protocol, checkpoint=checkpoint, split=split, json_out=json_out, save_pred=save_pred,
                    work_dir=work_dir, recipe_path=recipe_path)
 

@@ -8,7 +8,8 @@
 #
 # The run directory is the one slurm/train.sh used for the same job name and recipe:
 # runs/<job name>-<recipe file name> (WORK_DIR=... overrides it). Without CHECKPOINT, the newest
-# complete checkpoint of that run is evaluated. Metrics: <run>/eval-<checkpoint>-ms-flip.json.
+# complete checkpoint of that run is evaluated (`ann eval --work-dir` finds it). Metrics:
+# <run>/eval-<checkpoint>-ms-flip.json.
 #
 #SBATCH --job-name=ann
 #SBATCH --nodes=2
@@ -71,22 +72,14 @@ command -v "$ann" >/dev/null || die "'$ann' not found: activate the environment 
 
 name="$(basename "$recipe")"
 work_dir="${WORK_DIR:-runs/${SLURM_JOB_NAME:-ann}-${name%.*}}"
-if [[ -z "$checkpoint" ]]; then
-    shopt -s nullglob
-    markers=("$work_dir"/checkpoints/step-*/COMPLETE)   # zero-padded steps: the glob order is step order
-    shopt -u nullglob
-    [[ ${#markers[@]} -gt 0 ]] || die "no complete checkpoint under $work_dir/checkpoints; give CHECKPOINT"
-    checkpoint="$(dirname "${markers[-1]}")"
-fi
-[[ -f "$checkpoint/COMPLETE" ]] || die "checkpoint '$checkpoint' is missing or incomplete (no COMPLETE marker)"
-metrics="$work_dir/eval-$(basename "$checkpoint")-ms-flip.json"
-nodes="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"
+checkpoint_opt=()
+[[ -z "$checkpoint" ]] || checkpoint_opt=(--checkpoint "$checkpoint")
+echo "ann: job $SLURM_JOB_ID: evaluating ${checkpoint:-the newest complete checkpoint of $work_dir}"
 
-echo "ann: job $SLURM_JOB_ID: evaluating $checkpoint on $nodes node(s) ($SLURM_JOB_NODELIST); metrics -> $metrics"
-
-srun --nodes="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
-    "$ann" eval "$recipe" --checkpoint "$checkpoint" --work-dir "$work_dir" --multiscale --flip \
-    --json "$metrics" "$@"
+# `ann eval` finds the checkpoint (or checks the given one), names the metrics file after it ({checkpoint}),
+# and inside the allocation starts srun itself, one torchrun agent per node.
+"$ann" eval "$recipe" "${checkpoint_opt[@]}" --work-dir "$work_dir" --multiscale --flip \
+    --json "$work_dir/eval-{checkpoint}-ms-flip.json" "$@"
 rc=$?
 echo "ann: job $SLURM_JOB_ID finished with exit code $rc"
 exit "$rc"
