@@ -195,6 +195,12 @@ def test_slurm_step_rejects_a_different_node_count():
         plan_launch(req(nodes=4), env=SLURM_STEP, scontrol=fake_scontrol(), gpus=lambda: 4)
 
 
+def test_request_for_takes_the_verb_and_everything_after_it_from_argv():
+    request = launch.request_for("eval", ["/usr/bin/ann", "eval", "r.yaml", "--flip", "--nodes", "2"], nodes=2)
+    assert request.argv == ["eval", "r.yaml", "--flip", "--nodes", "2"] and request.nodes == 2
+    assert launch.request_for("train", ["python", "-c", "..."]).argv == ["train"]
+
+
 def test_explicit_one_node_in_a_bigger_allocation_runs_on_one_node():
     plan = plan_launch(req(nodes=1), env=SLURM_ALLOC, scontrol=no_scontrol, gpus=lambda: 4)
     assert opt(plan.command, "--nodes") == "1" and plan.world_size == 4
