@@ -51,20 +51,9 @@ die() {
 
 recipe="recipes/cityscapes.yaml"
 checkpoint=""
-if [[ $# -gt 0 && "$1" != -* ]]; then
-    recipe="$1"
-    shift
-fi
-if [[ $# -gt 0 && "$1" != -* ]]; then
-    checkpoint="$1"
-    shift
-fi
-for arg in "$@"; do
-    if [[ "$arg" == "-h" || "$arg" == "--help" ]]; then
-        usage
-        exit 0
-    fi
-done
+[[ $# -gt 0 && "$1" != -* ]] && { recipe="$1"; shift; }
+[[ $# -gt 0 && "$1" != -* ]] && { checkpoint="$1"; shift; }
+for arg in "$@"; do [[ "$arg" == -h || "$arg" == --help ]] && { usage; exit 0; }; done
 [[ -f "$recipe" ]] || die "recipe '$recipe' not found (relative paths start at $PWD)"
 [[ -n "${SLURM_JOB_ID:-}" ]] || die "not inside a SLURM job: submit it with sbatch"
 ann="${ANN:-ann}"
