@@ -179,6 +179,8 @@ def test_faults_get_the_same_substitutes_on_every_world(tmp_path, caplog):
     assert len(cut_warnings) == 1 and urls[1] in cut_warnings[0].getMessage()
     for world, workers in ((2, 0), (4, 2)):
         _assert_same(reference, _run(urls, counts, world=world, workers=workers, steps=2 * n // E))
+    piped = [f"pipe:cat {u}" for u in urls]  # a stream finds the cut where a seek does
+    _assert_same(reference, _run(piped, counts, world=2, workers=0, steps=2 * n // E))
     keys = [reference[s][i][0] for s in reference for i in sorted(reference[s])]
     assert "k0004" not in keys and not any(f"k{i:04d}" in keys for i in range(12 + 6, 22))
     assert len(keys) == 2 * n  # every slot was filled, bad ones by substitutes
@@ -186,3 +188,39 @@ def test_faults_get_the_same_substitutes_on_every_world(tmp_path, caplog):
     _take(s, n // 4)
     # one cycle: 6 bad samples (1 undecodable, 5 behind the cut), plus any substitute that was bad too
     assert s.samples_skipped >= 6 and s.samples_seen == n + s.samples_skipped
+
+
+def test_pipe_sources_read_forward_and_match_local_files(data):
+    urls, counts = data
+    piped = [f"pipe:cat {u}" for u in urls]
+    _assert_same(_run(urls, counts, world=1, workers=0, steps=3), _run(piped, counts, world=2, workers=2, steps=3))
+
+
+def _trace_worker(out: str) -> None:
+    import torch.distributed as dist
+
+    from anncli.data.order import gather_samples_sha256
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    indices = list(range(rank * 3, rank * 3 + 3))
+    digest = gather_samples_sha256(indices, [f"k{i}" for i in indices])
+    if rank == 0:
+        with open(out, "w") as f:
+            f.write(digest)
+    else:
+        assert digest is None
+    dist.destroy_process_group()
+
+
+def test_the_gathered_trace_equals_the_single_process_one(tmp_path):
+    import uuid
+
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    cfg = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=2, run_id=str(uuid.uuid4()),
+                       rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1)
+    elastic_launch(cfg, entrypoint=_trace_worker)(str(tmp_path / "trace"))
+    want = samples_sha256([f"k{i}" for i in range(6)])
+    assert (tmp_path / "trace").read_text() == want
+    assert want == __import__("hashlib").sha256(b"k0\nk1\nk2\nk3\nk4\nk5").hexdigest()

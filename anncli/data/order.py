@@ -131,3 +131,16 @@ def global_keys(parts: list[tuple[list[int], list[str]]]) -> list[str]:
 def samples_sha256(keys: list[str]) -> str:
     """The `samples_sha256` trace: SHA-256 of the keys in global order joined by newlines."""
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()
+
+
+def gather_samples_sha256(indices: list[int], keys: list[str]) -> str | None:
+    """Collective: every rank passes the (global index, key) pairs it trained on in one optimizer step;
+    rank 0 gets the step's `samples_sha256`, the others None. One all_gather_object of E/W short keys
+    per traced step (computing the other ranks' keys from the order would mean reading their tar headers)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return samples_sha256(global_keys([(indices, keys)]))
+    parts: list = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, (list(indices), list(keys)))
+    return samples_sha256(global_keys(parts)) if dist.get_rank() == 0 else None
