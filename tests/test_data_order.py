@@ -224,3 +224,21 @@ def test_the_gathered_trace_equals_the_single_process_one(tmp_path):
     want = samples_sha256([f"k{i}" for i in range(6)])
     assert (tmp_path / "trace").read_text() == want
     assert want == __import__("hashlib").sha256(b"k0\nk1\nk2\nk3\nk4\nk5").hexdigest()
+
+
+def test_readers_share_no_lane_when_they_divide_the_lane_count():
+    """b·W·workers dividing K: every lane is read by exactly one (rank, worker), so streams are not read twice."""
+    from anncli.data.order import rank_indices
+
+    order = GlobalOrder([100] * 30, seed=1, lanes=16)
+    b, world, workers = 1, 4, 4
+    n = order.total
+    for cycle in range(2):
+        owners = {}
+        first, last = cycle * n // (b * world), (cycle + 1) * n // (b * world)
+        for u in range(first, last):
+            for rank in range(world):
+                g = [i for i in rank_indices(u, rank=rank, world_size=world, batch_size=b) if i // n == cycle]
+                for lane in order.locate(g)["lane"].tolist() if g else []:
+                    owners.setdefault(lane, set()).add((rank, u % workers))
+        assert len(owners) == 16 and all(len(o) == 1 for o in owners.values())

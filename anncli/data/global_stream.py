@@ -9,7 +9,10 @@ checkpoint written by any world resumes on any other whose b·W divides it.
 
 Every reader (one per rank and worker) keeps one forward cursor per lane of the order; it skips the
 samples it does not need by reading tar headers (a seek past the data for local files, a read for
-`pipe:`/http streams), so skipping never decodes. Faults: a sample that cannot be read or decoded (also
+`pipe:`/http streams), so skipping never decodes. When b·W·num_workers divides the lane count K, each
+lane is read by exactly one reader (rank r's worker w owns the indices ≡ w·b·W + r·b … (mod b·W·workers)),
+so a stream is downloaded once per cycle, plus the head of a shard where a lane starts inside it; otherwise
+readers that share a lane each read it (free for local files, a repeated download for streams). Faults: a sample that cannot be read or decoded (also
 every sample behind the cut of a truncated shard) is counted, warned about (once per shard for a cut),
 and replaced by `order.substitute(index, attempt)`, the same substitute on every world size.
 """
