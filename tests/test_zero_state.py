@@ -8,6 +8,7 @@ sees the same data: only the order of floating-point sums differs.
 import json
 import os
 import pickle
+import sys
 import uuid
 
 import pytest
@@ -103,7 +104,7 @@ def _worker(out: str, mode: str) -> None:
 def _launch(out, mode: str, nproc: int) -> None:
     cfg = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                        rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1)
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", "/work/main/.venv/torch_extensions")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     elastic_launch(cfg, entrypoint=_worker)(str(out), mode)
 
 

@@ -94,7 +94,11 @@ class _ShardCursor:
 
 
 class _Bad(Exception):
-    """One global sample that cannot be used; the message says why."""
+    """One global sample that cannot be used; the message says why. `quiet`: its shard's cut was warned about."""
+
+    def __init__(self, message: str, quiet: bool = False):
+        super().__init__(message)
+        self.quiet = quiet
 
 
 class SampleReader:
@@ -109,7 +113,8 @@ class SampleReader:
         loc = self.order.locate([index])
         cycle, shard, member, lane = (int(loc[k][0]) for k in ("cycle", "shard", "member", "lane"))
         if member >= self._cut.get(shard, member + 1):
-            raise _Bad(f"{self.urls[shard]}: sample {member} is behind the shard's cut at {self._cut[shard]}")
+            raise _Bad(f"{self.urls[shard]}: sample {member} is behind the shard's cut at {self._cut[shard]}",
+                       quiet=True)
         slot = slot or (cycle, lane)
         cursor = self._cursors.get(slot)
         if cursor is None or cursor.shard != shard or cursor.index > member:
@@ -158,7 +163,7 @@ class _BatchMaker:
                 return key, image, label
             except (_Bad, SampleError) as e:
                 self.skipped += 1
-                log.warning("skipping bad training sample %d: %s", index, e)
+                (log.debug if getattr(e, "quiet", False) else log.warning)("skipping bad training sample %d: %s", index, e)
                 check_skip_bound(self.seen, self.skipped, self.s.max_skip, str(e))
                 index = self.s.order.substitute(slot, attempt)
         raise DataError(f"no readable substitute for training sample {slot} after {_MAX_SUBSTITUTES} tries")
@@ -229,6 +234,7 @@ class GlobalStream:
             raise UserError(f"the checkpoint stopped at global sample {state['next_sample']}, not a multiple of "
                             f"this run's per-rank batch {self.batch_size} x {self.world_size} ranks")
         self.next_micro_batch = state["next_sample"] // unit
+        self._faults = {-1: (int(state.get("seen", 0)), int(state.get("skipped", 0)))}  # this rank's, so far
 
     def _accept(self, batch: dict, worker: int) -> dict:
         if batch["micro_batch"] != self.next_micro_batch:  # the loader's in-order guarantee, checked
@@ -238,15 +244,15 @@ class GlobalStream:
         return batch
 
     def __iter__(self) -> Iterator[dict]:
-        first = self.next_micro_batch
-        if self.num_workers == 0:
-            maker = _BatchMaker(self)
-            try:
-                while True:
-                    yield self._accept(maker.make(self.next_micro_batch), 0)
-            finally:
-                maker.reader.close()
-        yield from self._loader(first)
+        if self.num_workers:
+            yield from self._loader(self.next_micro_batch)
+            return
+        maker = _BatchMaker(self)
+        try:
+            while True:
+                yield self._accept(maker.make(self.next_micro_batch), 0)
+        finally:
+            maker.reader.close()
 
     def _loader(self, first: int) -> Iterator[dict]:
         import torch
