@@ -242,3 +242,16 @@ def test_readers_share_no_lane_when_they_divide_the_lane_count():
                 for lane in order.locate(g)["lane"].tolist() if g else []:
                     owners.setdefault(lane, set()).add((rank, u % workers))
         assert len(owners) == 16 and all(len(o) == 1 for o in owners.values())
+
+
+def test_choose_split_keeps_the_effective_batch():
+    from anncli.data.order import choose_split
+
+    assert choose_split(8, 8, 1)[:2] == (1, 1)
+    assert choose_split(8, 4, 1)[:2] == (1, 2)  # Cityscapes 8x1 on 4 ranks: accumulate 2
+    assert choose_split(16, 4, 2)[:2] == (2, 2)
+    assert choose_split(16, 8, 4)[:2] == (2, 1) and "lowered from 4" in choose_split(16, 8, 4)[2]
+    assert choose_split(12, 2, 4)[:2] == (3, 2)
+    for e, w in ((8, 16), (16, 3)):
+        with pytest.raises(ValueError, match=f"cannot be split evenly over {w} ranks"):
+            choose_split(e, w, 1)
