@@ -25,8 +25,10 @@ from typing import Iterator
 
 from anncli.data import shards
 from anncli.data.order import GlobalOrder, check_split, rank_indices
-from anncli.data.shards import DataError, SampleError, identity, log, loader_items, worker_init
-from anncli.data.stream import check_skip_bound
+from anncli.data.loader import identity, loader_items, worker_init
+from anncli.data.manifest import is_remote, load_manifest
+from anncli.data.shards import SampleError
+from anncli.data.stream import DataError, check_skip_bound, log
 from anncli.errors import UserError
 
 _MAX_SUBSTITUTES = 100
@@ -49,7 +51,7 @@ class _ShardCursor:
 
     def __init__(self, url: str, shard: int):
         self.url, self.shard, self.index = url, shard, 0
-        if shards._is_remote(url):
+        if is_remote(url):
             from webdataset.gopen import gopen  # pipe:, http(s), …
 
             self._file = gopen(url, "rb")
@@ -282,6 +284,6 @@ def manifest_counts(manifest: dict) -> list[int]:
 
 def manifest_urls(manifest_file: str | os.PathLike) -> tuple[list[str], list[int]]:
     """Shard paths beside a manifest file and their counts."""
-    manifest = shards.load_manifest(manifest_file)
+    manifest = load_manifest(manifest_file)
     folder = os.path.dirname(os.fspath(manifest_file))
     return [os.path.join(folder, s["name"]) for s in manifest["shards"]], manifest_counts(manifest)
