@@ -1,8 +1,12 @@
 """The run directory and the checkpoint protocol, with one owner: `Checkpointer`.
 
     runs/<name>/recipe.yaml  events.jsonl  tb/  .lock
-    runs/<name>/checkpoints/step-000400/{model.pt, optim.pt, state.json, recipe.yaml,
-                                         rng-rank00000.pt, data-rank00000.json, …, COMPLETE}
+    runs/<name>/checkpoints/step-000400/{model.pt, optim.pt or zero.pt, state.json, recipe.yaml,
+                                         data.json, COMPLETE}
+
+Nothing in a checkpoint belongs to one rank: the data position is world-free (data/global_stream.py), the
+dropout RNG is reseeded every step from (seed, step, rank), and the engines write world-free states, so a
+checkpoint resumes on any world size that can split its effective batch (plan.run_split).
 
 A checkpoint is written into a temporary sibling directory, every file is fsynced, the directory is
 renamed into place, and the COMPLETE marker is written last. Only directories with the marker count,
@@ -170,34 +174,27 @@ def prune(run_dir: Path, keep_last: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def _rank_file(directory: Path, stem: str, rank: int, suffix: str) -> Path:
-    return Path(directory) / f"{stem}-rank{rank:05d}{suffix}"
+DATA_FILE = "data.json"
 
 
-def restore_rng(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _capture_rng() -> dict:
-    cuda = {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}
-    return {"torch": torch.get_rng_state(), **cuda}
+def saved_effective_batch(path: Path) -> int:
+    """The effective batch a checkpoint's run trained with (a resumed run keeps it)."""
+    state = read_state(path)
+    return int(state.get("effective_batch") or 0)
 
 
 class Resumed(NamedTuple):
     """What a checkpoint gives back besides the engine's and the data stream's state."""
     step: int
     bad_steps_total: int
-    rng: dict  # this rank's RNG state: restore it (`restore_rng`) once the data iterator has started
+    world_size: int  # of the run that wrote it
 
 
 class Checkpointer:
     """The owner of a training run's directory: its lock, its layout, saving and loading checkpoints.
 
     `save` (every rank calls it: it holds barriers) stages a step: the engine writes model.pt and optim.pt
-    (DeepSpeed: its shards), rank 0 state.json and recipe.yaml, every rank its RNG state and data-stream
-    position; then rank 0 fsyncs, renames, marks COMPLETE and keeps the newest `train.keep_last`.
+    (DeepSpeed: zero.pt), rank 0 state.json, recipe.yaml and the world-free data-stream position; then rank 0 fsyncs, renames, marks COMPLETE and keeps the newest `train.keep_last`.
     `load` checks that a checkpoint fits this run and reads all of it back."""
 
     def __init__(self, run_dir: Path, recipe: Recipe, info):
@@ -233,12 +230,11 @@ class Checkpointer:
             begin_save(self.run_dir, step)
         barrier()
         engine.save(tmp)
-        save_torch(_capture_rng(), _rank_file(tmp, "rng", info.rank, ".pt"))
-        save_json(stream.state_dict(), _rank_file(tmp, "data", info.rank, ".json"))
         if info.is_main:
+            save_json(stream.state_dict(), tmp / DATA_FILE)
             state = {"step": step, "recipe": recipe.name, "engine": recipe.engine, "world_size": info.world_size,
                      "model": recipe.model.model_dump(mode="json"), "bad_steps_total": bad_steps_total,
-                     "effective_batch": recipe.train.batch_size * info.world_size * recipe.train.accum_steps}
+                     "effective_batch": stream.effective_batch}
             save_json(state, tmp / "state.json")
             (tmp / "recipe.yaml").write_text(recipe_to_yaml(recipe))
         barrier()
@@ -248,20 +244,20 @@ class Checkpointer:
         return checkpoint_path(self.run_dir, step)
 
     def load(self, path: Path, engine, stream) -> Resumed:
-        recipe, info = self.recipe, self.info
+        recipe = self.recipe
         check_compatible(path, recipe)
         state = read_state(path)
         if state.get("engine", recipe.engine) != recipe.engine:
             raise UserError(f"checkpoint {path} was written by engine {state['engine']}, the recipe uses {recipe.engine}")
-        if state["world_size"] != info.world_size:
-            raise UserError(
-                f"checkpoint {path} was written by {state['world_size']} ranks, this run has {info.world_size}: "
-                "exact resume needs the same world size (use --init-from to start a new run from its weights)"
-            )
+        if state.get("effective_batch") != stream.effective_batch:
+            raise UserError(f"checkpoint {path} trained with effective batch {state.get('effective_batch')}, this "
+                            f"run splits {stream.effective_batch}; a resumed run must keep it")
+        if not (path / DATA_FILE).is_file():
+            raise UserError(f"checkpoint {path}: has no world-free data position {DATA_FILE} (written by an older ann)")
         engine.load(path)
-        stream.load_state_dict(json.loads(_rank_file(path, "data", info.rank, ".json").read_text()))
-        rng = torch.load(_rank_file(path, "rng", info.rank, ".pt"), weights_only=True)
-        return Resumed(step=state["step"], bad_steps_total=state.get("bad_steps_total", 0), rng=rng)
+        stream.load_state_dict(json.loads((path / DATA_FILE).read_text()))
+        return Resumed(step=state["step"], bad_steps_total=state.get("bad_steps_total", 0),
+                       world_size=state["world_size"])
 
 
 def lock_run_dir(run_dir: Path, timeout_s: float):

@@ -23,10 +23,10 @@ from anncli.precision import AUTOCAST_DTYPES
 from anncli.recipe import Recipe
 
 
-def build_optimizer(params, recipe: Recipe, world_size: int) -> torch.optim.Optimizer:
+def build_optimizer(params, recipe: Recipe, world_size: int, effective: int | None = None) -> torch.optim.Optimizer:
     o = recipe.optim
     # The LR of step 0 of the schedule; the loop sets each step's LR with `set_lr` before the step.
-    lr = lr_at(0, scaled_lr(recipe, world_size)[0], recipe)
+    lr = lr_at(0, scaled_lr(recipe, world_size, effective)[0], recipe)
     # The official recipe decays every parameter, BN and biases included.
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
@@ -49,18 +49,20 @@ class _Engine:
 
 
 class DDPEngine(_Engine):
-    def __init__(self, model: nn.Module, recipe: Recipe, info: DistInfo):
+    """`split` (plan.Split): how this world splits a step's batch; the recipe's split when None."""
+
+    def __init__(self, model: nn.Module, recipe: Recipe, info: DistInfo, split=None):
         self.info = info
         self.module = model
         self.precision = recipe.train.precision
         self.grad_clip = recipe.optim.grad_clip
-        self.accum_steps = recipe.train.accum_steps
+        self.accum_steps = split.accum_steps if split else recipe.train.accum_steps
         if info.distributed:
             device_ids = [info.device.index] if info.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         else:
             self.model = model
-        self.optimizer = build_optimizer(model.parameters(), recipe, info.world_size)
+        self.optimizer = build_optimizer(model.parameters(), recipe, info.world_size, split and split.effective_batch)
         self.scaler = torch.amp.GradScaler(info.device.type) if self.precision == "fp16" else None
 
     def _autocast(self):
@@ -112,11 +114,11 @@ class DDPEngine(_Engine):
         return self.scaler.get_scale() if self.scaler else None
 
 
-def deepspeed_config(recipe: Recipe) -> dict:
+def deepspeed_config(recipe: Recipe, split=None) -> dict:
     t = recipe.train
     cfg = {
-        "train_micro_batch_size_per_gpu": t.batch_size,
-        "gradient_accumulation_steps": t.accum_steps,
+        "train_micro_batch_size_per_gpu": split.batch_size if split else t.batch_size,
+        "gradient_accumulation_steps": split.accum_steps if split else t.accum_steps,
         "zero_optimization": {"stage": recipe.deepspeed.zero_stage},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
@@ -143,9 +145,12 @@ def _single_process_env() -> None:
 
 
 class DeepSpeedEngine(_Engine):
-    TAG = "deepspeed"
+    """Checkpoints hold one world-free file, `zero.pt` (anncli.zero_state): the ZeRO partitions gathered into
+    full fp32 weights and optimizer states, loadable by any world size with `torch.load(weights_only=True)`."""
 
-    def __init__(self, model: nn.Module, recipe: Recipe, info: DistInfo):
+    STATE = "zero.pt"
+
+    def __init__(self, model: nn.Module, recipe: Recipe, info: DistInfo, split=None):
         if info.device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed
@@ -154,9 +159,9 @@ class DeepSpeedEngine(_Engine):
         deepspeed.init_distributed(dist_backend="nccl" if info.device.type == "cuda" else "gloo")
         self.info = info
         self.module = model
-        optimizer = build_optimizer(model.parameters(), recipe, info.world_size)
+        optimizer = build_optimizer(model.parameters(), recipe, info.world_size, split and split.effective_batch)
         self.model, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=deepspeed_config(recipe)
+            model=model, optimizer=optimizer, config=deepspeed_config(recipe, split)
         )
 
     def micro_step(self, images, labels, criterion, boundary: bool) -> tuple[torch.Tensor, bool]:
@@ -177,30 +182,28 @@ class DeepSpeedEngine(_Engine):
         )
 
     def save(self, directory: Path) -> None:
-        self.model.save_checkpoint(str(directory), tag=self.TAG, save_latest=False)
+        from anncli.zero_state import gather_full_state
+
+        state = gather_full_state(self.model, self._grad_scaler())  # collective; the dict on rank 0
         if self.info.is_main:
+            save_torch(state, directory / self.STATE)
             save_torch(self.module.state_dict(), directory / "model.pt")
-            scaler = self._grad_scaler()
-            save_torch({"deepspeed_tag": self.TAG, "scaler": scaler.state_dict() if scaler else None},
-                       directory / "optim.pt")
         barrier()
 
     def load(self, directory: Path) -> None:
-        if not (directory / self.TAG).is_dir():
-            raise UserError(f"checkpoint {directory}: has no DeepSpeed state (saved by the ddp engine?)")
-        path, _ = self.model.load_checkpoint(str(directory), tag=self.TAG, load_optimizer_states=True,
-                                             load_lr_scheduler_states=False)
-        if path is None:
-            raise UserError(f"checkpoint {directory}: DeepSpeed could not load its state")
-        state = torch.load(directory / "optim.pt", map_location="cpu", weights_only=True)
-        scaler = self._grad_scaler()
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
+        from anncli.zero_state import ZeroStateError, load_full_state, read_full_state
+
+        if not (directory / self.STATE).is_file():
+            raise UserError(f"checkpoint {directory}: has no DeepSpeed state {self.STATE} (saved by the ddp engine?)")
+        try:
+            load_full_state(self.model, read_full_state(directory / self.STATE), self._grad_scaler())
+        except ZeroStateError as e:
+            raise UserError(f"checkpoint {directory}: {e}") from None
 
     def scale(self) -> float | None:
         scaler = self._grad_scaler()
         return scaler.get_scale() if scaler else None
 
 
-def build_engine(model: nn.Module, recipe: Recipe, info: DistInfo):
-    return (DeepSpeedEngine if recipe.engine == "deepspeed" else DDPEngine)(model, recipe, info)
+def build_engine(model: nn.Module, recipe: Recipe, info: DistInfo, split=None):
+    return (DeepSpeedEngine if recipe.engine == "deepspeed" else DDPEngine)(model, recipe, info, split)

@@ -1,15 +1,46 @@
-"""The plan of a training run: the LR for this world size, its schedule, and the `--dry-run` summary."""
+"""The plan of a training run: how a step's batch is split over this world, the LR for it, its schedule,
+and the `--dry-run` summary."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+from anncli.errors import UserError
 from anncli.recipe import Recipe, recipe_to_yaml
 
 
-def scaled_lr(recipe: Recipe, world_size: int) -> tuple[float, str]:
-    """The base LR for this world, and a sentence saying how it was chosen."""
+class Split(NamedTuple):
+    """Per-rank batch x world size x accumulation steps = the effective batch of every optimizer step."""
+    batch_size: int
+    accum_steps: int
+    effective_batch: int
+    why: str
+
+
+def run_split(recipe: Recipe, world_size: int, saved_effective: int | None = None) -> Split:
+    """A fresh run splits as the recipe says; a resumed one keeps its checkpoint's effective batch on this
+    world (`order.choose_split`: the recipe's per-rank batch is the largest allowed) or fails in one line."""
+    from anncli.data.order import choose_split
+
+    t = recipe.train
+    if saved_effective is None:
+        e = t.batch_size * world_size * t.accum_steps
+        return Split(t.batch_size, t.accum_steps, e,
+                     f"{t.batch_size} x {world_size} ranks x {t.accum_steps} accumulation step(s) = {e}")
+    try:
+        b, a, why = choose_split(saved_effective, world_size, t.batch_size)
+    except ValueError as e:
+        raise UserError(f"cannot resume on {world_size} rank(s): {e} (the checkpoint's effective batch); "
+                        "use a world size that divides it, or --resume never") from None
+    return Split(b, a, saved_effective, f"{why}, the checkpoint's effective batch")
+
+
+def scaled_lr(recipe: Recipe, world_size: int, effective: int | None = None) -> tuple[float, str]:
+    """The base LR for this world (or for the effective batch `effective` of a resumed run), and a sentence
+    saying how it was chosen."""
     t = recipe.train
     want = recipe.effective_batch
-    have = t.batch_size * world_size * t.accum_steps
+    have = effective or t.batch_size * world_size * t.accum_steps
     if have == want:
         return recipe.optim.lr, f"{recipe.optim.lr:g} (the recipe's; effective batch matches)"
     if t.lr_scaling == "linear":
@@ -32,22 +63,26 @@ def lr_at(step: int, base_lr: float, recipe: Recipe) -> float:
 
 def describe_plan(recipe: Recipe, opts, plan) -> None:
     """Print the resolved recipe and what `ann train` would do with it (`opts`: train.TrainOptions)."""
-    from anncli.checkpoint import default_work_dir
+    from anncli.checkpoint import default_work_dir, resolve_resume, saved_effective_batch
 
     t = recipe.train
     world = plan.world_size
-    _, how = scaled_lr(recipe, world)
+    work_dir = opts.work_dir or default_work_dir(recipe)
+    resume = resolve_resume(opts.resume, work_dir)
+    split = run_split(recipe, world, saved_effective_batch(resume) if resume else None)
+    _, how = scaled_lr(recipe, world, split.effective_batch)
     lines = [
         recipe_to_yaml(recipe).rstrip(),
         "---",
         f"launch:          {plan.kind}",
         f"world size:      {world} ({plan.nnodes} node(s) x {plan.nproc_per_node} process(es))",
-        f"per-GPU batch:   {t.batch_size} x {t.accum_steps} accumulation step(s)",
-        f"effective batch: {t.batch_size * world * t.accum_steps} (recipe: {recipe.effective_batch})",
+        f"per-GPU batch:   {split.batch_size} x {split.accum_steps} accumulation step(s)",
+        f"effective batch: {split.effective_batch} (recipe: {recipe.effective_batch})",
+        f"split:           {split.why}" + (f"; resuming {resume}" if resume else ""),
         f"learning rate:   {how}",
         f"iterations:      {t.iters} ({recipe.optim.name}, poly {recipe.optim.poly_power}, warm-up {recipe.optim.warmup_iters})",
         f"engine:          {recipe.engine}" + (f" (ZeRO stage {recipe.deepspeed.zero_stage})" if recipe.engine == "deepspeed" else ""),
-        f"work dir:        {opts.work_dir or default_work_dir(recipe)}",
+        f"work dir:        {work_dir}",
     ]
     lines += [f"command:         {line}" for line in plan.lines]
     print("\n".join(lines))

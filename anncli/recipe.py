@@ -55,7 +55,7 @@ class DataConfig(_Section):
     train: str = "cityscapes-train-{000000..000029}.tar"
     val: str = "cityscapes-val-{000000..000004}.tar"
     num_workers: int = Field(4, ge=0)
-    shuffle_buffer: int = Field(256, ge=0)
+    lanes: int = Field(16, ge=1, description="forward-read lanes of the global sample order (data/order.py)")
     max_skip_fraction: float = Field(0.01, ge=0.0, le=1.0)
     synth: Optional[SynthConfig] = None
 
@@ -90,6 +90,7 @@ class LossConfig(_Section):
     ohem_min_kept: int = Field(100_000, ge=0)
     aux_weight: float = Field(0.4, ge=0.0)
     class_weights: Optional[list[float]] = None
+    normalize: Literal["process", "global"] = "process"
 
 
 class OptimConfig(_Section):
@@ -118,6 +119,7 @@ class TrainConfig(_Section):
     log_every: int = Field(50, ge=1)
     max_bad_steps: int = Field(5, ge=1)
     tensorboard: bool = False
+    trace_samples: bool = False
 
 
 class DeepSpeedConfig(_Section):

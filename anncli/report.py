@@ -35,6 +35,33 @@ class EventLog:
             self._file = None
 
 
+class StepMeter:
+    """Images seen since the last logged step, for img/s, and the process's peak memory."""
+
+    def __init__(self):
+        self.start, self.images = time.perf_counter(), 0
+
+    def record(self, result, lr: float, scale: float | None, device) -> dict:
+        """The fields of a `step` event from a train.StepResult."""
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        record = {"loss": result.loss, "aux_loss": result.aux, "total_loss": result.total, "lr": lr,
+                  "img_per_s": self.images / elapsed, "mem_mb": memory_mb(device)}
+        if scale is not None:
+            record["scale"] = scale
+        self.start, self.images = time.perf_counter(), 0
+        return record
+
+
+def memory_mb(device) -> float:
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 class TrainProgress:
     """A rich progress bar on a terminal, plain periodic lines otherwise (logs, SLURM output files)."""
 

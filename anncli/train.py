@@ -1,17 +1,19 @@
-"""The training loop: iteration-based, exact resume, preemption-safe.
+"""The training loop: iteration-based, exact resume, preemption-safe, elastic.
 
-Everything that decides what the next step computes (weights, optimizer and scaler state, the step,
-per-rank RNG and data-stream position) is saved in a checkpoint, so that a resumed run continues
-bit for bit where an uninterrupted one would have been. `_set_up` builds a run once; `_loop` runs it.
+Everything that decides what the next step computes (weights, optimizer and scaler state, the step, the
+data position in the world-size-free global sample order) is saved in a checkpoint, and the dropout RNG is
+reseeded every step from (seed, step, rank), so a resumed run continues bit for bit where an uninterrupted
+one would have been. On another world size it keeps the effective batch (plan.run_split) and the samples
+of every step; only float sums change. `_set_up` builds a run once; `_loop` runs it.
 """
 
 from __future__ import annotations
 
 import faulthandler
+import functools
 import os
 import signal
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
@@ -48,22 +50,8 @@ class StepResult(NamedTuple):
     aux: float
     images: int  # over all ranks, skipped micro-batches included
     skipped: int  # micro-batches skipped for a non-finite loss
-
-
-class _Meter:
-    """Images seen since the last logged step, for img/s."""
-
-    def __init__(self):
-        self.start, self.images = time.perf_counter(), 0
-
-    def record(self, result: StepResult, lr: float, scale: float | None, device) -> dict:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        record = {"loss": result.loss, "aux_loss": result.aux, "total_loss": result.total, "lr": lr,
-                  "img_per_s": self.images / elapsed, "mem_mb": _memory_mb(device)}
-        if scale is not None:
-            record["scale"] = scale
-        self.start, self.images = time.perf_counter(), 0
-        return record
+    indices: list  # this rank's global sample indices and keys in the step (for the sample trace)
+    keys: list
 
 
 @dataclass
@@ -79,7 +67,7 @@ class _Run:
     events: Any
     tb: Any
     progress: Any
-    meter: _Meter
+    meter: Any
     stop: StopFlag
     base_lr: float
     start: int
@@ -149,18 +137,27 @@ def _train_step(run: _Run, step: int) -> StepResult:
     """
     import torch
 
-    t, info = run.recipe.train, run.info
+    t, info, accum = run.recipe.train, run.info, run.stream.accum_steps
+    torch.manual_seed(step_seed(t.seed, step, info.rank))  # dropout: a function of (seed, step, rank)
+    pending = [next(run.batches) for _ in range(accum)]
+    criterion = run.criterion
+    if run.recipe.loss.normalize == "global":
+        denominator = run.criterion.global_denominator([b["label"] for b in pending], info.world_size, info.device)
+        criterion = functools.partial(run.criterion, denominator=denominator)
     good = images = skipped = bad_in_row = 0
-    while good < t.accum_steps:
-        batch = next(run.batches)
+    indices, keys = [], []
+    while good < accum:
+        batch = pending.pop(0) if pending else next(run.batches)
         x = batch["image"].to(info.device, non_blocking=True)
         if run.recipe.model.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = batch["label"].to(info.device, non_blocking=True)
-        stats, finite = run.engine.micro_step(x, y, run.criterion, boundary=good + 1 == t.accum_steps)
+        stats, finite = run.engine.micro_step(x, y, criterion, boundary=good + 1 == accum)
         images += x.shape[0] * info.world_size
         if finite:
             good, bad_in_row = good + 1, 0
+            indices += batch["indices"]
+            keys += batch["keys"]
             continue
         skipped, bad_in_row = skipped + 1, bad_in_row + 1
         run.events.write("bad_step", step=step, loss=float(stats[0]))
@@ -172,7 +169,14 @@ def _train_step(run: _Run, step: int) -> StepResult:
             )
     run.engine.optimizer_step()
     total, loss, aux = stats.tolist()
-    return StepResult(total=total, loss=loss, aux=aux, images=images, skipped=skipped)
+    return StepResult(total=total, loss=loss, aux=aux, images=images, skipped=skipped, indices=indices, keys=keys)
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The torch RNG seed of one rank's optimizer step: nothing of it needs saving, on any world size."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed & (2**63 - 1), step, rank]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def _log(run: _Run, step: int, result: StepResult, lr: float) -> None:
@@ -180,8 +184,12 @@ def _log(run: _Run, step: int, result: StepResult, lr: float) -> None:
     run.meter.images += result.images
     if step % t.log_every == 0 or step == t.iters:
         record = run.meter.record(result, lr, run.engine.scale(), run.info.device)
+        if t.trace_samples:  # collective: every rank logs the same steps
+            from anncli.data.order import gather_samples_sha256
+
+            record["samples_sha256"] = gather_samples_sha256(result.indices, result.keys)
         run.events.write("step", step=step, **record)
-        run.tb.scalars(step, {f"train/{k}": v for k, v in record.items()})
+        run.tb.scalars(step, {f"train/{k}": v for k, v in record.items() if k != "samples_sha256"})
         run.progress.update(step, {k: record[k] for k in ("loss", "lr", "img_per_s")}, log_line=True)
     else:
         run.progress.update(step, {"loss": result.loss, "lr": lr}, log_line=False)
@@ -200,28 +208,17 @@ def _validate(run: _Run, step: int) -> None:
     model.train()
 
 
-def _memory_mb(device) -> float:
-    import torch
-
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 # --- set-up ---------------------------------------------------------------------------------------
 
 
 def _set_up(recipe: Recipe, opts: TrainOptions, info, stop: StopFlag) -> _Run:
-    """Open the run directory, build model, engine, data and logs, resume or seed: everything the loop uses."""
-    import torch
-
-    from anncli.checkpoint import Checkpointer, default_work_dir, load_model_for_inference, restore_rng
+    """Open the run directory, build model, engine, data and logs, resume: everything the loop uses."""
+    from anncli.checkpoint import Checkpointer, default_work_dir, load_model_for_inference, saved_effective_batch
     from anncli.distributed import describe_rank
     from anncli.engine import build_engine
     from anncli.losses import SegLoss
-    from anncli.report import EventLog, TensorBoard, TrainProgress
+    from anncli.plan import run_split
+    from anncli.report import EventLog, StepMeter, TensorBoard, TrainProgress
 
     t = recipe.train
     checkpointer = Checkpointer(opts.work_dir or default_work_dir(recipe), recipe, info)
@@ -229,45 +226,46 @@ def _set_up(recipe: Recipe, opts: TrainOptions, info, stop: StopFlag) -> _Run:
     resume_from = checkpointer.find(opts.resume)
     if resume_from is not None and opts.init_from is not None:
         raise UserError(f"--init-from {opts.init_from} and resuming from {resume_from} exclude each other; pass --resume never")
-    urls = _prepare_data(recipe, info)
+    split = run_split(recipe, info.world_size, saved_effective_batch(resume_from) if resume_from else None)
+    urls, counts = _prepare_data(recipe, info)
     model = _build_model(recipe, info)
     if opts.init_from is not None:
         model.load_state_dict(load_model_for_inference(opts.init_from, recipe))
-    engine = build_engine(model, recipe, info)
+    engine = build_engine(model, recipe, info, split)
     criterion = SegLoss(recipe.loss, recipe.model.num_classes).to(info.device)
-    stream = _build_stream(recipe, urls, info)
+    stream = _build_stream(recipe, urls, counts, info, split)
     events = EventLog(checkpointer.run_dir / "events.jsonl" if info.is_main else None)
-    print(f"[ann] {describe_rank(info)}; run directory {checkpointer.run_dir}", file=sys.stderr, flush=True)
+    print(f"[ann] {describe_rank(info)}; run directory {checkpointer.run_dir}; batch split {split.why}",
+          file=sys.stderr, flush=True)
     resumed = None
     if resume_from is not None:
         resumed = checkpointer.load(resume_from, engine, stream)
-        events.write("resume", step=resumed.step, checkpoint=str(resume_from), restart=os.environ.get("SLURM_RESTART_COUNT"))
+        events.write("resume", step=resumed.step, checkpoint=str(resume_from), restart=os.environ.get("SLURM_RESTART_COUNT"),
+                     world_size=info.world_size, saved_world_size=resumed.world_size, batch_size=split.batch_size,
+                     accum_steps=split.accum_steps, effective_batch=split.effective_batch)
         if info.is_main:
-            print(f"[ann] resumed from {resume_from} at step {resumed.step}", file=sys.stderr, flush=True)
+            change = "" if resumed.world_size == info.world_size else f" (written by {resumed.world_size} ranks; {split.why})"
+            print(f"[ann] resumed from {resume_from} at step {resumed.step}{change}", file=sys.stderr, flush=True)
     else:
-        events.write("start", step=0, world_size=info.world_size, recipe=recipe.name)
+        events.write("start", step=0, world_size=info.world_size, recipe=recipe.name, batch_size=split.batch_size,
+                     accum_steps=split.accum_steps, effective_batch=split.effective_batch)
     tb = TensorBoard(checkpointer.run_dir / "tb" if (t.tensorboard and info.is_main) else None)
     start = resumed.step if resumed else 0
     progress = TrainProgress(t.iters, start, enabled=info.is_main)
     model.train()
-    batches = iter(stream)
-    # Seed or restore only now: starting the data iterator may draw from the global RNG.
-    if resumed is not None:
-        restore_rng(resumed.rng)
-    else:
-        torch.manual_seed(t.seed + 1000 * info.rank)  # dropout differs per rank, reproducibly
-    return _Run(recipe=recipe, info=info, engine=engine, stream=stream, batches=batches, criterion=criterion,
-                checkpointer=checkpointer, events=events, tb=tb, progress=progress, meter=_Meter(), stop=stop,
-                base_lr=scaled_lr(recipe, info.world_size)[0], start=start,
+    return _Run(recipe=recipe, info=info, engine=engine, stream=stream, batches=iter(stream), criterion=criterion,
+                checkpointer=checkpointer, events=events, tb=tb, progress=progress, meter=StepMeter(), stop=stop,
+                base_lr=scaled_lr(recipe, info.world_size, split.effective_batch)[0], start=start,
                 bad_steps_total=resumed.bad_steps_total if resumed else 0)
 
 
-def _prepare_data(recipe: Recipe, info) -> list[str]:
-    from anncli.data.manifest import resolve_urls
+def _prepare_data(recipe: Recipe, info) -> tuple[list[str], list[int]]:
+    from anncli.data.manifest import resolve_urls, shard_counts
     from anncli.data.synth import prepare_synth
 
     prepare_synth(recipe.data, info.is_main)
-    return resolve_urls(recipe.data.root, recipe.data.dataset, recipe.data.train)
+    urls = resolve_urls(recipe.data.root, recipe.data.dataset, recipe.data.train)
+    return urls, shard_counts(urls, recipe.data.root, announce=info.is_main)
 
 
 def _build_model(recipe: Recipe, info):
@@ -288,12 +286,11 @@ def _build_model(recipe: Recipe, info):
     return model
 
 
-def _build_stream(recipe: Recipe, urls: list[str], info):
-    from anncli.data.stream import TrainStream
+def _build_stream(recipe: Recipe, urls: list[str], counts: list[int], info, split):
+    from anncli.data.global_stream import GlobalStream
 
-    t = recipe.train
-    return TrainStream(
-        urls, augment=recipe.augment, batch_size=t.batch_size, seed=t.seed, rank=info.rank,
-        world_size=info.world_size, num_workers=recipe.data.num_workers,
-        shuffle_buffer=recipe.data.shuffle_buffer, max_skip_fraction=recipe.data.max_skip_fraction,
-    )
+    d = recipe.data
+    return GlobalStream(urls, counts, augment=recipe.augment, batch_size=split.batch_size,
+                        effective_batch=split.effective_batch, seed=recipe.train.seed, rank=info.rank,
+                        world_size=info.world_size, num_workers=d.num_workers, lanes=d.lanes,
+                        max_skip_fraction=d.max_skip_fraction)

@@ -1,7 +1,7 @@
 """Data throughput: decode + augment of 2048x1024 PNG image/label pairs to 769x769 crops, per worker.
 
 Compares, in one run and one process (= one DataLoader worker's share):
-- shards: `TrainStream` over WebDataset shards (cv2 decode, crop-then-resize augmentation);
+- shards: `GlobalStream` over WebDataset shards (cv2 decode, crop-then-resize augmentation);
 - loose files: the usual baseline, a torch Dataset that opens each PNG with PIL and applies the same
   augmentation (so the difference is reading + decoding);
 and breaks the per-sample time into decode and augment. Writes benchmarks/results/data.json.
@@ -25,7 +25,8 @@ import torch
 from PIL import Image
 
 from anncli.data.shards import ShardWriter, decode_image, decode_label
-from anncli.data.stream import TrainStream
+from anncli.data.global_stream import GlobalStream
+from anncli.data.manifest import shard_counts
 from anncli.data.transforms import TrainTransform
 from anncli.recipe import AugmentConfig
 
@@ -78,7 +79,8 @@ class LooseFiles(torch.utils.data.Dataset):
 
 
 def time_shards(urls, samples: int) -> float:
-    stream = TrainStream(urls, augment=AUG, batch_size=1, seed=0, rank=0, world_size=1, num_workers=0)
+    stream = GlobalStream(urls, shard_counts(urls, os.path.dirname(urls[0]), announce=False), augment=AUG,
+                          batch_size=1, effective_batch=1, seed=0, rank=0, world_size=1, num_workers=0)
     it = iter(stream)
     next(it)  # warm-up
     start = time.perf_counter()

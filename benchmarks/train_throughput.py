@@ -325,8 +325,7 @@ def parse_args(argv=None):
     if args.quick:
         args.iters, args.log_every, args.warmup_records, args.synth_train = 4, 1, 1, 16
         args.batch_size = 2
-        args.extra_sets = {"data.synth.size": "[32, 64]", "augment.crop": "[32, 64]", "train.batch_size": 2,
-                           "data.shuffle_buffer": 8}
+        args.extra_sets = {"data.synth.size": "[32, 64]", "augment.crop": "[32, 64]", "train.batch_size": 2}
     return args
 
 

@@ -35,7 +35,6 @@ def tiny_overrides(data_root: Path, **changes) -> list[str]:
         "data.synth.val": 12,
         "data.synth.size": "[32, 64]",
         "data.synth.max_samples": 16,
-        "data.shuffle_buffer": 8,
         "augment.crop": "[32, 64]",
         "train.batch_size": 2,
         "train.iters": 6,

@@ -17,14 +17,15 @@ class _Weights(torch.nn.Module):
 
 def _parts(value: float, **recipe):
     """A recipe, and the real engine and data stream a run of it checkpoints (the shard is never read)."""
-    from anncli.data.stream import TrainStream
+    from anncli.data.global_stream import GlobalStream
     from anncli.distributed import DistInfo
     from anncli.engine import DDPEngine
 
     recipe = Recipe(name="t", **recipe)
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     engine = DDPEngine(_Weights(value), recipe, info)
-    stream = TrainStream(["unused-000000.tar"], augment=recipe.augment, batch_size=2, seed=3, rank=0, world_size=1)
+    stream = GlobalStream(["unused-000000.tar"], [10], augment=recipe.augment, batch_size=2, effective_batch=2, seed=3,
+                          rank=0, world_size=1)
     return recipe, info, engine, stream
 
 
@@ -99,28 +100,37 @@ def test_run_directory_lock_excludes_a_second_run(tmp_path):
 
 
 def test_save_then_load_gives_back_every_part(tmp_path):
-    torch.manual_seed(11)
-    path = _save(tmp_path, 300, bad_steps_total=4)
-    rng_after_save = torch.rand(3)
-    assert sorted(p.name for p in path.iterdir()) == ["COMPLETE", "data-rank00000.json", "model.pt", "optim.pt",
-                                                     "recipe.yaml", "rng-rank00000.pt", "state.json"]
+    recipe, info, engine, stream = _parts(300.0, train={"keep_last": 2})
+    stream.seek_step(7)
+    path = ck.Checkpointer(tmp_path, recipe, info).save(300, engine, stream, bad_steps_total=4)
+    # nothing per rank: the data position is world-free and the RNG is reseeded every step
+    assert sorted(p.name for p in path.iterdir()) == ["COMPLETE", "data.json", "model.pt", "optim.pt",
+                                                     "recipe.yaml", "state.json"]
     recipe, info, engine, stream = _parts(0.0, train={"keep_last": 2})
-    stream._batches = 99
     resumed = ck.Checkpointer(tmp_path, recipe, info).load(path, engine, stream)
-    assert (resumed.step, resumed.bad_steps_total) == (300, 4)
+    assert (resumed.step, resumed.bad_steps_total, resumed.world_size) == (300, 4, 1)
     assert torch.equal(engine.module.w.detach(), torch.full((2,), 300.0))
-    assert stream.batches == 0
-    ck.restore_rng(resumed.rng)
-    assert torch.equal(torch.rand(3), rng_after_save)
-    assert ck.read_state(path)["world_size"] == 1
+    assert stream.next_micro_batch == 7
+    assert ck.read_state(path)["world_size"] == 1 and ck.saved_effective_batch(path) == 2
 
 
-def test_load_refuses_another_world_size_or_engine(tmp_path):
+def test_another_world_loads_when_the_effective_batch_is_kept(tmp_path):
+    from anncli.data.global_stream import GlobalStream
+
     path = _save(tmp_path, 100)
     recipe, info, engine, stream = _parts(0.0)
-    two = type(info)(rank=0, world_size=2, local_rank=0, device=info.device)
-    with pytest.raises(UserError, match="written by 1 ranks, this run has 2"):
-        ck.Checkpointer(tmp_path, recipe, two).load(path, engine, stream)
+    two = type(info)(rank=1, world_size=2, local_rank=1, device=info.device)
+    split2 = GlobalStream(["unused-000000.tar"], [10], augment=recipe.augment, batch_size=1, effective_batch=2,
+                          seed=3, rank=1, world_size=2)
+    assert ck.Checkpointer(tmp_path, recipe, two).load(path, engine, split2).world_size == 1
+    other = GlobalStream(["unused-000000.tar"], [10], augment=recipe.augment, batch_size=2, effective_batch=4,
+                         seed=3, rank=1, world_size=2)
+    with pytest.raises(UserError, match="effective batch 2, this run splits 4"):
+        ck.Checkpointer(tmp_path, recipe, two).load(path, engine, other)
+
+
+def test_load_refuses_another_engine(tmp_path):
+    path = _save(tmp_path, 100)
     recipe, info, engine, stream = _parts(0.0, engine="deepspeed")
     with pytest.raises(UserError, match="written by engine ddp, the recipe uses deepspeed"):
         ck.Checkpointer(tmp_path, recipe, info).load(path, engine, stream)

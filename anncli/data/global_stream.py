@@ -19,16 +19,14 @@ and replaced by `order.substitute(index, attempt)`, the same substitute on every
 
 from __future__ import annotations
 
-import os
 import tarfile
 from typing import Iterator
 
 from anncli.data import shards
 from anncli.data.order import GlobalOrder, check_split, rank_indices
 from anncli.data.loader import identity, loader_items, worker_init
-from anncli.data.manifest import is_remote, load_manifest
-from anncli.data.shards import SampleError
-from anncli.data.stream import DataError, check_skip_bound, log
+from anncli.data.manifest import is_remote
+from anncli.data.shards import DataError, SampleError, check_skip_bound, log
 from anncli.errors import UserError
 
 _MAX_SUBSTITUTES = 100
@@ -275,15 +273,3 @@ class GlobalStream:
                                 worker_init_fn=worker_init, generator=torch.Generator().manual_seed(0))
         for worker, batch in loader_items(loader):
             yield self._accept(batch, worker)
-
-
-def manifest_counts(manifest: dict) -> list[int]:
-    """Per-shard sample counts of a manifest, in its shard order (what GlobalOrder needs)."""
-    return [int(s["count"]) for s in manifest["shards"]]
-
-
-def manifest_urls(manifest_file: str | os.PathLike) -> tuple[list[str], list[int]]:
-    """Shard paths beside a manifest file and their counts."""
-    manifest = load_manifest(manifest_file)
-    folder = os.path.dirname(os.fspath(manifest_file))
-    return [os.path.join(folder, s["name"]) for s in manifest["shards"]], manifest_counts(manifest)

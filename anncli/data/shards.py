@@ -2,7 +2,8 @@
 
 A shard `<dataset>-<split>-000000.tar` holds, per sample, the tar members `<key>.img.png` or
 `<key>.img.jpg` (original bytes), `<key>.seg.png` (uint8 train ids, 255 = ignore) and `<key>.meta.json`.
-Which shards make a split: `anncli.data.manifest`; the seeded training stream: `anncli.data.stream`.
+Which shards make a split: `anncli.data.manifest`; the training stream: `anncli.data.global_stream`.
+A bad training sample is skipped, but only up to a bound (`check_skip_bound`, `DataError`).
 
 Shards are opened with `webdataset.gopen`, so local paths, `pipe:CMD` (e.g. `pipe:aws s3 cp s3://b/k.tar -`)
 and http(s) URLs all work; members are read as a plain tar stream and grouped by key.
@@ -11,6 +12,7 @@ and http(s) URLs all work; members are read as a plain tar stream and grouped by
 from __future__ import annotations
 
 import io
+import logging
 import os
 import tarfile
 from pathlib import Path
@@ -28,8 +30,25 @@ IMAGE_FIELDS = ("img.png", "img.jpg")
 LABEL_FIELD = "seg.png"
 
 
+MIN_SAMPLES_BEFORE_ABORT = 100  # the training skip bound is only enforced once this many samples were seen
+log = logging.getLogger("anncli.data")
+
+
 class SampleError(Exception):
     """One sample that cannot be used; the message says why."""
+
+
+class DataError(UserError):
+    """Training data too broken to go on (too many skipped samples, or nothing readable)."""
+
+
+def check_skip_bound(seen: int, skipped: int, max_skip: float, last: str = "") -> None:
+    if seen >= MIN_SAMPLES_BEFORE_ABORT and skipped > max_skip * seen:
+        tail = f"; last problem: {last}" if last else ""
+        raise DataError(
+            f"skipped {skipped} of {seen} training samples ({skipped / seen:.1%}), more than "
+            f"data.max_skip_fraction={max_skip:g}{tail}"
+        )
 
 
 # ---------------------------------------------------------------- writing
