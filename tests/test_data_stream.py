@@ -1,16 +1,17 @@
-"""Reading shards: exact resume of the training stream, equal batch counts, exact-once eval split, faults, URLs."""
+"""Reading shards: exact-once eval split, faults and the skip bound of the training stream, URLs, and the
+per-shard sample counts the global order needs (manifests, or tar headers). The global order itself:
+tests/test_data_order.py."""
 
-import json
 import logging
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from anncli.data import stream
-from anncli.data.manifest import resolve_urls
-from anncli.data.shards import ShardWriter, eval_samples
-from anncli.data.stream import DataError, TrainStream
+from anncli.data.global_stream import GlobalStream
+from anncli.data.manifest import resolve_urls, shard_counts
+from anncli.data.shards import DataError, ShardWriter, eval_samples
 from anncli.data.synth import _encode_png, make_sample, write_synth
 from anncli.errors import UserError
 from anncli.recipe import AugmentConfig
@@ -30,9 +31,9 @@ def synth_root(tmp_path_factory):
     return root
 
 
-def _stream(urls, **kw):
-    args = dict(augment=AUG, batch_size=3, seed=7, rank=0, world_size=1, num_workers=0, shuffle_buffer=32)
-    return TrainStream(urls, **{**args, **kw})
+def _stream(urls, counts, **kw):
+    args = dict(augment=AUG, batch_size=3, effective_batch=3, seed=7, rank=0, world_size=1, num_workers=0, lanes=4)
+    return GlobalStream(urls, counts, **{**args, **kw})
 
 
 def _take(stream, n):
@@ -40,61 +41,6 @@ def _take(stream, n):
     out = [next(it) for _ in range(n)]
     it.close()
     return out
-
-
-def _same(a, b):
-    return a["keys"] == b["keys"] and torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
-
-
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_resume_is_exact(synth_root, num_workers):
-    urls = resolve_urls(str(synth_root), "synth", "train")
-    reference = _take(_stream(urls, num_workers=num_workers), 9)
-    first = _stream(urls, num_workers=num_workers)
-    head = _take(first, 5)
-    state = json.loads(json.dumps(first.state_dict()))  # plain JSON values
-    resumed = _stream(urls, num_workers=num_workers)
-    resumed.load_state_dict(state)
-    tail = _take(resumed, 4)
-    assert all(_same(a, b) for a, b in zip(reference, head + tail))
-    assert reference[0]["image"].shape == (3, 3, 24, 40) and reference[0]["image"].dtype == torch.float32
-    assert reference[0]["label"].dtype == torch.int64
-    assert set(torch.cat([b["label"].unique() for b in reference]).tolist()) <= {0, 1, 2, 3, 4, 255}
-    assert resumed.samples_seen == 9 * 3 and resumed.samples_skipped == 0
-
-
-def test_resume_skips_ahead_without_decoding(synth_root, monkeypatch):
-    urls = resolve_urls(str(synth_root), "synth", "train")
-    first = _stream(urls)
-    _take(first, 6)
-    calls = []
-    real = stream.decode_sample
-    monkeypatch.setattr(stream, "decode_sample", lambda k, f: calls.append(k) or real(k, f))
-    resumed = _stream(urls)
-    resumed.load_state_dict(first.state_dict())
-    _take(resumed, 1)
-    assert len(calls) == 3  # only the batch handed out was decoded
-
-
-def test_two_ranks_differ_and_each_resumes(synth_root):
-    urls = resolve_urls(str(synth_root), "synth", "train")
-    per_rank = {}
-    for rank in (0, 1):
-        ref = _take(_stream(urls, rank=rank, world_size=2), 6)
-        s = _stream(urls, rank=rank, world_size=2)
-        _take(s, 2)
-        r = _stream(urls, rank=rank, world_size=2)
-        r.load_state_dict(s.state_dict())
-        assert all(_same(a, b) for a, b in zip(ref[2:], _take(r, 4)))
-        per_rank[rank] = [k for b in ref for k in b["keys"]]
-    assert per_rank[0] != per_rank[1]
-
-
-def test_every_rank_gets_the_batches_it_asks_for_with_few_shards(synth_root):
-    urls = resolve_urls(str(synth_root), "synth", "train")[:1]  # 1 shard for 2 ranks × 2 workers
-    for rank in (0, 1):
-        batches = _take(_stream(urls, rank=rank, world_size=2, num_workers=2, shuffle_buffer=0), 25)
-        assert len(batches) == 25 and all(len(b["keys"]) == 3 for b in batches)
 
 
 def test_eval_split_exactly_once(tmp_path):
@@ -142,26 +88,26 @@ def _bad_shards(tmp_path, n_good=30):
 
 def test_training_counts_and_skips_faults(tmp_path, caplog):
     urls = _bad_shards(tmp_path)
-    stream = _stream(urls, max_skip_fraction=0.5, shuffle_buffer=0)
+    stream = _stream(urls, [15, 15], max_skip_fraction=0.5)  # the counts a manifest written at packing holds
     with caplog.at_level(logging.WARNING, logger="anncli.data"):
-        batches = _take(stream, 40)
+        batches = _take(stream, 20)  # two passes over the 30 samples
     keys = {k for b in batches for k in b["keys"]}
     assert "a003" not in keys and "a006" not in keys and "a004" in keys
+    assert all(len(b["keys"]) == 3 for b in batches)  # bad samples were replaced
     assert stream.samples_skipped >= 3
     messages = [r.getMessage() for r in caplog.records]
     assert any("a003" in m and "decoded" in m for m in messages)
     assert any("a006" in m and "missing field seg.png" in m for m in messages)
-    assert any("trunc-train-000000.tar" in m and "unreadable" in m for m in messages)
-    assert len(messages) == stream.samples_skipped
+    assert sum("trunc-train-000000.tar" in m and "is cut after" in m for m in messages) == 1  # once per shard
     assert all("\n" not in m for m in messages)
 
 
 def test_training_aborts_above_the_skip_bound(tmp_path):
     urls = _bad_shards(tmp_path)
     with pytest.raises(DataError, match="max_skip_fraction=0.01"):
-        _take(_stream(urls, max_skip_fraction=0.01), 200)
+        _take(_stream(urls, [15, 15], max_skip_fraction=0.01), 200)
     with pytest.raises(DataError, match="max_skip_fraction"):
-        _take(_stream(urls, max_skip_fraction=0.01, num_workers=2), 200)
+        _take(_stream(urls, [15, 15], max_skip_fraction=0.01, num_workers=2), 200)
 
 
 def test_eval_errors_name_shard_and_key(tmp_path):
@@ -197,4 +143,30 @@ def test_resolve_urls(synth_root, tmp_path):
 def test_pipe_urls_are_read(synth_root):
     urls = [f"pipe:cat {u}" for u in resolve_urls(str(synth_root), "synth", "val")]
     assert len(list(eval_samples(urls, rank=0, world_size=1))) == 50
-    assert len(_take(_stream(urls), 2)) == 2
+    assert len(_take(_stream(urls, shard_counts(urls, synth_root)), 2)) == 2
+
+
+# ---------------------------------------------------------------- sample counts
+
+
+def test_shard_counts_come_from_manifests_else_from_tar_headers(synth_root, tmp_path, capsys):
+    urls = resolve_urls(str(synth_root), "synth", "train")
+    manifest = [20, 20, 20]
+    assert shard_counts(urls, synth_root) == manifest
+    by_pattern = resolve_urls(str(synth_root), "synth", "synth-train-{000000..000002}.tar")
+    assert shard_counts(by_pattern, "/nonexistent") == manifest  # the manifest beside the shards
+    assert shard_counts([f"pipe:cat {u}" for u in urls], synth_root) == manifest  # by file name
+    assert "tar headers" not in capsys.readouterr().err
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for u in urls:
+        shutil.copy(u, bare)
+    copies = resolve_urls(str(bare), "synth", "synth-train-{000000..000002}.tar")
+    assert shard_counts(copies, bare) == manifest
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "3 training shard(s) are in no manifest" in err and "ann data pack" in err
+    assert shard_counts([f"pipe:cat {u}" for u in copies], bare, announce=False) == manifest
+    cut = bare / "synth-train-000000.tar"
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    assert 0 < shard_counts([str(cut)], bare, announce=False)[0] < 20  # a cut shard: its readable samples

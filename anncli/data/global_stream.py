@@ -132,6 +132,9 @@ class SampleReader:
                         self.urls[shard], cursor.index, e)
             raise _Bad(f"{self.urls[shard]}: sample {member} unreadable: {e}") from None
 
+    def url_of(self, index: int) -> str:
+        return self.urls[int(self.order.locate([index])["shard"][0])]
+
     def _drop_old(self, cycle: int) -> None:
         for slot in [s for s in self._cursors if isinstance(s[0], int) and s[0] < cycle - 1]:
             self._cursors.pop(slot).close()
@@ -159,11 +162,13 @@ class _BatchMaker:
             self.seen += 1
             try:
                 key, fields = self.reader.fetch(index, None if index == slot else ("substitute",))
-                image, label = decode_sample(key, fields)
-                return key, image, label
-            except (_Bad, SampleError) as e:
+                try:
+                    return key, *decode_sample(key, fields)
+                except SampleError as e:
+                    raise _Bad(f"{self.reader.url_of(index)}: sample {key}: {e}") from None
+            except _Bad as e:
                 self.skipped += 1
-                (log.debug if getattr(e, "quiet", False) else log.warning)("skipping bad training sample %d: %s", index, e)
+                (log.debug if e.quiet else log.warning)("skipping bad training sample %d: %s", index, e)
                 check_skip_bound(self.seen, self.skipped, self.s.max_skip, str(e))
                 index = self.s.order.substitute(slot, attempt)
         raise DataError(f"no readable substitute for training sample {slot} after {_MAX_SUBSTITUTES} tries")
