@@ -97,9 +97,10 @@ def _launched(verb: str):
     return decorate
 
 
-def _start(request, in_process, describe=None) -> None:
+def _start(request, in_process, describe=None, preflight=None) -> None:
     """The launch tail of train and eval: plan where the verb runs, then print the plan (`describe`), start
-    torchrun/srun and exit with its code, or run `in_process()` here (an int it returns is the exit code)."""
+    torchrun/srun (after `preflight(plan)`, which may refuse) and exit with its code, or run `in_process()`
+    here (an int it returns is the exit code)."""
     from anncli import launch
 
     plan = _run(launch.plan_launch, request)
@@ -107,6 +108,8 @@ def _start(request, in_process, describe=None) -> None:
         _run(describe, plan)
         return
     if plan.command is not None:
+        if preflight is not None:
+            _run(preflight, plan)
         from anncli.supervisor import execute
 
         raise typer.Exit(execute(plan))
@@ -129,12 +132,12 @@ def train(
 ) -> None:
     """Train a recipe: in this process, under torchrun, or across SLURM nodes."""
     r = _load(recipe, set_)
-    from anncli.plan import describe_plan
+    from anncli.plan import describe_plan, plan_split
     from anncli.train import TrainOptions, run_training
 
     opts = TrainOptions(recipe_path=str(recipe), work_dir=work_dir, resume=resume, init_from=init_from)
     describe = functools.partial(describe_plan, r, opts) if dry_run else None
-    _start(launch, functools.partial(run_training, r, opts), describe)
+    _start(launch, functools.partial(run_training, r, opts), describe, functools.partial(plan_split, r, opts))
 
 
 @app.command("eval")

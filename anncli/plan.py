@@ -61,15 +61,23 @@ def lr_at(step: int, base_lr: float, recipe: Recipe) -> float:
     return lr
 
 
+def plan_split(recipe: Recipe, opts, plan):
+    """(split, checkpoint to resume or None) of a launch plan, before any process starts: a world that
+    cannot keep the checkpoint's effective batch is refused here in one line (`opts`: train.TrainOptions)."""
+    from anncli.checkpoint import default_work_dir, resolve_resume, saved_effective_batch
+
+    resume = resolve_resume(opts.resume, opts.work_dir or default_work_dir(recipe))
+    return run_split(recipe, plan.world_size, saved_effective_batch(resume) if resume else None), resume
+
+
 def describe_plan(recipe: Recipe, opts, plan) -> None:
     """Print the resolved recipe and what `ann train` would do with it (`opts`: train.TrainOptions)."""
-    from anncli.checkpoint import default_work_dir, resolve_resume, saved_effective_batch
+    from anncli.checkpoint import default_work_dir
 
     t = recipe.train
     world = plan.world_size
     work_dir = opts.work_dir or default_work_dir(recipe)
-    resume = resolve_resume(opts.resume, work_dir)
-    split = run_split(recipe, world, saved_effective_batch(resume) if resume else None)
+    split, resume = plan_split(recipe, opts, plan)
     _, how = scaled_lr(recipe, world, split.effective_batch)
     lines = [
         recipe_to_yaml(recipe).rstrip(),

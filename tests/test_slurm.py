@@ -25,7 +25,8 @@ ITERS, EVERY = 16, 4
 
 def sets(synth: Path, *extra: str) -> list[str]:
     pairs = [f"train.iters={ITERS}", f"train.checkpoint_every={EVERY}", "train.keep_last=10", "train.batch_size=2",
-             "train.log_every=1", "data.synth.train=64", "data.synth.val=16", f"data.root={synth}", *extra]
+             "train.log_every=1", "train.trace_samples=true", "data.synth.train=64", "data.synth.val=16",
+             f"data.root={synth}", *extra]
     return [a for p in pairs for a in ("--set", p)]
 
 
@@ -143,3 +144,38 @@ def test_preempted_job_saves_requeues_resumes_and_matches_an_uninterrupted_run(s
     assert got.keys() == want.keys()
     for key in want:
         torch.testing.assert_close(got[key], want[key], rtol=0, atol=1e-6, msg=key)
+
+
+def traces(run: Path) -> dict[int, str]:
+    """The last sample trace of every step (a step re-run after a preemption is logged twice)."""
+    events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
+    return {e["step"]: e["samples_sha256"] for e in events if e["event"] == "step"}
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_job_preempted_on_two_nodes_finishes_on_one_with_the_same_samples(slurm_cluster, workspace, synth, ddp_run):
+    run = workspace / "runs" / "elastic-demo"
+    job = slurm_cluster.sbatch(["-J", "elastic", "--nodes=1-2", *CPU_ONLY, str(TRAIN_SH), str(RECIPE), *sets(synth)],
+                               cwd=workspace, env=job_env())
+    deadline = time.monotonic() + 600
+    while not complete_steps(run):
+        assert time.monotonic() < deadline and slurm_cluster.job(job).get("JobState") in ("PENDING", "RUNNING")
+        time.sleep(0.2)
+    assert slurm_cluster.job(job)["NumNodes"] == "2"
+    # A node leaves the partition while the job runs; the requeued job gets the one that is left.
+    slurm_cluster.run(["scontrol", "update", "NodeName=node2", "State=DRAIN", "Reason=elastic-test"])
+    try:
+        slurm_cluster.run(["scancel", "--signal=TERM", job])
+        info, log = finish(slurm_cluster, job, workspace, timeout=1200)
+    finally:
+        slurm_cluster.run(["scontrol", "update", "NodeName=node2", "State=RESUME"], check=False)
+    assert info["JobState"] == "COMPLETED", f"{info}\n{log[-4000:]}"
+    assert int(info["Restarts"]) == 1 and info["NumNodes"] == "1", log[-4000:]
+    saved = re.search(r"preempted at step (\d+): checkpoint saved", log)
+    assert saved and 0 < int(saved.group(1)) < ITERS, log[-4000:]
+    assert re.search(r"written by 2 ranks; 2 x 1 ranks x 2 accumulation step\(s\) = 4", log), log[-4000:]
+    assert complete_steps(run)[-1] == f"step-{ITERS:06d}"
+    got, want = traces(run), traces(ddp_run)
+    assert sorted(got) == list(range(1, ITERS + 1)) and got == want
+
