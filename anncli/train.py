@@ -130,10 +130,11 @@ def _loop(run: _Run) -> int:
 
 
 def _train_step(run: _Run, step: int) -> StepResult:
-    """One optimizer step over `train.accum_steps` micro-batches with a finite loss.
+    """One optimizer step over the split's accumulation steps, micro-batches with a finite loss.
 
     A micro-batch whose loss is non-finite on any rank is skipped on every rank and counted;
-    `train.max_bad_steps` of them in a row stop the run.
+    `train.max_bad_steps` of them in a row stop the run. `loss.normalize: global` divides by the pixel
+    count of the step's micro-batches, read ahead; a replacement for a skipped one keeps that divisor.
     """
     import torch
 

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from anncli.labels import IGNORE_INDEX
 from anncli.losses import SegLoss, cross_entropy, ohem_cross_entropy
 from anncli.recipe import LossConfig
 
@@ -134,3 +135,28 @@ def test_labels_outside_the_classes_are_named():
     target[0, 0, 0], target[1, 1, 1], target[1, 2, 2] = 19, 254, -1
     with pytest.raises(ValueError, match=r"-1, 19, 254 outside \[0, 4\)"):
         SegLoss(LossConfig(), K)(logits, None, target)
+
+
+def test_global_normalisation_makes_the_gradient_independent_of_the_split():
+    """Two micro-batches of one step with different valid-pixel counts: `global` gives the full batch's
+    pixel-mean gradient, `process` (mean of per-micro-batch means) does not."""
+    from anncli.recipe import LossConfig
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 5, 6, 8)
+    target = torch.randint(0, 5, (4, 6, 8))
+    target[:2, :, :5] = IGNORE_INDEX  # the first half has far fewer valid pixels
+    loss = SegLoss(LossConfig(ohem=False, aux_weight=0.0, normalize="global"), 5)
+
+    def grad(parts, denominator=None):
+        x = logits.clone().requires_grad_(True)
+        total = sum(loss(x[p], None, target[p], denominator)[0] / len(parts) for p in parts)
+        total.backward()
+        return x.grad
+
+    whole = grad([slice(0, 4)])
+    halves = [slice(0, 2), slice(2, 4)]
+    denominator = loss.global_denominator([target[p] for p in halves], world_size=1, device=logits.device)
+    assert float(denominator) == float((target != IGNORE_INDEX).sum()) / 2
+    torch.testing.assert_close(grad(halves, denominator), whole, rtol=1e-5, atol=1e-8)
+    assert not torch.allclose(grad(halves), whole, rtol=1e-3, atol=1e-6)

@@ -150,7 +150,8 @@ def test_deepspeed_zero_trains_checkpoints_and_resumes(tmp_path, synth_root, sta
     res = run_ann(*common, *tiny_overrides(synth_root, **{"train.iters": 4, "train.checkpoint_every": 2}))
     assert res.returncode == 0, res.stderr[-4000:]
     ckpt = run / "checkpoints" / "step-000004"
-    assert (ckpt / "COMPLETE").is_file() and (ckpt / "deepspeed").is_dir() and (ckpt / "model.pt").is_file()
+    assert (ckpt / "COMPLETE").is_file() and (ckpt / "zero.pt").is_file() and (ckpt / "model.pt").is_file()
+    assert not (ckpt / "deepspeed").exists()  # no DeepSpeed checkpoint, nothing unpickled at resume
     res = run_ann(*common, *tiny_overrides(synth_root, **{"train.iters": 6, "train.checkpoint_every": 2}))
     assert res.returncode == 0, res.stderr[-4000:]
     assert [e["step"] for e in _events(run) if e["event"] == "resume"] == [4]
