@@ -156,6 +156,10 @@ def traces(run: Path) -> dict[int, str]:
 @pytest.mark.slow
 def test_a_job_preempted_on_two_nodes_finishes_on_one_with_the_same_samples(slurm_cluster, workspace, synth, ddp_run):
     run = workspace / "runs" / "elastic-demo"
+    deadline = time.monotonic() + 300  # both nodes idle, so that --nodes=1-2 starts on both
+    while slurm_cluster.run(["sinfo", "-h", "-N", "-o", "%t"]).stdout.split() != ["idle", "idle"]:
+        assert time.monotonic() < deadline, slurm_cluster.run(["sinfo", "-N"]).stdout
+        time.sleep(1)
     job = slurm_cluster.sbatch(["-J", "elastic", "--nodes=1-2", *CPU_ONLY, str(TRAIN_SH), str(RECIPE), *sets(synth)],
                                cwd=workspace, env=job_env())
     deadline = time.monotonic() + 600
