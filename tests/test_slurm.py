@@ -156,21 +156,21 @@ def traces(run: Path) -> dict[int, str]:
 @pytest.mark.slow
 def test_a_job_preempted_on_two_nodes_finishes_on_one_with_the_same_samples(slurm_cluster, workspace, synth, ddp_run):
     run = workspace / "runs" / "elastic-demo"
-    deadline = time.monotonic() + 300  # both nodes idle, so that --nodes=1-2 starts on both
-    while slurm_cluster.run(["sinfo", "-h", "-N", "-o", "%t"]).stdout.split() != ["idle", "idle"]:
-        assert time.monotonic() < deadline, slurm_cluster.run(["sinfo", "-N"]).stdout
-        time.sleep(1)
-    job = slurm_cluster.sbatch(["-J", "elastic", "--nodes=1-2", *CPU_ONLY, str(TRAIN_SH), str(RECIPE), *sets(synth)],
-                               cwd=workspace, env=job_env())
+    job = submit(slurm_cluster, workspace, "elastic", TRAIN_SH, str(RECIPE), *sets(synth))  # 2 nodes
     deadline = time.monotonic() + 600
     while not complete_steps(run):
         assert time.monotonic() < deadline and slurm_cluster.job(job).get("JobState") in ("PENDING", "RUNNING")
         time.sleep(0.2)
     assert slurm_cluster.job(job)["NumNodes"] == "2"
-    # A node leaves the partition while the job runs; the requeued job gets the one that is left.
+    # A node leaves while the job runs; the preempted job requeues itself and, allowed 1 to 2 nodes,
+    # comes back on the one that is left.
     slurm_cluster.run(["scontrol", "update", "NodeName=node2", "State=DRAIN", "Reason=elastic-test"])
     try:
         slurm_cluster.run(["scancel", "--signal=TERM", job])
+        while not (slurm_cluster.job(job).get("JobState") == "PENDING" and slurm_cluster.job(job).get("Restarts") == "1"):
+            assert time.monotonic() < deadline + 600, slurm_cluster.job(job)
+            time.sleep(0.2)
+        slurm_cluster.run(["scontrol", "update", f"JobId={job}", "NumNodes=1-2"])
         info, log = finish(slurm_cluster, job, workspace, timeout=1200)
     finally:
         slurm_cluster.run(["scontrol", "update", "NodeName=node2", "State=RESUME"], check=False)
