@@ -162,15 +162,17 @@ def test_a_job_preempted_on_two_nodes_finishes_on_one_with_the_same_samples(slur
         assert time.monotonic() < deadline and slurm_cluster.job(job).get("JobState") in ("PENDING", "RUNNING")
         time.sleep(0.2)
     assert slurm_cluster.job(job)["NumNodes"] == "2"
-    # A node leaves while the job runs; the preempted job requeues itself and, allowed 1 to 2 nodes,
-    # comes back on the one that is left.
+    # A node leaves while the job runs; the preempted job requeues itself and, shrunk to 1 node while it
+    # waits (a --nodes=1-2 range starts on the minimum here, so it could not start on 2), comes back on the
+    # node that is left.
     slurm_cluster.run(["scontrol", "update", "NodeName=node2", "State=DRAIN", "Reason=elastic-test"])
     try:
         slurm_cluster.run(["scancel", "--signal=TERM", job])
         while not (slurm_cluster.job(job).get("JobState") == "PENDING" and slurm_cluster.job(job).get("Restarts") == "1"):
             assert time.monotonic() < deadline + 600, slurm_cluster.job(job)
             time.sleep(0.2)
-        slurm_cluster.run(["scontrol", "update", f"JobId={job}", "NumNodes=1-2"])
+        for change in ("NumTasks=1", "NumCPUs=1", "NumNodes=1"):  # the 2-node job's tasks and CPUs first
+            slurm_cluster.run(["scontrol", "update", f"JobId={job}", change])
         info, log = finish(slurm_cluster, job, workspace, timeout=1200)
     finally:
         slurm_cluster.run(["scontrol", "update", "NodeName=node2", "State=RESUME"], check=False)
