@@ -151,3 +151,27 @@ def test_a_world_that_cannot_keep_the_effective_batch_is_refused_in_one_line(tmp
     assert len(refused.stderr.strip().splitlines()) == 1 and why in refused.stderr
     started = run_ann(*_args(synth_root, run, 3, **{"train.iters": 2}))  # the ranks refuse it the same way
     assert started.returncode == 2 and why in started.stderr and "Traceback" not in started.stderr
+
+
+def test_a_crafted_deepspeed_state_in_a_checkpoint_is_refused_without_running(tmp_path):
+    """DeepSpeedEngine.load reads zero.pt with weights_only: a pickle that runs code is one line, never run."""
+    import pickle
+    from types import SimpleNamespace
+
+    from anncli.engine import DeepSpeedEngine
+    from anncli.errors import UserError
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / DeepSpeedEngine.STATE).write_bytes(pickle.dumps({"format": "ann-zero-full", "x": Evil()}))
+    engine = SimpleNamespace(STATE=DeepSpeedEngine.STATE, model=None, _grad_scaler=lambda: None)
+    with pytest.raises(UserError, match=r"zero\.pt: cannot be read as a plain tensor file"):
+        DeepSpeedEngine.load(engine, tmp_path)
+    assert not marker.exists()
+    (tmp_path / DeepSpeedEngine.STATE).unlink()
+    with pytest.raises(UserError, match="has no DeepSpeed state zero.pt"):
+        DeepSpeedEngine.load(engine, tmp_path)
