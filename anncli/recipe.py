@@ -62,7 +62,7 @@ class SynthConfig(_Section):
 
 
 class DataConfig(_Section):
-    dataset: Literal["cityscapes", "ade20k", "pascal_context", "synth"] = "cityscapes"
+    dataset: Literal["cityscapes", "ade20k", "pascal_context", "voc12aug", "synth"] = "cityscapes"
     root: str = "data/cityscapes"
     train: str = "cityscapes-train-{000000..000029}.tar"
     val: str = "cityscapes-val-{000000..000004}.tar"

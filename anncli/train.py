@@ -24,6 +24,7 @@ class TrainOptions:
     work_dir: Path | None = None
     resume: str = "auto"
     init_from: Path | None = None
+    init_skip: tuple[str, ...] = ()
 
 
 # --- the plan ------------------------------------------------------------------------------------
@@ -115,12 +116,6 @@ def _build_model(recipe: Recipe, info):
     if recipe.model.channels_last and recipe.engine != "deepspeed":
         model = model.to(memory_format=torch.channels_last)
     return model
-
-
-def _load_weights_only(model, path: Path, recipe: Recipe) -> None:
-    from anncli.checkpoint import load_model_for_inference
-
-    model.load_state_dict(load_model_for_inference(path, recipe))
 
 
 # --- checkpoints ----------------------------------------------------------------------------------
@@ -222,7 +217,8 @@ def _train(recipe: Recipe, opts: TrainOptions, info, run_dir: Path, stop: StopFl
     urls = _prepare_data(recipe, info)
     model = _build_model(recipe, info)
     if opts.init_from is not None and resume_from is None:
-        _load_weights_only(model, ck.require_checkpoint(opts.init_from), recipe)
+        from anncli.weights import init_from
+        init_from(model, opts.init_from, recipe, opts.init_skip)
     engine = build_engine(model, recipe, info)
     criterion = SegLoss(recipe.loss, recipe.model.num_classes).to(info.device)
     stream = TrainStream(
