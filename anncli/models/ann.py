@@ -37,7 +37,7 @@ class SegmentationNet(nn.Module):
 
     def __init__(self, backbone: nn.Module, context: nn.Module, classifier: nn.Module, num_classes: int,
                  afnb: nn.Module | None = None, apnb: nn.Module | None = None, aux_head: nn.Module | None = None,
-                 align_corners: bool = True):
+                 align_corners: bool = True, aux_first: bool = True):
         super().__init__()
         self.backbone = backbone
         self.afnb = afnb
@@ -48,10 +48,14 @@ class SegmentationNet(nn.Module):
         self.num_classes = num_classes
         self.aux = aux_head is not None
         self.align_corners = align_corners
+        self.aux_first = aux_first
 
     def forward(self, x: torch.Tensor):
         size = x.shape[-2:]
         *_, c3, c4 = self.backbone(x)
+        aux = None
+        if self.training and self.aux_head is not None and self.aux_first:
+            aux = self.aux_head(c3)  # the official code runs its aux head first: same dropout draws
         y = c4 if self.afnb is None else self.afnb(c3, c4)
         y = self.context(y)
         if self.apnb is not None:
@@ -59,8 +63,9 @@ class SegmentationNet(nn.Module):
         main = upsample_to(self.classifier(y), size, self.align_corners)
         if not self.training:
             return main
-        aux = None if self.aux_head is None else upsample_to(self.aux_head(c3), size, self.align_corners)
-        return main, aux
+        if self.aux_head is not None and aux is None:
+            aux = self.aux_head(c3)  # mmseg: decode head, then auxiliary head
+        return main, None if aux is None else upsample_to(aux, size, self.align_corners)
 
 
 def build_model(cfg: ModelConfig) -> SegmentationNet:

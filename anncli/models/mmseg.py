@@ -7,7 +7,9 @@ It differs from the official network (models/ann.py) where mmseg's `ann_r50-d8.p
 - every conv followed by BN (mmcv ConvModule) has no bias; value and output projections keep theirs;
 - one Dropout2d(0.1) after AFNB and one before the classifier, none inside AFNB / APNB;
 - the aux head is mmseg's FCNHead with one 3x3 conv of 256 channels, Dropout2d(0.1) and a 1x1 classifier;
-- logits are resized to the input with bilinear `align_corners=False` (True in mmseg's 769x769 configs).
+- logits are resized to the input with bilinear `align_corners=False` (True in mmseg's 769x769 configs);
+- in training the aux head runs after the decode head (the official network runs it first), so that
+  with dropout active the same seed draws the same masks as mmseg.
 Module names follow the official variant (backbone, afnb, context, apnb, classifier, aux_head), so
 summaries, checkpoints and `--init-skip classifier` treat both variants alike.
 """
@@ -98,4 +100,4 @@ def build_mmseg_model(cfg: ModelConfig):
             nn.init.normal_(conv.weight, 0, 0.01)
             nn.init.zeros_(conv.bias)
     return SegmentationNet(backbone, context, classifier, k, afnb=afnb, apnb=apnb, aux_head=aux_head,
-                           align_corners=cfg.resolved_align_corners)
+                           align_corners=cfg.resolved_align_corners, aux_first=False)
