@@ -188,6 +188,8 @@ def import_checkpoint(fmt: str, src: Path, out: Path, recipe_path: Path | None =
     if found != fmt:
         raise UserError(f"{src}: looks like a {found} checkpoint, not {fmt}")
     base = load_recipe(recipe_path) if recipe_path is not None else None
+    if base is not None and base.model.variant != fmt:
+        raise UserError(f"--recipe {recipe_path}: model.variant is {base.model.variant}, the file is a {fmt} checkpoint")
     model_cfg = model_config_of(state, fmt, None if base is None else base.model)
     if classes is not None and classes != model_cfg.num_classes:
         raise UserError(f"--classes {classes}: the checkpoint's classifier has {model_cfg.num_classes} classes")

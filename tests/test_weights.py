@@ -196,6 +196,8 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path):
         run_ann("weights", "import", "official", src, "--out", tmp_path / "o"))
     assert "--classes 21" in _one_line_error(run_ann("weights", "import", "mmseg", src, "--out", tmp_path / "c", "--classes", "21"))
     assert "not found" in _one_line_error(run_ann("weights", "inspect", tmp_path / "nope.pth"))
+    assert "model.variant is official, the file is a mmseg checkpoint" in _one_line_error(run_ann(
+        "weights", "import", "mmseg", src, "--out", tmp_path / "v", "--recipe", "recipes/cityscapes.yaml"))
 
 
 class PickledConfig:  # an arbitrary object: a file holding it loads only with weights_only=False
