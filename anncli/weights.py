@@ -64,7 +64,8 @@ def read_state_dict(src: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(src, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - an unreadable file is the user's input
-        raise UserError(f"{src}: not a weights-only torch checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise UserError(f"{src}: not a weights-only torch checkpoint ({type(e).__name__}); "
+                        "files that need full unpickling are never loaded") from None
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -156,6 +157,15 @@ def default_recipe(fmt: str, model: ModelConfig) -> Recipe:
     return Recipe(name=name, model=model, augment=AugmentConfig(**NORMALISATION[fmt]), loss=loss)
 
 
+def _with_model(base: Recipe, model: ModelConfig) -> Recipe:
+    """`base` holding the file's model; class weights of another class count are dropped."""
+    weights = base.loss.class_weights
+    loss = base.loss
+    if weights is not None and len(weights) != model.num_classes:
+        loss = loss.model_copy(update={"class_weights": None})
+    return base.model_copy(update={"model": model, "loss": loss})
+
+
 def _write_dir(out: Path, state: dict[str, torch.Tensor], recipe: Recipe, source: dict) -> Path:
     from anncli import checkpoint as ck
     from anncli.recipe import recipe_to_yaml
@@ -193,12 +203,7 @@ def import_checkpoint(fmt: str, src: Path, out: Path, recipe_path: Path | None =
     model_cfg = model_config_of(state, fmt, None if base is None else base.model)
     if classes is not None and classes != model_cfg.num_classes:
         raise UserError(f"--classes {classes}: the checkpoint's classifier has {model_cfg.num_classes} classes")
-    if base is None:
-        recipe = default_recipe(fmt, model_cfg)
-    else:
-        weights = base.loss.class_weights
-        loss = base.loss if weights is None or len(weights) == model_cfg.num_classes else base.loss.model_copy(update={"class_weights": None})
-        recipe = base.model_copy(update={"model": model_cfg, "loss": loss})
+    recipe = default_recipe(fmt, model_cfg) if base is None else _with_model(base, model_cfg)
     mapped = to_ann(state, fmt)
     with torch.device("meta"):
         net = build_model(recipe.model)
