@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from anncli.cli_weights import weights_app
 from anncli.errors import EXIT_USAGE, UserError
 
 app = typer.Typer(
@@ -31,6 +32,7 @@ app.add_typer(recipe_app, name="recipe")
 app.add_typer(data_app, name="data")
 app.add_typer(model_app, name="model")
 app.add_typer(bench_app, name="bench")
+app.add_typer(weights_app, name="weights")  # anncli/cli_weights.py: `ann weights import|inspect`
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML, e.g. recipes/cityscapes.yaml.")]
 SetOpt = Annotated[
@@ -122,6 +124,7 @@ def train(
     work_dir: WorkDirOpt = None,
     resume: Annotated[str, typer.Option(help="auto (newest complete checkpoint), never, or a checkpoint path.")] = "auto",
     init_from: Annotated[Optional[Path], typer.Option(help="Load model weights only from this checkpoint.")] = None,
+    init_skip: Annotated[Optional[list[str]], typer.Option(help="With --init-from: leave these out (classifier: fine-tune to another class count).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and the launch plan (the exact "
                                                             "torchrun/srun command), then exit.")] = False,
     *,
@@ -132,7 +135,8 @@ def train(
     from anncli.plan import describe_plan
     from anncli.train import TrainOptions, run_training
 
-    opts = TrainOptions(recipe_path=str(recipe), work_dir=work_dir, resume=resume, init_from=init_from)
+    opts = TrainOptions(recipe_path=str(recipe), work_dir=work_dir, resume=resume, init_from=init_from,
+                        init_skip=tuple(init_skip or ()))
     describe = functools.partial(describe_plan, r, opts) if dry_run else None
     _start(launch, functools.partial(run_training, r, opts), describe)
 
@@ -206,10 +210,10 @@ def recipe_show(recipe: RecipeArg, set_: SetOpt = None) -> None:
 
 @data_app.command("pack")
 def data_pack(
-    dataset: Annotated[str, typer.Argument(help="cityscapes, ade20k or pascal-context.")],
+    dataset: Annotated[str, typer.Argument(help="cityscapes, ade20k, pascal-context or voc12aug.")],
     root: Annotated[Path, typer.Argument(help="Dataset root in its official layout.")],
     out: Annotated[Path, typer.Argument(help="Output directory for shards and manifest.")],
-    split: Annotated[str, typer.Option(help="Split to pack (cityscapes train|val|test, ade20k training|validation, pascal-context train|val).")],
+    split: Annotated[str, typer.Option(help="Split to pack (cityscapes train|val|test, ade20k training|validation, pascal-context train|val, voc12aug train|val).")],
     max_samples: Annotated[int, typer.Option(min=1, help="Samples per shard at most.")] = 100,
     max_size: Annotated[float, typer.Option(help="Bytes per shard at most.")] = 1e9,
     skip_missing: Annotated[bool, typer.Option("--skip-missing", help="Skip images without labels instead of failing.")] = False,

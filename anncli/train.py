@@ -27,6 +27,7 @@ class TrainOptions:
     work_dir: Path | None = None
     resume: str = "auto"
     init_from: Path | None = None
+    init_skip: tuple[str, ...] = ()
 
 
 class StopFlag:
@@ -217,7 +218,7 @@ def _set_up(recipe: Recipe, opts: TrainOptions, info, stop: StopFlag) -> _Run:
     """Open the run directory, build model, engine, data and logs, resume or seed: everything the loop uses."""
     import torch
 
-    from anncli.checkpoint import Checkpointer, default_work_dir, load_model_for_inference, restore_rng
+    from anncli.checkpoint import Checkpointer, default_work_dir, restore_rng
     from anncli.distributed import describe_rank
     from anncli.engine import build_engine
     from anncli.losses import SegLoss
@@ -232,7 +233,8 @@ def _set_up(recipe: Recipe, opts: TrainOptions, info, stop: StopFlag) -> _Run:
     urls = _prepare_data(recipe, info)
     model = _build_model(recipe, info)
     if opts.init_from is not None:
-        model.load_state_dict(load_model_for_inference(opts.init_from, recipe))
+        from anncli.weights import init_from
+        init_from(model, opts.init_from, recipe, opts.init_skip)
     engine = build_engine(model, recipe, info)
     criterion = SegLoss(recipe.loss, recipe.model.num_classes).to(info.device)
     stream = _build_stream(recipe, urls, info)

@@ -14,6 +14,11 @@ from torch import nn
 
 from anncli.precision import autocast_off
 
+# Both peers run the shared key/query projection twice per forward (query, then key), so in training
+# its BatchNorm running statistics take two momentum-0.1 steps on the same batch statistics:
+# r <- 0.81 r + 0.19 b. Ours computes the projection once; one step at 0.19 is the same update.
+SHARED_BN_MOMENTUM = 1 - (1 - 0.1) ** 2
+
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """softmax(q·kᵀ / sqrt(Ck)) · v in float32; query (B,N,Ck), key (B,S,Ck), value (B,S,Cv) -> (B,N,Cv).
@@ -59,6 +64,8 @@ class AttentionBranch(nn.Module):
         super().__init__()
         self.f_key = conv_bn_relu(key_in, key_channels)
         self.f_query = None if query_channels is None else conv_bn_relu(query_channels, key_channels)
+        if self.f_query is None:
+            self.f_key[1].momentum = SHARED_BN_MOMENTUM
         self.f_value = nn.Conv2d(key_in, value_channels, 1)
         self.sampler = None if sizes is None else AnchorSampler(sizes, mode)
         self.W = nn.Conv2d(value_channels, out_channels, 1)
