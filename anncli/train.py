@@ -229,6 +229,7 @@ def _train(recipe: Recipe, opts: TrainOptions, info, run_dir: Path, stop: StopFl
         urls, augment=recipe.augment, batch_size=t.batch_size, seed=t.seed, rank=info.rank,
         world_size=info.world_size, num_workers=recipe.data.num_workers,
         shuffle_buffer=recipe.data.shuffle_buffer, max_skip_fraction=recipe.data.max_skip_fraction,
+        pin_memory=info.device.type == "cuda",
     )
     counters = {"bad_steps_total": 0}
     start = 0
@@ -317,18 +318,16 @@ def _train_step(engine, batches, criterion, recipe: Recipe, info, step: int, met
     A micro-batch whose loss is non-finite on any rank is skipped on every rank and counted;
     `train.max_bad_steps` of them in a row stop the run.
     """
-    import torch
-
     from anncli.checkpoint import latest_checkpoint
+    from anncli.data.transforms import normalize_batch
 
-    t = recipe.train
+    t, a = recipe.train, recipe.augment
     good = 0
     while good < t.accum_steps:
         batch = next(batches)
-        images = batch["image"].to(info.device, non_blocking=True)
-        if recipe.model.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        labels = batch["label"].to(info.device, non_blocking=True)
+        images = normalize_batch(batch["image"].to(info.device, non_blocking=True), a.mean, a.std, a.bgr,
+                                 recipe.model.channels_last)
+        labels = batch["label"].to(info.device, non_blocking=True).long()
         stats, finite = engine.micro_step(images, labels, criterion, boundary=good + 1 == t.accum_steps)
         meter.images += images.shape[0] * info.world_size
         if finite:
