@@ -1,9 +1,10 @@
 """Before/after of the exact attention savings, in one run, interleaved: pool-then-project and SDPA.
 
 Variants (all the same weights and inputs):
-- `before`: the literal value path (1x1 projection of every position, then pooling) and the explicit
-  softmax(q·kᵀ)·v, i.e. the blocks as they were before pool-then-project;
-- `after`: the value path pools first and projects the 110 anchors, explicit attention;
+- `before`: the literal value path (1x1 projection of every position, then pooling), torch's adaptive
+  pools and the explicit softmax(q·kᵀ)·v, i.e. the blocks as they were before pool-then-project;
+- `after`: the value path pools first (separable matmul pooling) and projects the 110 anchors,
+  explicit attention;
 - `after_sdpa`: as `after`, with `model.attention: sdpa`.
 
 Part `blocks`: `ann bench attention`'s comparison at 128×256, C = 2048 (eval, no_grad, fp32): the plain
@@ -44,6 +45,7 @@ def set_variant(module: nn.Module, variant: str) -> nn.Module:
     for m in module.modules():
         if isinstance(m, AttentionBranch) and m.sampler is not None:
             m.pool_first, m.impl = pool_first, impl
+            m.sampler.separable = pool_first
     return module
 
 

@@ -40,6 +40,8 @@ def _set(module: nn.Module, pool_first: bool | None = None, impl: str | None = N
     for m in _branches(module):
         if pool_first is not None:
             m.pool_first = pool_first
+            if m.sampler is not None:
+                m.sampler.separable = pool_first and m.sampler.mode == "avg"
         if impl is not None and m.sampler is not None:
             m.impl = impl
     return module
@@ -49,8 +51,14 @@ def test_pool_then_project_equals_project_then_pool():
     torch.manual_seed(0)
     x = torch.randn(2, 48, 23, 37)  # sizes that do not divide: overlapping adaptive bins
     conv, sampler = nn.Conv2d(48, 20, 1), AnchorSampler((1, 3, 6, 8))
+    adaptive = AnchorSampler((1, 3, 6, 8))
+    adaptive.separable = False
     with torch.no_grad():
-        assert _close(pool_then_project(x, conv, sampler), sampler(conv(x)))
+        assert _close(pool_then_project(x, conv, sampler), adaptive(conv(x)))
+        assert _close(sampler(x), adaptive(x))  # separable matmul pooling = torch's adaptive pools
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = sampler(x.bfloat16())
+        assert low.dtype == torch.bfloat16 and _close(low.float(), adaptive(x.bfloat16().float()), 1e-2)
     with pytest.raises(ValueError, match="1x1"):
         pool_then_project(x, nn.Conv2d(48, 20, 3, padding=1), sampler)
 

@@ -20,9 +20,12 @@ def conv_flops(c: int, n: int) -> int:
 def test_flops_follow_the_layer_shapes(h, w):
     c, n, s = 16, h * w, 110
     assert count_flops("nonlocal", c, (h, w)) == conv_flops(c, n) + 2 * n * n * (CK + CV)
-    # APNB pools before its value projection: f_value runs on the s anchors, not the n positions
+    # APNB pools before its value projection: f_value runs on the s anchors, not the n positions;
+    # pooling is two matmuls: (W, 18) column-bin means, then (s, H) row-bin means per level
     value_saved = 2 * (n - s) * c * CV
-    assert count_flops("apnb", c, (h, w)) == conv_flops(c, n) - value_saved + 2 * n * s * (CK + CV)
+    pool = lambda ch: 2 * ch * (n * 18 + h * s)  # noqa: E731
+    assert count_flops("apnb", c, (h, w)) == (conv_flops(c, n) - value_saved + 2 * n * s * (CK + CV)
+                                              + pool(CK) + pool(c))
 
 
 def test_paper_sizes_give_the_expected_flop_ratio():
