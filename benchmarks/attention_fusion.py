@@ -107,7 +107,7 @@ def blocks_part(rounds: int, channels: int, size) -> dict:
             "ratios_nl_over_apnb": ratios}
 
 
-def network_part(rounds: int, size: int) -> dict:
+def network_part(rounds: int, size: int, eval_rounds: int) -> dict:
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone="resnet101", num_classes=19, norm="bn"))
     x = torch.randn(1, 3, size, size)
@@ -129,13 +129,14 @@ def network_part(rounds: int, size: int) -> dict:
         return run
 
     train = interleaved({v: train_step(v) for v in VARIANTS}, rounds)
-    evals = interleaved({v: eval_forward(v) for v in VARIANTS}, rounds)
-    before_train, before_eval = train["before"]["median_ms"], evals["before"]["median_ms"]
-    return {"model": "ANN-R101, aux, 19 classes, plain BN", "input": f"1x3x{size}x{size}",
-            "train_step": train, "eval_forward": evals,
-            "speedup_over_before": {v: {"train_step": round(before_train / train[v]["median_ms"], 3),
-                                        "eval_forward": round(before_eval / evals[v]["median_ms"], 3)}
-                                    for v in VARIANTS}}
+    out = {"model": "ANN-R101, aux, 19 classes, plain BN", "input": f"1x3x{size}x{size}", "train_step": train,
+           "speedup_over_before": {v: {"train_step": round(train["before"]["median_ms"] / train[v]["median_ms"], 3)}
+                                   for v in VARIANTS}}
+    if eval_rounds:
+        evals = out["eval_forward"] = interleaved({v: eval_forward(v) for v in VARIANTS}, eval_rounds)
+        for v in VARIANTS:
+            out["speedup_over_before"][v]["eval_forward"] = round(evals["before"]["median_ms"] / evals[v]["median_ms"], 3)
+    return out
 
 
 def main() -> None:
@@ -143,6 +144,7 @@ def main() -> None:
     p.add_argument("--part", choices=("all", "blocks", "network"), default="all")
     p.add_argument("--rounds", type=int, default=3, help="timed rounds of the block comparison")
     p.add_argument("--net-rounds", type=int, default=6, help="timed rounds of the network step")
+    p.add_argument("--net-eval-rounds", type=int, default=6, help="timed rounds of the eval forward (0: none)")
     p.add_argument("--channels", type=int, default=2048)
     p.add_argument("--size", default="128x256")
     p.add_argument("--net-size", type=int, default=257)
@@ -153,7 +155,7 @@ def main() -> None:
               "cpus": os.cpu_count(), "load_avg_1min_at_start": round(os.getloadavg()[0], 2),
               "variants": {v: {"pool_first": pf, "attention": impl} for v, (pf, impl) in VARIANTS.items()}}
     if args.part in ("all", "network"):
-        result["network"] = network_part(args.net_rounds, args.net_size)
+        result["network"] = network_part(args.net_rounds, args.net_size, args.net_eval_rounds)
         print(json.dumps(result["network"]["speedup_over_before"]), flush=True)
     if args.part in ("all", "blocks"):
         result["blocks"] = blocks_part(args.rounds, args.channels, (h, w))
