@@ -43,5 +43,12 @@ bench: $(STAMP)
 	$(PY) benchmarks/cli_startup.py
 	$(ANN) bench attention --json benchmarks/results/attention.json
 
+# On a machine with one CUDA GPU: attention, ANN-R101 training (fp32 vs bf16 + channels_last), slide-eval
+# memory and `pytest -m gpu`, written to benchmarks/results/gpu-<device>.json (under 8 minutes).
+# Without CUDA it says so in one line and exits with 2.
+.PHONY: gpu-check
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
+
 clean:
 	rm -rf $(VENV) runs data/synth

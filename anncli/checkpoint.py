@@ -25,7 +25,7 @@ from anncli.recipe import Recipe, recipe_to_yaml
 COMPLETE = "COMPLETE"
 STEP_PREFIX = "step-"
 # Model settings that do not change the weights' meaning, so a checkpoint may be loaded across them.
-_MODEL_KEYS_IGNORED = {"norm", "pretrained", "channels_last"}
+_MODEL_KEYS_IGNORED = {"norm", "pretrained", "channels_last", "attention"}
 
 
 def default_work_dir(recipe: Recipe) -> Path:

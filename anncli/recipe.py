@@ -35,6 +35,7 @@ class ModelConfig(_Section):
     value_channels: int = Field(256, ge=1)
     psp_sizes: list[int] = Field(default_factory=lambda: [1, 3, 6, 8], min_length=1)
     psp_pool: Literal["avg", "max"] = "avg"
+    attention: Literal["explicit", "sdpa"] = "explicit"
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     pretrained: Optional[str] = None
     channels_last: bool = False

@@ -86,7 +86,7 @@ def build_model(cfg: ModelConfig) -> SegmentationNet:
         context = nn.Sequential(conv3x3_bn_relu(c4, width), nn.Dropout2d(cfg.dropout))
         return SegmentationNet(backbone, context, nn.Conv2d(width, k, 1), k, aux_head=aux_head)
     sizes = None if cfg.name == "nonlocal" else cfg.psp_sizes
-    afnb = AFNB(c3, c4, c4, cfg.key_channels, cfg.value_channels, cfg.dropout, sizes, cfg.psp_pool)
-    apnb = APNB(width, width, cfg.key_channels, cfg.value_channels, cfg.dropout, sizes, cfg.psp_pool)
+    afnb = AFNB(c3, c4, c4, cfg.key_channels, cfg.value_channels, cfg.dropout, sizes, cfg.psp_pool, cfg.attention)
+    apnb = APNB(width, width, cfg.key_channels, cfg.value_channels, cfg.dropout, sizes, cfg.psp_pool, cfg.attention)
     return SegmentationNet(backbone, conv3x3_bn_relu(c4, width), nn.Conv2d(width, k, 1), k,
                            afnb=afnb, apnb=apnb, aux_head=aux_head, align_corners=cfg.resolved_align_corners)

@@ -88,8 +88,10 @@ def build_mmseg_model(cfg: ModelConfig):
         load_backbone_weights(backbone, cfg.pretrained)
     c3, c4, width, k = 1024, 2048, 512, cfg.num_classes
     sizes = None if cfg.name == "nonlocal" else cfg.psp_sizes
-    afnb = _mmseg_attention(AFNB(c3, c4, c4, cfg.key_channels, cfg.value_channels, 0.0, sizes, cfg.psp_pool))
-    apnb = _mmseg_attention(APNB(width, width, cfg.key_channels, cfg.value_channels, 0.0, sizes, cfg.psp_pool))
+    afnb = _mmseg_attention(AFNB(c3, c4, c4, cfg.key_channels, cfg.value_channels, 0.0, sizes, cfg.psp_pool,
+                                 cfg.attention))
+    apnb = _mmseg_attention(APNB(width, width, cfg.key_channels, cfg.value_channels, 0.0, sizes, cfg.psp_pool,
+                                 cfg.attention))
     context = nn.Sequential(nn.Dropout2d(cfg.dropout), *conv_bn_relu(c4, width, kernel=3))
     classifier = nn.Sequential(nn.Dropout2d(cfg.dropout), nn.Conv2d(width, k, 1))
     aux_head = None
