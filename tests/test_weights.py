@@ -95,6 +95,17 @@ def test_parameter_counts_match_mmseg_and_the_fixture_key_lists():
         assert sum(b.numel() for b in ours.buffers()) == buffers
 
 
+def literal_first(model) -> None:
+    """Switch every attention block to the literal value path: 1x1 projection at full size, then pooling."""
+    from anncli.models.attention import AttentionBranch
+
+    for m in model.modules():
+        if isinstance(m, AttentionBranch):
+            m.pool_first = False
+            if m.sampler is not None:
+                m.sampler.separable = False
+
+
 @pytest.mark.parametrize("fmt", ["official", "mmseg"])
 def test_imported_weights_reproduce_the_peer_outputs(imported, fmt):
     fx = fixture(fmt)
@@ -116,7 +127,15 @@ def test_imported_weights_reproduce_the_peer_outputs(imported, fmt):
     diff = (main - fx["outputs"]["main"]).abs().max().item()
     assert diff <= 1e-4
     if fmt == "official":
-        assert diff == 0.0  # the ported official network is bit for bit the official code
+        # With the literal value path (project, then pool) the ported network is the official code bit for
+        # bit; the default pool-first path differs from it by float rounding only (checked above).
+        literal_first(model)
+        torch.set_num_threads(1)
+        try:
+            with torch.no_grad():
+                assert (model(fx["input"]) - fx["outputs"]["main"]).abs().max().item() == 0.0
+        finally:
+            torch.set_num_threads(threads)
         aux_full = upsample_to(aux, fx["input"].shape[-2:], align_corners=True)
         assert (aux_full - fx["outputs"]["aux"]).abs().max().item() == 0.0
     else:
