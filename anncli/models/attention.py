@@ -8,6 +8,7 @@ autocast off, whatever the input dtype, so that bf16/fp16 training stays stable.
 from __future__ import annotations
 
 import contextlib
+from contextvars import ContextVar
 from typing import Sequence
 
 import torch
@@ -20,6 +21,20 @@ def autocast_off(device: torch.device):
     return contextlib.nullcontext()  # e.g. the meta device, used to count FLOPs and shapes
 
 
+_CAPTURED: ContextVar[list | None] = ContextVar("ann_captured_attention", default=None)
+
+
+@contextlib.contextmanager
+def capture_attention():
+    """Inside the block, every `attend` call appends its softmax weights (B, N, S) to the yielded list."""
+    maps: list[torch.Tensor] = []
+    token = _CAPTURED.set(maps)
+    try:
+        yield maps
+    finally:
+        _CAPTURED.reset(token)
+
+
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """softmax(q·kᵀ / sqrt(Ck)) · v in float32; query (B,N,Ck), key (B,S,Ck), value (B,S,Cv) -> (B,N,Cv).
 
@@ -28,6 +43,8 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch
     with autocast_off(query.device):
         q = query.float() * query.shape[-1] ** -0.5
         sim = torch.softmax(torch.matmul(q, key.float().transpose(1, 2)), dim=-1)
+        if (captured := _CAPTURED.get()) is not None:
+            captured.append(sim.detach())
         out = torch.matmul(sim, value.float())
     return out.to(value.dtype)
 
