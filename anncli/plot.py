@@ -64,7 +64,8 @@ def plot_curves(runs: list[Path], out: Path) -> dict[str, dict[str, int]]:
     data = {_label(run): read_events(run) for run in runs}
     if len(data) != len(runs):
         raise UserError("two runs have the same directory name; the legend could not tell them apart")
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(4.0 * len(CURVES), 3.4))
+    fig, grid = plt.subplots(2, 3, figsize=(13.0, 6.8))
+    axes, legend_ax = grid.ravel()[: len(CURVES)], grid.ravel()[-1]
     for ax, (name, title) in zip(axes, CURVES):
         for label, series in data.items():
             points = sorted(series[name].items())
@@ -78,7 +79,9 @@ def plot_curves(runs: list[Path], out: Path) -> dict[str, dict[str, int]]:
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-    axes[0].legend()
+    legend_ax.set_axis_off()
+    handles, labels = axes[0].get_legend_handles_labels()
+    legend_ax.legend(handles, labels, loc="center", title="run", fontsize=11)
     fig.tight_layout()
     _save(fig, out, plt)
     return {name: {label: len(series[name]) for label, series in data.items()} for name, _ in CURVES}

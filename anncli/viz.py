@@ -67,12 +67,19 @@ def anchor_density(weights: torch.Tensor, sizes, feat_hw: tuple[int, int]) -> to
     return out
 
 
+def _nearest_cells(pixels: int, cells: int) -> torch.Tensor:
+    """The feature cell of each pixel, with the network's own alignment (align_corners=True upsampling)."""
+    if pixels == 1 or cells == 1:
+        return torch.zeros(pixels, dtype=torch.long)
+    return torch.round(torch.arange(pixels, dtype=torch.float64) * (cells - 1) / (pixels - 1)).long()
+
+
 def _to_image(density: torch.Tensor, padded_hw: tuple[int, int], image_hw: tuple[int, int]) -> np.ndarray:
-    """Feature-grid density -> density per image pixel (each cell's mass spread over its pixels)."""
+    """Feature-grid density -> density per image pixel: each cell's mass spread over the pixels it owns."""
     h, w = density.shape[-2:]
-    ph, pw = padded_hw
-    up = F.interpolate(density[None], size=padded_hw, mode="nearest")[0]
-    up = up * (h * w) / (ph * pw)
+    rows, cols = _nearest_cells(padded_hw[0], h), _nearest_cells(padded_hw[1], w)
+    area = torch.bincount(rows, minlength=h)[rows, None] * torch.bincount(cols, minlength=w)[None, cols]
+    up = density[:, rows][:, :, cols] / area
     return up[:, : image_hw[0], : image_hw[1]].numpy()
 
 
@@ -111,7 +118,7 @@ def attention_maps(model, image: np.ndarray, pixel: tuple[int, int], protocol, d
     density = {}
     for name, sim in zip(order, maps):
         (qh, qw), key_hw = shapes[name]
-        qy, qx = pixel[0] * qh // x.shape[-2], pixel[1] * qw // x.shape[-1]
+        qy, qx = int(_nearest_cells(x.shape[-2], qh)[pixel[0]]), int(_nearest_cells(x.shape[-1], qw)[pixel[1]])
         grid = anchor_density(sim[0, qy * qw + qx].cpu(), sizes, tuple(key_hw))
         density[name] = _to_image(grid, tuple(x.shape[-2:]), (height, width))
     prediction = logits[0, :, :height, :width].argmax(0).cpu().numpy()

@@ -32,10 +32,10 @@ def test_anchor_density_spreads_each_weight_over_its_cells():
     weights = torch.zeros(110)
     weights[1 + 4] = 0.6  # the middle cell of the 3x3 grid
     weights[0] = 0.4  # the global anchor
-    density = anchor_density(weights, SIZES, (8, 16))
-    assert density.shape == (4, 8, 16)
+    density = anchor_density(weights, SIZES, (9, 17))
+    assert density.shape == (4, 9, 17)
     assert float(density[0].sum()) == pytest.approx(0.4) and float(density[1].sum()) == pytest.approx(0.6)
-    rows, cols = _bins(8, 3)[1], _bins(16, 3)[1]
+    rows, cols = _bins(9, 3)[1], _bins(17, 3)[1]
     middle = density[1, rows[0]:rows[1], cols[0]:cols[1]]
     assert torch.allclose(middle, torch.full_like(middle, 0.6 / middle.numel()))
     assert float(density[1].sum() - middle.sum()) == pytest.approx(0.0) and float(density[2:].abs().sum()) == 0.0
@@ -51,9 +51,10 @@ def test_capture_records_one_softmax_per_block():
     _, model = _demo_model()
     with torch.no_grad(), capture_attention() as maps:
         model(torch.randn(1, 3, 64, 128))
-    assert [tuple(m.shape) for m in maps] == [(1, 128, 110), (1, 128, 110)]
+    # The small backbone maps 64x128 to 9x17 positions, each attending to 110 anchors.
+    assert [tuple(m.shape) for m in maps] == [(1, 153, 110), (1, 153, 110)]
     for m in maps:
-        assert torch.allclose(m.sum(-1), torch.ones(1, 128))
+        assert torch.allclose(m.sum(-1), torch.ones(1, 153))
     with torch.no_grad():
         model(torch.randn(1, 3, 64, 128))
     assert len(maps) == 2  # nothing is recorded outside the block
