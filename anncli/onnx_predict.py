@@ -81,7 +81,7 @@ class OnnxSegmenter:
         return self.logits(image).argmax(axis=0).astype(np.uint8)
 
 
-def _read_rgb(path: Path) -> np.ndarray:
+def read_rgb(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as img:
             return np.asarray(img.convert("RGB"))
@@ -111,7 +111,7 @@ def run_onnx_predict(images, model: Path, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for path in paths:
-        image = _read_rgb(path)
+        image = read_rgb(path)
         written += write_outputs(out, path.stem, image, segmenter.labels(image), segmenter.palette)
     print(f"{len(paths)} image(s) segmented with {model} (onnxruntime CPU) into {out}")
     return written

@@ -170,14 +170,15 @@ def run_viz_attention(checkpoint: Path, image_path: Path, pixel: str, out: Path,
                       overrides=()) -> AttentionMaps:
     """`ann viz attention`: load, run once, draw `out`, and print where the pixel looks most."""
     from anncli.checkpoint import checkpoint_recipe
-    from anncli.evaluate import _read_rgb, class_palette, load_model
+    from anncli.evaluate import class_palette, load_model
     from anncli.inference import resolve_protocol
+    from anncli.onnx_predict import read_rgb
     from anncli.plot import pyplot
     from anncli.recipe import load_recipe
 
     pyplot()  # fail early, before loading anything, when matplotlib is missing
     recipe = load_recipe(recipe_path or checkpoint_recipe(Path(checkpoint)), list(overrides))
-    image = _read_rgb(Path(image_path))
+    image = read_rgb(Path(image_path))
     yx = parse_pixel(pixel, *image.shape[:2])
     device = torch.device("cpu")
     model = load_model(recipe, Path(checkpoint), device)
