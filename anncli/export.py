@@ -10,6 +10,7 @@ maximum absolute difference above 1e-3 fails the export.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import warnings
@@ -172,17 +173,19 @@ def run_export(checkpoint: Path, fmt: str, out: Path, size: Optional[str] = None
     h, w = parse_hw(size, "--size") if size else tuple(recipe.augment.crop)
     aug = recipe.augment
     module = Exported(load_model(recipe, Path(checkpoint), torch.device("cpu")), aug.mean, aug.std, aug.bgr).eval()
-    if dynamic:
-        make_shape_free(module.model)
+    traced = module
+    if dynamic:  # export a copy with shape-free pooling; parity is checked against the untouched model
+        traced = copy.deepcopy(module)
+        make_shape_free(traced.model)
     example = torch.zeros(2 if dynamic else 1, 3, h, w)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = metadata(recipe, Path(checkpoint))
     try:
         if fmt == "onnx":
-            export_onnx(module, example, out, dynamic, meta)
+            export_onnx(traced, example, out, dynamic, meta)
         else:
-            export_torchscript(module, example, out, meta)
+            export_torchscript(traced, example, out, meta)
     except UserError:
         raise
     except Exception as e:
