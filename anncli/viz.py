@@ -30,6 +30,7 @@ class AttentionMaps:
     pixel: tuple[int, int]
     sizes: tuple[int, ...]
     density: dict[str, np.ndarray]
+    shares: dict[str, list[float]]  # per block, the softmax weight of each scale's anchors (sums to 1)
 
 
 def parse_pixel(text: str, height: int, width: int) -> tuple[int, int]:
@@ -75,11 +76,17 @@ def _nearest_cells(pixels: int, cells: int) -> torch.Tensor:
 
 
 def _to_image(density: torch.Tensor, padded_hw: tuple[int, int], image_hw: tuple[int, int]) -> np.ndarray:
-    """Feature-grid density -> density per image pixel: each cell's mass spread over the pixels it owns."""
+    """Feature-grid density -> density per image pixel.
+
+    A cell's mass is spread over the area of one cell pitch around its centre; a cell centred on the
+    border has part of that area outside the image, so a map sums to slightly less than its mass.
+    """
     h, w = density.shape[-2:]
-    rows, cols = _nearest_cells(padded_hw[0], h), _nearest_cells(padded_hw[1], w)
-    area = torch.bincount(rows, minlength=h)[rows, None] * torch.bincount(cols, minlength=w)[None, cols]
-    up = density[:, rows][:, :, cols] / area
+    (ph, pw), pitch = padded_hw, 1.0
+    for pixels, cells in ((ph, h), (pw, w)):
+        pitch *= (pixels - 1) / (cells - 1) if pixels > 1 and cells > 1 else pixels / cells
+    rows, cols = _nearest_cells(ph, h), _nearest_cells(pw, w)
+    up = density[:, rows][:, :, cols] / pitch
     return up[:, : image_hw[0], : image_hw[1]].numpy()
 
 
@@ -115,14 +122,17 @@ def attention_maps(model, image: np.ndarray, pixel: tuple[int, int], protocol, d
     if len(maps) != len(blocks):
         raise UserError(f"expected {len(blocks)} attention maps, captured {len(maps)}")
     order = [n for n in ("afnb", "apnb") if n in blocks]  # the network runs AFNB first
-    density = {}
+    density, shares = {}, {}
     for name, sim in zip(order, maps):
         (qh, qw), key_hw = shapes[name]
         qy, qx = int(_nearest_cells(x.shape[-2], qh)[pixel[0]]), int(_nearest_cells(x.shape[-1], qw)[pixel[1]])
-        grid = anchor_density(sim[0, qy * qw + qx].cpu(), sizes, tuple(key_hw))
+        weights = sim[0, qy * qw + qx].cpu()
+        grid = anchor_density(weights, sizes, tuple(key_hw))
+        shares[name] = [float(v) for v in grid.flatten(1).sum(1)]
         density[name] = _to_image(grid, tuple(x.shape[-2:]), (height, width))
     prediction = logits[0, :, :height, :width].argmax(0).cpu().numpy()
-    return AttentionMaps(image=image, prediction=prediction, pixel=pixel, sizes=tuple(sizes), density=density)
+    return AttentionMaps(image=image, prediction=prediction, pixel=pixel, sizes=tuple(sizes), density=density,
+                         shares=shares)
 
 
 def region_ratio(density: np.ndarray, region: np.ndarray) -> float:
@@ -149,13 +159,14 @@ def draw(maps: AttentionMaps, palette: np.ndarray, out: Path, title: str) -> Non
     axes[0, 1].set_title("prediction")
     for row, name in enumerate(names, start=1):
         dens = maps.density[name]
-        panels = [(f"{name.upper()} {s}×{s}", dens[k]) for k, s in enumerate(maps.sizes)]
-        panels.append((f"{name.upper()} all scales", dens.sum(axis=0)))
-        for col, (label, d) in enumerate(panels):
+        share = maps.shares[name]
+        panels = [(f"{name.upper()} {s}×{s}", dens[k], share[k]) for k, s in enumerate(maps.sizes)]
+        panels.append((f"{name.upper()} all scales", dens.sum(axis=0), sum(share)))
+        for col, (label, d, weight) in enumerate(panels):
             ax = axes[row, col]
             ax.imshow(maps.image, alpha=0.45)
             ax.imshow(d, cmap="magma", alpha=0.65)
-            ax.set_title(f"{label} ({d.sum():.0%})", fontsize=9)
+            ax.set_title(f"{label} (weight {weight:.0%})", fontsize=9)
     for ax in axes.ravel():
         if ax.images:
             ax.plot([x], [y], marker="+", color="cyan", markersize=12, mew=2)
@@ -188,7 +199,7 @@ def run_viz_attention(checkpoint: Path, image_path: Path, pixel: str, out: Path,
         if name in maps.density:
             total = maps.density[name].sum(axis=0)
             py, px = np.unravel_index(int(total.argmax()), total.shape)
-            share = ", ".join(f"{s}×{s} {d.sum():.0%}" for s, d in zip(maps.sizes, maps.density[name]))
+            share = ", ".join(f"{s}×{s} {w:.0%}" for s, w in zip(maps.sizes, maps.shares[name]))
             print(f"{name.upper()}: densest at (y={py}, x={px}); weight per scale: {share}")
     print(f"wrote {out}")
     return maps
