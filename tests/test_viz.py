@@ -97,7 +97,11 @@ def test_cli_draws_the_picture_and_refuses_a_pixel_outside(tmp_path, synth_root)
 @pytest.mark.slow
 def test_a_trained_demo_square_pixel_attends_to_the_key(tmp_path):
     """A shortened demo (batch 8, 200 iterations, about 2 minutes on 2 quiet cores), then 12 fresh images:
-    from the middle of a grey square, AFNB's attention per unit area is higher on the key than elsewhere."""
+    from the middle of a grey square, attention per unit area is higher on the key than elsewhere.
+
+    Which block looks at the key depends on the training: the full demo's AFNB does on every image (README);
+    this shorter run has AFNB look at keys on the right and APNB at keys on the left. So the test asks it
+    of at least one block per image, and of AFNB on most images."""
     sets = tiny_overrides(tmp_path / "synth", **{"data.synth.train": 1024, "data.synth.val": 16,
                                                   "data.synth.size": "[64, 128]", "augment.crop": "[64, 128]",
                                                   "train.batch_size": 8, "train.iters": 200,
@@ -120,4 +124,5 @@ def test_a_trained_demo_square_pixel_attends_to_the_key(tmp_path):
         for name in ratios:
             ratios[name].append(region_ratio(maps.density[name], label == KEY_CLASS))
     print("key / rest attention per unit area:", {k: [round(r, 2) for r in v] for k, v in ratios.items()})
-    assert sum(r > 1 for r in ratios["afnb"]) >= 9, ratios
+    assert all(max(a, b) > 2 for a, b in zip(ratios["afnb"], ratios["apnb"])), ratios
+    assert sum(r > 2 for r in ratios["afnb"]) >= 6, ratios
