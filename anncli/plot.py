@@ -118,11 +118,12 @@ def plot_classes(files: list[Path], out: Path) -> dict[str, list[float]]:
         xs = [c + (i - (len(reports) - 1) / 2) * width for c in range(len(names))]
         ax.bar(xs, [0.0 if math.isnan(v) else v for v in ious], width, label=label)
         drawn[label] = ious
-    ax.set_xticks(range(len(names)), names, rotation=45 if len(names) > 8 else 0, ha="right" if len(names) > 8 else "center")
+    crowded = sum(len(n) for n in names) > 6 * len(names)
+    ax.set_xticks(range(len(names)), names, rotation=30 if crowded else 0, ha="right" if crowded else "center")
     ax.set_ylabel("IoU (%)")
     ax.set_ylim(0, 100)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(len(reports), 3), frameon=False)
     fig.tight_layout()
     _save(fig, out, plt)
     return drawn
