@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from anncli import cli_tools
 from anncli.cli_weights import weights_app
 from anncli.errors import EXIT_USAGE, UserError
 
@@ -177,8 +178,9 @@ def eval_(
 @app.command()
 def predict(
     images: Annotated[list[str], typer.Argument(help="Image files, directories or globs.")],
-    checkpoint: Annotated[Path, typer.Option(help="Checkpoint directory.")],
     out: Annotated[Path, typer.Option(help="Output directory.")],
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint directory.")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="An ONNX file from `ann export`, run with onnxruntime on CPU (no torch needed).")] = None,
     recipe: Annotated[Optional[Path], typer.Option(help="Recipe (default: the one saved with the checkpoint).")] = None,
     set_: SetOpt = None,
     multiscale: Annotated[bool, typer.Option("--multiscale", help="Use the recipe's eval.scales.")] = False,
@@ -186,10 +188,25 @@ def predict(
     fmt: Annotated[str, typer.Option("--format", help="trainid, or cityscapes (labelIds for the test server).")] = "trainid",
 ) -> None:
     """Segment images: label-id PNG, colour PNG and overlay per image."""
+    if model is not None:
+        if checkpoint is not None or recipe is not None or set_ or multiscale or flip or fmt != "trainid":
+            _fail("--model runs the exported file as it is: drop --checkpoint, --recipe, --set, --multiscale, --flip and --format")
+        from anncli.onnx_predict import run_onnx_predict
+
+        _run(run_onnx_predict, images, model, out)
+        return
+    if checkpoint is None:
+        _fail("give --checkpoint DIR (or --model FILE.onnx)")
     from anncli.predict import run_predict
 
     _run(run_predict, images=images, checkpoint=checkpoint, out=out, recipe_path=recipe, overrides=set_ or [],
          multiscale=multiscale, flip=flip, fmt=fmt)
+
+
+# plot, viz and export live in cli_tools.py (torch-free too); registered here, after predict.
+app.command()(cli_tools.plot)
+app.command()(cli_tools.export)
+app.add_typer(cli_tools.viz_app, name="viz")
 
 
 @recipe_app.command("validate")

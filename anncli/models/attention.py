@@ -12,7 +12,9 @@ Two exact savings over the literal formulation (both equal to it up to float rou
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from contextvars import ContextVar
 from typing import Sequence
 
 import torch
@@ -29,6 +31,20 @@ ATTENTION_IMPLS = ("explicit", "sdpa")
 SHARED_BN_MOMENTUM = 1 - (1 - 0.1) ** 2
 
 
+_CAPTURED: ContextVar[list | None] = ContextVar("ann_captured_attention", default=None)
+
+
+@contextlib.contextmanager
+def capture_attention():
+    """Inside the block, every `attend` call appends its softmax weights (B, N, S) to the yielded list."""
+    maps: list[torch.Tensor] = []
+    token = _CAPTURED.set(maps)
+    try:
+        yield maps
+    finally:
+        _CAPTURED.reset(token)
+
+
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, impl: str = "explicit") -> torch.Tensor:
     """softmax(q·kᵀ / sqrt(Ck)) · v in float32; query (B,N,Ck), key (B,S,Ck), value (B,S,Cv) -> (B,N,Cv).
 
@@ -40,10 +56,13 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, impl: st
         raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {impl!r}")
     with autocast_off(query.device):
         q, k, v = query.float(), key.float(), value.float()
-        if impl == "sdpa":
+        captured = _CAPTURED.get()
+        if impl == "sdpa" and captured is None:
             out = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
-        else:
+        else:  # explicit, or sdpa while `capture_attention` needs the weights themselves
             sim = torch.softmax(torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(1, 2)), dim=-1)
+            if captured is not None:
+                captured.append(sim.detach())
             out = torch.matmul(sim, v)
     return out.to(value.dtype)
 
