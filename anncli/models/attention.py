@@ -17,6 +17,7 @@ import functools
 from contextvars import ContextVar
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -84,16 +85,24 @@ def pool_then_project(x: torch.Tensor, conv: nn.Conv2d, sampler: nn.Module) -> t
 
 
 @functools.lru_cache(maxsize=64)
-def _bin_means(length: int, sizes: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """(length, sum(sizes)): column j averages adaptive-pooling bin j (floor/ceil edges, as torch's)."""
-    cols = torch.zeros(length, sum(sizes), device="cpu", dtype=torch.float64)
+def _bin_mean_table(length: int, sizes: tuple[int, ...]) -> np.ndarray:
+    """(length, sum(sizes)) float64: column j averages adaptive-pooling bin j (floor/ceil edges, as torch's).
+
+    Cached as numpy, never as a tensor: a tensor made while torch.export traces is a fake one, and a
+    cached fake tensor would break every later eager call.
+    """
+    cols = np.zeros((length, sum(sizes)))
     j = 0
     for s in sizes:
         for i in range(s):
             start, end = (i * length) // s, -(-(i + 1) * length // s)
             cols[start:end, j] = 1.0 / (end - start)
             j += 1
-    return cols.to(device=device, dtype=dtype)
+    return cols
+
+
+def _bin_means(length: int, sizes: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.from_numpy(_bin_mean_table(int(length), sizes)).to(device=device, dtype=dtype)
 
 
 class AnchorSampler(nn.Module):
