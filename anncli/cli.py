@@ -84,6 +84,8 @@ def train(
     work_dir: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<recipe name>).")] = None,
     resume: Annotated[str, typer.Option(help="auto (newest complete checkpoint), never, or a checkpoint path.")] = "auto",
     init_from: Annotated[Optional[Path], typer.Option(help="Load model weights only from this checkpoint.")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Start at step 0 in a run directory that has checkpoints: move them and events.jsonl aside into superseded-<time>/ (never deleted).")] = False,
+    allow_recipe_change: Annotated[bool, typer.Option("--allow-recipe-change", help="Resume although the recipe changed in a way that breaks exact resume (model, batch, seed, data, optimizer, ...).")] = False,
     nodes: NodesOpt = None,
     nproc_per_node: NprocOpt = None,
     node_rank: NodeRankOpt = None,
@@ -97,7 +99,8 @@ def train(
     from anncli.plan import describe_plan
     from anncli.train import TrainOptions, run_training
 
-    opts = TrainOptions(recipe_path=str(recipe), work_dir=work_dir, resume=resume, init_from=init_from)
+    opts = TrainOptions(recipe_path=str(recipe), work_dir=work_dir, resume=resume, init_from=init_from, fresh=fresh,
+                        allow_recipe_change=allow_recipe_change)
     plan = _run(launch.plan_launch, _launch_request("train", nodes, nproc_per_node, node_rank, rdzv_endpoint, max_restarts))
     if dry_run:
         _run(describe_plan, r, opts, plan)
