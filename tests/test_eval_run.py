@@ -247,3 +247,15 @@ def test_damaged_checkpoint_is_one_line_for_eval_and_predict(setup, tmp_path, da
         assert "Traceback" not in result.output and "weights_only" not in result.output
         last = result.output.strip().splitlines()[-1]
         assert last.startswith("ann: error: ") and f"checkpoint {checkpoint} is damaged: model.pt" in last
+
+
+def test_evaluation_with_data_workers_leaves_the_global_rng_alone(setup):
+    """In-training validation runs between a checkpoint and the next step: drawing from the global RNG
+    there would make a resumed run (which does not repeat that validation) diverge."""
+    from anncli.data.shards import eval_samples, resolve_urls
+
+    urls = resolve_urls(str(setup["base"] / "data"), "synth", "val")
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    assert len(list(eval_samples(urls, rank=0, world_size=1, num_workers=2))) == 7
+    assert torch.equal(torch.get_rng_state(), before)
