@@ -234,3 +234,34 @@ def test_load_refuses_a_recipe_change_that_breaks_exact_resume(tmp_path, capsys)
     recipe, info, engine, stream = _parts(0.0, train={"keep_last": 5, "iters": 7})
     ck.Checkpointer(tmp_path, recipe, info).load(path, engine, stream)
     assert "train.iters: 60000 -> 7; train.keep_last: 2 -> 5" in capsys.readouterr().err
+
+
+def _find_on_each_rank(base: str, resume: str) -> None:
+    from anncli.distributed import init_distributed, teardown
+
+    info = init_distributed()
+    view = os.path.join(base, f"rank{info.rank}")  # each rank sees its own (different) file system state
+    try:
+        answer = str(ck.Checkpointer(view, Recipe(name="t"), info).find(resume))
+    except UserError as e:
+        answer = f"error: {e}"
+    with open(os.path.join(base, f"answer{info.rank}"), "w") as f:
+        f.write(answer)
+    teardown()
+
+
+def test_rank_0_decides_the_checkpoint_for_every_rank(tmp_path):
+    import uuid
+
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    older = _save(tmp_path / "rank0", 100, keep_last=3)
+    newer = _save(tmp_path / "rank0", 200, keep_last=3)
+    (newer / "model.pt").write_bytes(b"")
+    _save(tmp_path / "rank1", 300)  # what a stale cache could show another node
+    cfg = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=2, run_id=str(uuid.uuid4()),
+                       rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1)
+    for resume, want in (("auto", str(older)), ("never", f"error: {tmp_path / 'rank0'} already holds checkpoints")):
+        elastic_launch(cfg, entrypoint=_find_on_each_rank)(str(tmp_path), resume)
+        answers = [(tmp_path / f"answer{r}").read_text() for r in (0, 1)]
+        assert answers[0] == answers[1] and answers[0].startswith(want), answers
