@@ -1,5 +1,6 @@
-"""Run-directory housekeeping: the checkpoint layout, where a run starts from, the run lock, moving superseded checkpoints aside (never deleting them),
-which launch a restarted worker belongs to, and which recipe changes a resume may accept.
+"""Run-directory housekeeping: the checkpoint layout, where a run starts from (moving superseded
+checkpoints aside, never deleting them), which launch a restarted worker belongs to, which recipe
+changes a resume may accept, and the run lock.
 
 Paths only: what is inside a checkpoint is checkpoint.py's business.
 """
@@ -145,7 +146,7 @@ def decide_start(run_dir: Path, resume: str, fresh: bool = False, init_from: boo
             raise UserError(f"{run_dir} already holds checkpoints (newest {done[-1]}); {how} would mix two runs "
                             f"in it. Pass another --work-dir, or --fresh to move them and events.jsonl aside "
                             f"into {run_dir}/superseded-<time>/")
-        move_aside(run_dir, [checkpoints_dir(run_dir), Path(run_dir) / "events.jsonl"], "--fresh")
+        move_aside(run_dir, [checkpoints_dir(run_dir), Path(run_dir) / "events.jsonl", Path(run_dir) / "tb"], "--fresh")
         record_launch(run_dir)
         return None
     if resume == "auto":
