@@ -6,7 +6,8 @@ answers quickly.
 
 from __future__ import annotations
 
-import sys
+import functools
+import inspect
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -35,14 +36,25 @@ RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML, e.g. recipes/citys
 SetOpt = Annotated[
     Optional[list[str]], typer.Option("--set", help="Override a recipe key: --set train.iters=100 (repeatable).")
 ]
-NodesOpt = Annotated[Optional[int], typer.Option("--nodes", min=1, help="Number of nodes (default 1, or the SLURM allocation's).")]
-NprocOpt = Annotated[
-    Optional[int],
-    typer.Option("--nproc-per-node", "--gpus-per-node", min=1, help="Processes per node (default: visible GPUs, or 1)."),
+WorkDirOpt = Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<recipe name>).")]
+
+
+def _launch_option(name: str, default, kind, flags: tuple[str, ...], help: str, **limits) -> inspect.Parameter:
+    annotation = Annotated[kind, typer.Option(*flags, help=help, **limits)]
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+LAUNCH_OPTIONS = [
+    _launch_option("nodes", None, Optional[int], ("--nodes",), "Number of nodes (default 1, or the SLURM "
+                   "allocation's).", min=1),
+    _launch_option("nproc_per_node", None, Optional[int], ("--nproc-per-node", "--gpus-per-node"),
+                   "Processes per node (default: visible GPUs, or 1).", min=1),
+    _launch_option("node_rank", None, Optional[int], ("--node-rank",), "This node's rank (default: from rendezvous).",
+                   min=0),
+    _launch_option("rdzv_endpoint", None, Optional[str], ("--rdzv-endpoint",), "HOST:PORT of the c10d rendezvous "
+                   "(multi-node)."),
+    _launch_option("max_restarts", 0, int, ("--max-restarts",), "Worker-group restarts torchrun may do.", min=0),
 ]
-NodeRankOpt = Annotated[Optional[int], typer.Option("--node-rank", min=0, help="This node's rank (default: from rendezvous).")]
-RdzvOpt = Annotated[Optional[str], typer.Option("--rdzv-endpoint", help="HOST:PORT of the c10d rendezvous (multi-node).")]
-RestartsOpt = Annotated[int, typer.Option("--max-restarts", min=0, help="Worker-group restarts torchrun may do.")]
 
 
 def _fail(message: str) -> None:
@@ -64,56 +76,76 @@ def _load(recipe: Path, overrides: Optional[list[str]]):
     return _run(load_recipe, recipe, overrides or [])
 
 
-def _launch_request(verb, nodes, nproc, node_rank, rdzv, max_restarts):
+def _launched(verb: str):
+    """Give a command the launch options (LAUNCH_OPTIONS); it receives them as one `launch` request."""
+
+    def decorate(command):
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name != "launch"]
+
+        @functools.wraps(command)
+        def with_launch_options(**kwargs):
+            from anncli.launch import request_for
+
+            options = {p.name: kwargs.pop(p.name) for p in LAUNCH_OPTIONS}
+            return command(**kwargs, launch=request_for(verb, **options))
+
+        with_launch_options.__signature__ = signature.replace(parameters=own + LAUNCH_OPTIONS)
+        with_launch_options.__annotations__ = {p.name: p.annotation for p in own + LAUNCH_OPTIONS}
+        return with_launch_options
+
+    return decorate
+
+
+def _start(request, in_process, describe=None) -> None:
+    """The launch tail of train and eval: plan where the verb runs, then print the plan (`describe`), start
+    torchrun/srun and exit with its code, or run `in_process()` here (an int it returns is the exit code)."""
     from anncli import launch
 
-    return launch.LaunchRequest(
-        argv=[verb, *sys.argv[sys.argv.index(verb) + 1 :]] if verb in sys.argv else [verb],
-        nodes=nodes,
-        nproc_per_node=nproc,
-        node_rank=node_rank,
-        rdzv_endpoint=rdzv,
-        max_restarts=max_restarts,
-    )
+    plan = _run(launch.plan_launch, request)
+    if describe is not None:
+        _run(describe, plan)
+        return
+    if plan.command is not None:
+        from anncli.supervisor import execute
+
+        raise typer.Exit(execute(plan))
+    code = _run(in_process)
+    raise typer.Exit(code if isinstance(code, int) else 0)
 
 
 @app.command()
+@_launched("train")
 def train(
     recipe: RecipeArg,
     set_: SetOpt = None,
-    work_dir: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<recipe name>).")] = None,
+    work_dir: WorkDirOpt = None,
     resume: Annotated[str, typer.Option(help="auto (newest complete checkpoint), never, or a checkpoint path.")] = "auto",
     init_from: Annotated[Optional[Path], typer.Option(help="Load model weights only from this checkpoint.")] = None,
-    fresh: Annotated[bool, typer.Option("--fresh", help="Start at step 0 in a run directory that has checkpoints: move them and events.jsonl aside into superseded-<time>/ (never deleted).")] = False,
-    allow_recipe_change: Annotated[bool, typer.Option("--allow-recipe-change", help="Resume although the recipe changed in a way that breaks exact resume (model, batch, seed, data, optimizer, ...).")] = False,
-    nodes: NodesOpt = None,
-    nproc_per_node: NprocOpt = None,
-    node_rank: NodeRankOpt = None,
-    rdzv_endpoint: RdzvOpt = None,
-    max_restarts: RestartsOpt = 0,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and the launch plan, then exit.")] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Start over; move old checkpoints aside (superseded-<time>/).")] = False,
+    allow_recipe_change: Annotated[bool, typer.Option("--allow-recipe-change",
+                                                      help="Resume across recipe changes that break exactness.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and the launch plan (the exact "
+                                                            "torchrun/srun command), then exit.")] = False,
+    *,
+    launch,
 ) -> None:
     """Train a recipe: in this process, under torchrun, or across SLURM nodes."""
     r = _load(recipe, set_)
-    from anncli import launch
     from anncli.plan import describe_plan
     from anncli.train import TrainOptions, run_training
 
-    opts = TrainOptions(recipe_path=str(recipe), work_dir=work_dir, resume=resume, init_from=init_from, fresh=fresh,
-                        allow_recipe_change=allow_recipe_change)
-    plan = _run(launch.plan_launch, _launch_request("train", nodes, nproc_per_node, node_rank, rdzv_endpoint, max_restarts))
-    if dry_run:
-        _run(describe_plan, r, opts, plan)
-        return
-    if plan.command is not None:
-        raise typer.Exit(launch.execute(plan))
-    raise typer.Exit(_run(run_training, r, opts) or 0)
+    opts = TrainOptions(str(recipe), work_dir, resume, init_from, fresh=fresh, allow_recipe_change=allow_recipe_change)
+    describe = functools.partial(describe_plan, r, opts) if dry_run else None
+    _start(launch, functools.partial(run_training, r, opts), describe)
 
 
 @app.command("eval")
+@_launched("eval")
 def eval_(
     recipe: RecipeArg,
-    checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint directory (default: newest complete one of the run).")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(
+        help="Checkpoint directory (default: the newest complete one of the run directory).")] = None,
     set_: SetOpt = None,
     multiscale: Annotated[bool, typer.Option("--multiscale", help="Use the recipe's eval.scales.")] = False,
     scales: Annotated[Optional[str], typer.Option(help="Comma-separated scales, e.g. 0.75,1,1.25.")] = None,
@@ -123,41 +155,22 @@ def eval_(
     stride: Annotated[Optional[str], typer.Option(help="Slide stride HxW, e.g. 576x576.")] = None,
     merge: Annotated[Optional[str], typer.Option(help="logits (sum, official) or softmax (mean, mmseg).")] = None,
     split: Annotated[str, typer.Option(help="Data split: val, train, or a shard pattern.")] = "val",
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write every number and the protocol here.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help=(
+        "Write every number and the protocol here; {checkpoint} in the path becomes the checkpoint's name, "
+        "e.g. runs/x/eval-{checkpoint}.json."))] = None,
     save_pred: Annotated[Optional[Path], typer.Option(help="Write label-id PNGs of the predictions here.")] = None,
-    work_dir: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<recipe name>).")] = None,
-    nodes: NodesOpt = None,
-    nproc_per_node: NprocOpt = None,
-    node_rank: NodeRankOpt = None,
-    rdzv_endpoint: RdzvOpt = None,
-    max_restarts: RestartsOpt = 0,
+    work_dir: WorkDirOpt = None,
+    *,
+    launch,
 ) -> None:
     """Evaluate a checkpoint: mIoU per class, single- or multi-scale, with flip and sliding windows."""
     r = _load(recipe, set_)
-    from anncli import launch
     from anncli.evaluate import EvalOptions, run_evaluation
 
-    opts = _run(
-        EvalOptions.from_cli,
-        recipe=r,
-        recipe_path=str(recipe),
-        checkpoint=checkpoint,
-        multiscale=multiscale,
-        scales=scales,
-        flip=flip,
-        mode=mode,
-        crop=crop,
-        stride=stride,
-        merge=merge,
-        split=split,
-        json_out=json_out,
-        save_pred=save_pred,
-        work_dir=work_dir,
-    )
-    plan = _run(launch.plan_launch, _launch_request("eval", nodes, nproc_per_node, node_rank, rdzv_endpoint, max_restarts))
-    if plan.command is not None:
-        raise typer.Exit(launch.execute(plan))
-    _run(run_evaluation, r, opts)
+    opts = _run(EvalOptions.from_cli, recipe=r, recipe_path=str(recipe), checkpoint=checkpoint, multiscale=multiscale,
+                scales=scales, flip=flip, mode=mode, crop=crop, stride=stride, merge=merge, split=split,
+                json_out=json_out, save_pred=save_pred, work_dir=work_dir)
+    _start(launch, functools.partial(run_evaluation, r, opts))
 
 
 @app.command()
@@ -172,7 +185,7 @@ def predict(
     fmt: Annotated[str, typer.Option("--format", help="trainid, or cityscapes (labelIds for the test server).")] = "trainid",
 ) -> None:
     """Segment images: label-id PNG, colour PNG and overlay per image."""
-    from anncli.evaluate import run_predict
+    from anncli.predict import run_predict
 
     _run(run_predict, images=images, checkpoint=checkpoint, out=out, recipe_path=recipe, overrides=set_ or [],
          multiscale=multiscale, flip=flip, fmt=fmt)
@@ -233,7 +246,7 @@ def data_inspect(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Counts, image sizes and per-class pixel histogram of shards."""
-    from anncli.data.shards import inspect_shards
+    from anncli.data.inspect import inspect_shards
 
     _run(inspect_shards, shards, as_json=json_out)
 
@@ -248,7 +261,7 @@ def model_summary(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Parameters per module and FLOPs, the way mmseg's get_flops does."""
-    from anncli.models.summary import print_summary
+    from anncli.summary import print_summary
 
     _run(print_summary, model=model, backbone=backbone, classes=classes, input_size=input_size, aux=aux,
          as_json=json_out)
@@ -273,7 +286,7 @@ def bench_attention(
 @app.command("env")
 def env() -> None:
     """Versions, GPUs, SLURM and NCCL/GLOO settings: the block to paste into a bug report."""
-    from anncli.launch import print_env
+    from anncli.env import print_env
 
     print_env()
 

@@ -263,7 +263,7 @@ def _set_up(recipe: Recipe, opts: TrainOptions, info, stop: StopFlag) -> _Run:
 
 
 def _prepare_data(recipe: Recipe, info) -> list[str]:
-    from anncli.data.shards import resolve_urls
+    from anncli.data.manifest import resolve_urls
     from anncli.data.synth import prepare_synth
 
     prepare_synth(recipe.data, info.is_main)

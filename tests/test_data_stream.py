@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from anncli.data import stream
-from anncli.data.shards import DataError, ShardWriter, eval_samples, resolve_urls
-from anncli.data.stream import TrainStream
+from anncli.data.manifest import resolve_urls
+from anncli.data.shards import ShardWriter, eval_samples
+from anncli.data.stream import DataError, TrainStream
 from anncli.data.synth import _encode_png, make_sample, write_synth
 from anncli.errors import UserError
 from anncli.recipe import AugmentConfig

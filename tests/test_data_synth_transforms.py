@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from anncli.data.shards import eval_samples, read_manifest, resolve_urls
+from anncli.data.manifest import read_manifest, resolve_urls
+from anncli.data.shards import eval_samples
 from anncli.data.synth import ensure_synth, make_sample, write_synth
 from anncli.data.transforms import TrainTransform, normalize
 from anncli.recipe import AugmentConfig, SynthConfig

@@ -17,8 +17,10 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from anncli.data.shards import IGNORE_INDEX, ShardWriter, write_json
+from anncli.data.manifest import write_json
+from anncli.data.shards import ShardWriter
 from anncli.errors import UserError
+from anncli.labels import IGNORE_INDEX
 
 CITYSCAPES_CLASSES = [
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",

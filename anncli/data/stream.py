@@ -7,26 +7,24 @@ position), so the stream's position is a small JSON-able state and a restart con
 from __future__ import annotations
 
 import json
+import logging
 import tarfile
 from typing import Iterator
 
 import numpy as np
 
-from anncli.data.shards import (
-    DataError,
-    SampleError,
-    decode_sample,
-    identity,
-    iter_shard,
-    log,
-    loader_items,
-    worker_init,
-)
+from anncli.data.loader import identity, loader_items, worker_init
+from anncli.data.shards import SampleError, decode_sample, iter_shard
 from anncli.errors import UserError
 
 MIN_SAMPLES_BEFORE_ABORT = 100  # the skip bound is only enforced once this many samples were seen
 _MAX_EMPTY_PICKS = 1000
 _SEED_MASK = (1 << 63) - 1
+log = logging.getLogger("anncli.data")
+
+
+class DataError(UserError):
+    """Training data too broken to go on (too many skipped samples, or nothing readable)."""
 
 
 def _rng(key: tuple, position: int, purpose: int) -> np.random.Generator:

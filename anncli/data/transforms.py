@@ -17,9 +17,9 @@ import cv2
 import numpy as np
 import torch
 
+from anncli.labels import IGNORE_INDEX
 from anncli.recipe import AugmentConfig
 
-IGNORE_INDEX = 255
 _CAT_MAX_TRIES = 10
 _CAT_CHECK_PIXELS = 16384  # the class-ratio check looks at a subsample of at most this many pixels
 

@@ -7,17 +7,12 @@ autocast off, whatever the input dtype, so that bf16/fp16 training stays stable.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Sequence
 
 import torch
 from torch import nn
 
-
-def autocast_off(device: torch.device):
-    if device.type in ("cpu", "cuda", "xpu", "mps"):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()  # e.g. the meta device, used to count FLOPs and shapes
+from anncli.precision import autocast_off
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -42,10 +37,6 @@ class AnchorSampler(nn.Module):
         self.sizes = tuple(int(s) for s in sizes)
         pool = nn.AdaptiveAvgPool2d if mode == "avg" else nn.AdaptiveMaxPool2d
         self.pools = nn.ModuleList(pool(s) for s in self.sizes)
-
-    @property
-    def num_anchors(self) -> int:
-        return sum(s * s for s in self.sizes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([p(x).flatten(2) for p in self.pools], dim=2)
