@@ -270,7 +270,8 @@ def test_damaged_checkpoint_is_one_line_for_eval_and_predict(setup, tmp_path, da
 def test_evaluation_with_data_workers_leaves_the_global_rng_alone(setup):
     """In-training validation runs between a checkpoint and the next step: drawing from the global RNG
     there would make a resumed run (which does not repeat that validation) diverge."""
-    from anncli.data.shards import eval_samples, resolve_urls
+    from anncli.data.manifest import resolve_urls
+    from anncli.data.shards import eval_samples
 
     urls = resolve_urls(str(setup["base"] / "data"), "synth", "val")
     torch.manual_seed(3)
