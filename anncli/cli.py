@@ -13,6 +13,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from anncli import cli_tools
+from anncli.cli_weights import weights_app
 from anncli.errors import EXIT_USAGE, UserError
 
 app = typer.Typer(
@@ -31,6 +33,7 @@ app.add_typer(recipe_app, name="recipe")
 app.add_typer(data_app, name="data")
 app.add_typer(model_app, name="model")
 app.add_typer(bench_app, name="bench")
+app.add_typer(weights_app, name="weights")  # anncli/cli_weights.py: `ann weights import|inspect`
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML, e.g. recipes/cityscapes.yaml.")]
 SetOpt = Annotated[
@@ -125,6 +128,10 @@ def train(
     work_dir: WorkDirOpt = None,
     resume: Annotated[str, typer.Option(help="auto (newest complete checkpoint), never, or a checkpoint path.")] = "auto",
     init_from: Annotated[Optional[Path], typer.Option(help="Load model weights only from this checkpoint.")] = None,
+    init_skip: Annotated[Optional[list[str]], typer.Option(help="With --init-from: leave these out (classifier: fine-tune to another class count).")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Start over; move old checkpoints aside (superseded-<time>/).")] = False,
+    allow_recipe_change: Annotated[bool, typer.Option("--allow-recipe-change",
+                                                      help="Resume across recipe changes that break exactness.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and the launch plan (the exact "
                                                             "torchrun/srun command), then exit.")] = False,
     *,
@@ -135,7 +142,8 @@ def train(
     from anncli.plan import describe_plan, plan_split
     from anncli.train import TrainOptions, run_training
 
-    opts = TrainOptions(recipe_path=str(recipe), work_dir=work_dir, resume=resume, init_from=init_from)
+    opts = TrainOptions(str(recipe), work_dir, resume, init_from, tuple(init_skip or ()), fresh=fresh,
+                        allow_recipe_change=allow_recipe_change)
     describe = functools.partial(describe_plan, r, opts) if dry_run else None
     _start(launch, functools.partial(run_training, r, opts), describe, functools.partial(plan_split, r, opts))
 
@@ -176,8 +184,9 @@ def eval_(
 @app.command()
 def predict(
     images: Annotated[list[str], typer.Argument(help="Image files, directories or globs.")],
-    checkpoint: Annotated[Path, typer.Option(help="Checkpoint directory.")],
     out: Annotated[Path, typer.Option(help="Output directory.")],
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint directory.")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="An ONNX file from `ann export`, run with onnxruntime on CPU (no torch needed).")] = None,
     recipe: Annotated[Optional[Path], typer.Option(help="Recipe (default: the one saved with the checkpoint).")] = None,
     set_: SetOpt = None,
     multiscale: Annotated[bool, typer.Option("--multiscale", help="Use the recipe's eval.scales.")] = False,
@@ -185,10 +194,25 @@ def predict(
     fmt: Annotated[str, typer.Option("--format", help="trainid, or cityscapes (labelIds for the test server).")] = "trainid",
 ) -> None:
     """Segment images: label-id PNG, colour PNG and overlay per image."""
+    if model is not None:
+        if checkpoint is not None or recipe is not None or set_ or multiscale or flip or fmt != "trainid":
+            _fail("--model runs the exported file as it is: drop --checkpoint, --recipe, --set, --multiscale, --flip and --format")
+        from anncli.onnx_predict import run_onnx_predict
+
+        _run(run_onnx_predict, images, model, out)
+        return
+    if checkpoint is None:
+        _fail("give --checkpoint DIR (or --model FILE.onnx)")
     from anncli.predict import run_predict
 
     _run(run_predict, images=images, checkpoint=checkpoint, out=out, recipe_path=recipe, overrides=set_ or [],
          multiscale=multiscale, flip=flip, fmt=fmt)
+
+
+# plot, viz and export live in cli_tools.py (torch-free too); registered here, after predict.
+app.command()(cli_tools.plot)
+app.command()(cli_tools.export)
+app.add_typer(cli_tools.viz_app, name="viz")
 
 
 @recipe_app.command("validate")
@@ -209,10 +233,10 @@ def recipe_show(recipe: RecipeArg, set_: SetOpt = None) -> None:
 
 @data_app.command("pack")
 def data_pack(
-    dataset: Annotated[str, typer.Argument(help="cityscapes, ade20k or pascal-context.")],
+    dataset: Annotated[str, typer.Argument(help="cityscapes, ade20k, pascal-context or voc12aug.")],
     root: Annotated[Path, typer.Argument(help="Dataset root in its official layout.")],
     out: Annotated[Path, typer.Argument(help="Output directory for shards and manifest.")],
-    split: Annotated[str, typer.Option(help="Split to pack (cityscapes train|val|test, ade20k training|validation, pascal-context train|val).")],
+    split: Annotated[str, typer.Option(help="Split to pack (cityscapes train|val|test, ade20k training|validation, pascal-context train|val, voc12aug train|val).")],
     max_samples: Annotated[int, typer.Option(min=1, help="Samples per shard at most.")] = 100,
     max_size: Annotated[float, typer.Option(help="Bytes per shard at most.")] = 1e9,
     skip_missing: Annotated[bool, typer.Option("--skip-missing", help="Skip images without labels instead of failing.")] = False,

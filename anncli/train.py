@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
 from anncli.errors import EXIT_PREEMPTED, UserError
-from anncli.plan import lr_at, scaled_lr
+from anncli.plan import lr_at, run_split, scaled_lr
 from anncli.recipe import Recipe
 
 
@@ -29,6 +29,9 @@ class TrainOptions:
     work_dir: Path | None = None
     resume: str = "auto"
     init_from: Path | None = None
+    init_skip: tuple[str, ...] = ()
+    fresh: bool = False  # move the run's checkpoints and events.jsonl aside and start at step 0
+    allow_recipe_change: bool = False  # resume across recipe changes that break exact resume
 
 
 class StopFlag:
@@ -138,7 +141,9 @@ def _train_step(run: _Run, step: int) -> StepResult:
     """
     import torch
 
-    t, info, accum = run.recipe.train, run.info, run.stream.accum_steps
+    from anncli.data.transforms import normalize_batch
+
+    t, info, accum, a = run.recipe.train, run.info, run.stream.accum_steps, run.recipe.augment
     torch.manual_seed(step_seed(t.seed, step, info.rank))  # dropout: a function of (seed, step, rank)
     pending = [next(run.batches) for _ in range(accum)]
     criterion = run.criterion
@@ -149,10 +154,10 @@ def _train_step(run: _Run, step: int) -> StepResult:
     indices, keys = [], []
     while good < accum:
         batch = pending.pop(0) if pending else next(run.batches)
-        x = batch["image"].to(info.device, non_blocking=True)
-        if run.recipe.model.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = batch["label"].to(info.device, non_blocking=True)
+        # uint8 crops travel to the device; normalising there moves a quarter of the bytes.
+        x = normalize_batch(batch["image"].to(info.device, non_blocking=True), a.mean, a.std, a.bgr,
+                            run.recipe.model.channels_last)
+        y = batch["label"].to(info.device, non_blocking=True).long()
         stats, finite = run.engine.micro_step(x, y, criterion, boundary=good + 1 == accum)
         images += x.shape[0] * info.world_size
         if finite:
@@ -214,24 +219,22 @@ def _validate(run: _Run, step: int) -> None:
 
 def _set_up(recipe: Recipe, opts: TrainOptions, info, stop: StopFlag) -> _Run:
     """Open the run directory, build model, engine, data and logs, resume: everything the loop uses."""
-    from anncli.checkpoint import Checkpointer, default_work_dir, load_model_for_inference, saved_effective_batch
+    from anncli.checkpoint import Checkpointer, default_work_dir, saved_effective_batch
     from anncli.distributed import describe_rank
     from anncli.engine import build_engine
     from anncli.losses import SegLoss
-    from anncli.plan import run_split
     from anncli.report import EventLog, StepMeter, TensorBoard, TrainProgress
 
     t = recipe.train
     checkpointer = Checkpointer(opts.work_dir or default_work_dir(recipe), recipe, info)
     checkpointer.open()
-    resume_from = checkpointer.find(opts.resume)
-    if resume_from is not None and opts.init_from is not None:
-        raise UserError(f"--init-from {opts.init_from} and resuming from {resume_from} exclude each other; pass --resume never")
+    resume_from = checkpointer.find(opts.resume, fresh=opts.fresh, init_from=opts.init_from is not None)
     split = run_split(recipe, info.world_size, saved_effective_batch(resume_from) if resume_from else None)
     urls, counts = _prepare_data(recipe, info)
     model = _build_model(recipe, info)
-    if opts.init_from is not None:
-        model.load_state_dict(load_model_for_inference(opts.init_from, recipe))
+    if opts.init_from is not None and resume_from is None:  # a restarted worker resumes instead
+        from anncli.weights import init_from
+        init_from(model, opts.init_from, recipe, opts.init_skip)
     engine = build_engine(model, recipe, info, split)
     criterion = SegLoss(recipe.loss, recipe.model.num_classes).to(info.device)
     stream = _build_stream(recipe, urls, counts, info, split)
@@ -240,7 +243,7 @@ def _set_up(recipe: Recipe, opts: TrainOptions, info, stop: StopFlag) -> _Run:
           file=sys.stderr, flush=True)
     resumed = None
     if resume_from is not None:
-        resumed = checkpointer.load(resume_from, engine, stream)
+        resumed = checkpointer.load(resume_from, engine, stream, allow_recipe_change=opts.allow_recipe_change)
         events.write("resume", step=resumed.step, checkpoint=str(resume_from), restart=os.environ.get("SLURM_RESTART_COUNT"),
                      world_size=info.world_size, saved_world_size=resumed.world_size, batch_size=split.batch_size,
                      accum_steps=split.accum_steps, effective_batch=split.effective_batch)
@@ -294,4 +297,4 @@ def _build_stream(recipe: Recipe, urls: list[str], counts: list[int], info, spli
     return GlobalStream(urls, counts, augment=recipe.augment, batch_size=split.batch_size,
                         effective_batch=split.effective_batch, seed=recipe.train.seed, rank=info.rank,
                         world_size=info.world_size, num_workers=d.num_workers, lanes=d.lanes,
-                        max_skip_fraction=d.max_skip_fraction)
+                        max_skip_fraction=d.max_skip_fraction, pin_memory=info.device.type == "cuda")

@@ -1,7 +1,8 @@
-"""Reading shards: exact-once eval split, faults and the skip bound of the training stream, URLs, and the
-per-shard sample counts the global order needs (manifests, or tar headers). The global order itself:
-tests/test_data_order.py."""
+"""Reading shards: the training stream's uint8 batches and their resume, exact-once eval split, faults and
+the skip bound of the training stream, URLs, and the per-shard sample counts the global order needs
+(manifests, or tar headers). The global order itself: tests/test_data_order.py."""
 
+import json
 import logging
 import shutil
 
@@ -13,6 +14,7 @@ from anncli.data.global_stream import GlobalStream
 from anncli.data.manifest import resolve_urls, shard_counts
 from anncli.data.shards import DataError, ShardWriter, eval_samples
 from anncli.data.synth import _encode_png, make_sample, write_synth
+from anncli.data.transforms import normalize_batch
 from anncli.errors import UserError
 from anncli.recipe import AugmentConfig
 
@@ -41,6 +43,31 @@ def _take(stream, n):
     out = [next(it) for _ in range(n)]
     it.close()
     return out
+
+
+def _same(a, b):
+    return a["keys"] == b["keys"] and torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_batches_are_uint8_and_resume_exactly(synth_root, num_workers):
+    urls = resolve_urls(str(synth_root), "synth", "train")
+    counts = shard_counts(urls, synth_root)
+    reference = _take(_stream(urls, counts, num_workers=num_workers), 9)
+    first = _stream(urls, counts, num_workers=num_workers)
+    head = _take(first, 5)
+    state = json.loads(json.dumps(first.state_dict()))  # plain JSON values
+    resumed = _stream(urls, counts, num_workers=num_workers)
+    resumed.load_state_dict(state)
+    tail = _take(resumed, 4)
+    assert all(_same(a, b) for a, b in zip(reference, head + tail))
+    # uint8 through the loader; the step normalises on the device (float32 NCHW) and takes labels as int64
+    assert reference[0]["image"].shape == (3, 24, 40, 3) and reference[0]["image"].dtype == torch.uint8
+    assert reference[0]["label"].shape == (3, 24, 40) and reference[0]["label"].dtype == torch.uint8
+    on_device = normalize_batch(reference[0]["image"], AUG.mean, AUG.std, AUG.bgr)
+    assert on_device.shape == (3, 3, 24, 40) and on_device.dtype == torch.float32
+    assert set(torch.cat([b["label"].unique() for b in reference]).tolist()) <= {0, 1, 2, 3, 4, 255}
+    assert resumed.samples_seen == 9 * 3 and resumed.samples_skipped == 0
 
 
 def test_eval_split_exactly_once(tmp_path):

@@ -181,7 +181,7 @@ class _BatchMaker:
         indices = list(rank_indices(micro_batch, rank=s.rank, world_size=s.world_size, batch_size=s.batch_size))
         for slot in indices:
             key, image, label = self._sample(slot)
-            img, lbl = self.transform(image, label, s.order.augment_rng(slot))
+            img, lbl = self.transform.uint8_tensors(image, label, s.order.augment_rng(slot))
             images.append(img)
             labels.append(lbl)
             keys.append(key)
@@ -192,13 +192,16 @@ class _BatchMaker:
 class GlobalStream:
     """Rank `rank`'s endless micro-batches of the world-size-independent global order.
 
-    `counts` are the manifest's per-shard sample counts (the order is computed from them, no shard is
-    opened for it). Per-rank batch × world size × accumulation steps must equal `effective_batch`.
+    A micro-batch is {"image": uint8 (B,H,W,3) RGB, "label": uint8 (B,H,W), 255 = ignore, "keys": [...],
+    "indices": [...]}, in pinned memory when `pin_memory` (for CUDA); the step converts and normalises on
+    the device (`anncli.data.transforms.normalize_batch`). `counts` are the manifest's per-shard sample
+    counts (the order is computed from them, no shard is opened for it). Per-rank batch × world size ×
+    accumulation steps must equal `effective_batch`.
     """
 
     def __init__(self, urls: list[str], counts: list[int], *, augment, batch_size: int, effective_batch: int,
                  seed: int, rank: int, world_size: int, num_workers: int = 0, lanes: int = 16,
-                 max_skip_fraction: float = 0.01):
+                 max_skip_fraction: float = 0.01, pin_memory: bool = False):
         if not urls or len(urls) != len(counts):
             raise UserError(f"{len(urls)} training shard(s) but {len(counts)} manifest count(s)")
         try:
@@ -207,7 +210,7 @@ class GlobalStream:
             raise UserError(str(e)) from None
         self.urls, self.augment, self.batch_size = list(urls), augment, batch_size
         self.effective_batch, self.rank, self.world_size = effective_batch, rank, world_size
-        self.num_workers, self.max_skip = num_workers, max_skip_fraction
+        self.num_workers, self.max_skip, self.pin_memory = num_workers, max_skip_fraction, pin_memory
         self.order = GlobalOrder(list(counts), seed=seed, lanes=lanes)
         self.next_micro_batch = 0
         self._faults: dict[int, tuple[int, int]] = {}
@@ -255,7 +258,10 @@ class GlobalStream:
         maker = _BatchMaker(self)
         try:
             while True:
-                yield self._accept(maker.make(self.next_micro_batch), 0)
+                batch = maker.make(self.next_micro_batch)
+                if self.pin_memory:
+                    batch["image"], batch["label"] = batch["image"].pin_memory(), batch["label"].pin_memory()
+                yield self._accept(batch, 0)
         finally:
             maker.reader.close()
 
@@ -275,6 +281,7 @@ class GlobalStream:
                     u += n
 
         loader = tud.DataLoader(_Batches(), batch_size=None, num_workers=n, collate_fn=identity,
-                                worker_init_fn=worker_init, generator=torch.Generator().manual_seed(0))
+                                worker_init_fn=worker_init, generator=torch.Generator().manual_seed(0),
+                                pin_memory=self.pin_memory)
         for worker, batch in loader_items(loader):
             yield self._accept(batch, worker)
