@@ -104,7 +104,8 @@ def test_killed_worker_ends_the_job_with_a_message_naming_the_rank(synth, tmp_pa
 
 
 @pytest.mark.slow
-def test_max_restarts_restarts_the_workers_from_the_last_checkpoint(synth, tmp_path):
+def test_max_restarts_restarts_the_workers_from_the_last_checkpoint(synth, tmp_path, busy_cpus):
+    """With every core busy in another process, as on a node whose data workers are busy."""
     log, work = tmp_path / "train.log", tmp_path / "run"
     proc = start(train_cmd(synth, work, 16, 4, "--nproc-per-node", "2", "--max-restarts", "1"), log)
     wait_for(lambda: checkpoints(work) and worker_pid(log, 1), "the first checkpoint", procs=[proc])
@@ -114,3 +115,46 @@ def test_max_restarts_restarts_the_workers_from_the_last_checkpoint(synth, tmp_p
     assert code == 0, out[-3000:]
     assert re.search(r"\[ann\] resumed from \S+step-0000(0[4-9]|1[0-2]) at step", out), out[-3000:]
     assert checkpoints(work)[-1] == "step-000016"
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _rank_of(pid: int) -> str | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return next((e[5:].decode() for e in env if e.startswith(b"RANK=")), None)
+
+
+@pytest.mark.slow
+def test_restarted_ranks_that_start_seconds_apart_still_form_the_world(synth, tmp_path, busy_cpus):
+    """A busy node deschedules one restarted rank for seconds; the other must wait for it, not read
+    the dead previous rank's address (gloo "connectFullMesh failed … Connection refused")."""
+    log, work = tmp_path / "train.log", tmp_path / "run"
+    proc = start(train_cmd(synth, work, 12, 4, "--nproc-per-node", "2", "--max-restarts", "1"), log)
+    wait_for(lambda: checkpoints(work) and worker_pid(log, 1), "the first checkpoint", procs=[proc])
+    agent = _children(proc.pid)[0]
+    first = set(_children(agent))
+    os.kill(worker_pid(log, 1), signal.SIGKILL)
+    late: list[int] = []
+
+    def restarted_rank1() -> bool:
+        late[:] = [p for p in _children(agent) if p not in first and _rank_of(p) == "1"]
+        return bool(late)
+
+    wait_for(restarted_rank1, "the restarted rank 1", procs=[proc], timeout=120)
+    os.kill(late[0], signal.SIGSTOP)  # as if the scheduler gave it no time for 15 s
+    time.sleep(15)
+    os.kill(late[0], signal.SIGCONT)
+    code = proc.wait(timeout=900)
+    out = log.read_text()
+    assert code == 0, out[-3000:]
+    assert "connectFullMesh failed" not in out
+    assert re.search(r"\[ann\] resumed from \S+step-0000(0[4-9]|1[0-1]) at step", out), out[-3000:]
+    assert checkpoints(work)[-1] == "step-000012"
