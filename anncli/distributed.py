@@ -1,8 +1,8 @@
 """Process-group set-up and teardown, rank helpers, small collectives, and sync-BN for any device.
 
-torch's SyncBatchNorm has no CPU kernels, so CPU ranks use `AllReduceBatchNorm2d`: per-channel sum,
-sum of squares and count go through an autograd-aware all_reduce, which gives the statistics of the
-whole global batch on every backend.
+torch's SyncBatchNorm has no CPU kernels, so CPU ranks use `AllReduceBatchNorm2d`: per-rank mean, M2
+and count go through an autograd-aware all_reduce and are combined stably, which gives the statistics
+of the whole global batch on every backend.
 """
 
 from __future__ import annotations
@@ -96,6 +96,49 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum across ranks with its exact gradient: every rank's output depends on every rank's input, so
+    the gradient of each input is the sum of the output gradients of all ranks.
+
+    Written on `dist.all_reduce` because `torch.distributed.nn.functional.all_reduce` is deprecated
+    (a FutureWarning per rank) and the suggested functional collectives have no autograd formula.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad
+
+
+def global_batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel mean, biased variance and element count of an NCHW batch over all ranks.
+
+    Numerically stable: each rank takes its own mean and M2 (sum of squared deviations) in two local
+    passes (shifted data, float64 sums), and ranks combine them in float64 (Chan et al.): M2 = sum M2_r + sum n_r mean_r^2 - N mean^2.
+    The naive E[x^2] - mean^2 in float32 loses every digit when the mean dwarfs the spread.
+    """
+    n_r = x.numel() / x.shape[1]
+    # Deviations from a rough local mean (a constant: the result does not depend on it), summed in float64.
+    shift = x.detach().mean(dim=(0, 2, 3))
+    d = x - shift[None, :, None, None]
+    s1, s2 = d.sum(dim=(0, 2, 3), dtype=torch.float64), d.square().sum(dim=(0, 2, 3), dtype=torch.float64)
+    mean_r, m2_r = shift.double() + s1 / n_r, s2 - s1 * s1 / n_r
+    count = torch.full((1,), float(n_r), dtype=torch.float64, device=x.device)
+    stats = _AllReduceSum.apply(torch.cat([mean_r * n_r, mean_r * mean_r * n_r, m2_r, count]))
+    c = x.shape[1]
+    total = stats[3 * c]
+    mean = stats[:c] / total
+    m2 = stats[2 * c : 3 * c] + (stats[c : 2 * c] - total * mean * mean)
+    return mean, (m2 / total).clamp(min=0), total
+
+
 class AllReduceBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics cover the batch of every rank.
 
@@ -106,27 +149,25 @@ class AllReduceBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and is_distributed()):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
-        c = x.shape[1]
         xf = x.float()
-        count = torch.full((1,), xf.numel() / c, dtype=xf.dtype, device=xf.device)
-        stats = torch.cat([xf.sum(dim=(0, 2, 3)), (xf * xf).sum(dim=(0, 2, 3)), count])
-        stats = all_reduce(stats)
-        total = stats[2 * c]
-        mean = stats[:c] / total
-        var = stats[c : 2 * c] / total - mean * mean
+        mean64, var64, total = global_batch_moments(xf)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
                 m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                unbiased = var * (total / (total - 1).clamp(min=1))
-                self.running_mean.mul_(1 - m).add_(m * mean.detach())
-                self.running_var.mul_(1 - m).add_(m * unbiased.detach())
-        inv_std = torch.rsqrt(var + self.eps)
+                unbiased = var64 * (total / (total - 1).clamp(min=1))
+                self.running_mean.mul_(1 - m).add_(m * mean64.float())
+                self.running_var.mul_(1 - m).add_(m * unbiased.float())
+        # The mean as float32 head + tail: x - head is exact near the mean, so a mean far larger than
+        # the spread does not cost the output its digits.
+        head = mean64.float()
+        tail = (mean64 - head.double()).float()
+        inv_std = torch.rsqrt(var64 + self.eps).float()
         scale = inv_std if self.weight is None else self.weight * inv_std
-        shift = -mean * scale if self.bias is None else self.bias - mean * scale
-        return (xf * scale[None, :, None, None] + shift[None, :, None, None]).to(x.dtype)
+        y = ((xf - head[None, :, None, None]) - tail[None, :, None, None]) * scale[None, :, None, None]
+        if self.bias is not None:
+            y = y + self.bias[None, :, None, None]
+        return y.to(x.dtype)
 
 
 def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
