@@ -10,6 +10,9 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+import sys
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -65,11 +68,94 @@ def describe_rank(info: DistInfo) -> str:
 
 
 def teardown() -> None:
+    """The end of a run that went well on this rank: wait for the others, then leave the group."""
     if dist.is_initialized():
         try:
             dist.barrier()
         finally:
             dist.destroy_process_group()
+
+
+_FAILED_KEY, _READ_KEY = "ann/failed", "ann/failed-read"
+
+
+@contextmanager
+def rank_session(info: DistInfo):
+    """The body of one rank. A normal end tears down with a barrier; an exception never enters one.
+
+    A rank that raises must not wait in a barrier while the others wait in a different collective (they
+    would pair up wrongly or hang until the collective timeout). It leaves the group at once, which
+    breaks the others' collectives within seconds, and leaves a note in the store naming itself; a
+    rank whose collective broke prints that note (or that a peer vanished) and exits 1, no traceback.
+    """
+    try:
+        yield info
+    except BaseException as exc:
+        if dist.is_initialized():
+            _abort(info, exc)
+        raise
+    else:
+        teardown()
+
+
+def _is_collective_error(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, dist.DistError) or (
+        isinstance(exc, RuntimeError) and any(w in text for w in ("gloo", "Gloo", "NCCL", "Connection reset"))
+    )
+
+
+def _abort(info: DistInfo, exc: BaseException) -> None:
+    who = f"rank {info.rank}/{info.world_size} on {socket.gethostname()}"
+    store = _default_store()
+    if isinstance(exc, Exception) and _is_collective_error(exc):
+        note = _read_failure(store)
+        _destroy()
+        cause = note or "another rank stopped answering (killed, or it failed before saying why)"
+        print(f"[ann] {who}: stopping: {cause}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
+    if isinstance(exc, Exception):
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        _try(lambda: store.set(_FAILED_KEY, f"{who} failed: {type(exc).__name__}: {first}"))
+        print(f"[ann] {who} failed ({type(exc).__name__}); stopping every rank", file=sys.stderr, flush=True)
+    _destroy()
+    if info.rank == 0 and isinstance(exc, Exception):  # rank 0 may host the store: let the others read the note
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline and (_try(lambda: store.add(_READ_KEY, 0)) or 0) < info.world_size - 1:
+            time.sleep(0.1)
+
+
+def _default_store():
+    from torch.distributed.distributed_c10d import _get_default_store
+
+    store = _try(_get_default_store)
+    if store is not None:
+        _try(lambda: store.set_timeout(datetime.timedelta(seconds=5)))
+    return store
+
+
+def _read_failure(store) -> str | None:
+    """The failing rank's note, waiting up to 2 s for it (it is written before that rank leaves)."""
+    deadline = time.monotonic() + 2
+    while store is not None and time.monotonic() < deadline:
+        if _try(lambda: store.check([_FAILED_KEY])):
+            note = _try(lambda: store.get(_FAILED_KEY).decode())
+            _try(lambda: store.add(_READ_KEY, 1))
+            return note
+        time.sleep(0.1)
+    return None
+
+
+def _destroy() -> None:
+    _try(dist.destroy_process_group)
+
+
+def _try(fn):
+    """Best effort while a run is failing: the store or the group may already be gone."""
+    try:
+        return fn()
+    except Exception:
+        return None
 
 
 def is_distributed() -> bool:

@@ -168,10 +168,8 @@ def run_evaluation(recipe, opts: EvalOptions) -> dict:
     from anncli import distributed
 
     info = distributed.init_distributed()
-    try:
+    with distributed.rank_session(info):
         return _run(recipe, opts, info)
-    finally:
-        distributed.teardown()
 
 
 def _run(recipe, opts: EvalOptions, info) -> dict:

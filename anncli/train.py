@@ -187,16 +187,14 @@ def run_training(recipe: Recipe, opts: TrainOptions) -> int:
     import faulthandler
 
     from anncli.checkpoint import default_work_dir
-    from anncli.distributed import init_distributed, teardown
+    from anncli.distributed import init_distributed, rank_session
 
     faulthandler.enable()
     stop = StopFlag()
     info = init_distributed()
-    try:
+    with rank_session(info):  # a rank that raises stops every rank within seconds, never a barrier
         run_dir = Path(opts.work_dir or default_work_dir(recipe))
         return _train(recipe, opts, info, run_dir, stop)
-    finally:
-        teardown()
 
 
 def _train(recipe: Recipe, opts: TrainOptions, info, run_dir: Path, stop: StopFlag) -> int:

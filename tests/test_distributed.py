@@ -109,3 +109,42 @@ def test_all_reduce_bn_statistics_are_stable_when_the_mean_dwarfs_the_spread(tmp
         torch.testing.assert_close(p["rv"].double(), var, rtol=1e-5, atol=0)
         torch.testing.assert_close(p["rm"].double(), mean, rtol=1e-6, atol=0)
     torch.testing.assert_close(torch.cat([p["y"] for p in parts]).double(), y, rtol=1e-4, atol=1e-4)
+
+
+RAISING_RANK = '''
+import signal, sys
+import torch, torch.distributed as dist
+from anncli.data.shards import DataError
+from anncli.distributed import init_distributed, rank_session
+
+signal.signal(signal.SIGTERM, lambda *a: None)  # like training: SIGTERM only sets a flag
+info = init_distributed()
+with rank_session(info):
+    x = torch.ones(2_000_000)
+    for step in range(100_000):  # rank 0 keeps reducing gradients, as DDP does
+        if info.rank == 1 and step == 3:
+            raise DataError("shard x-000001.tar: sample 7: label 40 >= num_classes 19")
+        dist.all_reduce(x)
+        x.fill_(1)
+'''
+
+
+def test_a_rank_that_raises_stops_every_rank_and_names_itself(tmp_path):
+    """No barrier after an exception: before, rank 1 waited in teardown's barrier while rank 0 waited in
+    its all_reduce, until the collective timeout (10 minutes at start-up)."""
+    import socket
+    import subprocess
+    import sys
+
+    script = tmp_path / "raising.py"
+    script.write_text(RAISING_RANK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo",
+           "PYTHONPATH": str(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script)], capture_output=True, text=True, env=env, timeout=240)
+    out = done.stdout + done.stderr
+    host = socket.gethostname()
+    assert done.returncode != 0
+    assert f"[ann] rank 1/2 on {host} failed (DataError); stopping every rank" in out, out[-3000:]
+    assert (f"[ann] rank 0/2 on {host}: stopping: rank 1/2 on {host} failed: DataError: shard x-000001.tar: "
+            "sample 7: label 40 >= num_classes 19") in out, out[-3000:]
