@@ -188,11 +188,35 @@ def restore_rng(state: dict) -> None:
 # --- one run per directory --------------------------------------------------------------------------
 
 
+_HELD_LOCKS: list = []  # open lock files of this process, released in every forked child
+
+
+def _release_locks_in_child() -> None:
+    """In a forked child (a DataLoader worker): point the inherited lock descriptors at /dev/null.
+
+    flock belongs to the open file: a child that kept its copy of the descriptor would hold the run
+    lock after its rank died, and the restarted rank would wait for it. dup2 closes the child's copy
+    while the descriptor number stays valid, so nothing in the child can close an unrelated file.
+    """
+    for handle in list(_HELD_LOCKS):
+        try:
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, handle.fileno())
+            os.close(null)
+        except (OSError, ValueError):
+            pass
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_release_locks_in_child)
+
+
 def lock_run_dir(run_dir: Path, timeout_s: float):
     """Hold `<run>/.lock` for this process's lifetime, so that two trainings never share a run directory.
 
     A run that was just killed may still be saving (its workers got SIGTERM); wait for it up to
-    `timeout_s`, then fail with a line naming the holder. The kernel drops the lock when the holder dies.
+    `timeout_s`, then fail with a line naming the holder. The kernel drops the lock when the holder dies;
+    forked children do not keep it (see _release_locks_in_child).
     """
     import fcntl
     import time
@@ -220,4 +244,5 @@ def lock_run_dir(run_dir: Path, timeout_s: float):
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
     handle.flush()
+    _HELD_LOCKS.append(handle)
     return handle

@@ -158,3 +158,31 @@ def test_restarted_ranks_that_start_seconds_apart_still_form_the_world(synth, tm
     assert "connectFullMesh failed" not in out
     assert re.search(r"\[ann\] resumed from \S+step-0000(0[4-9]|1[0-1]) at step", out), out[-3000:]
     assert checkpoints(work)[-1] == "step-000012"
+
+
+@pytest.mark.slow
+def test_killed_rank_0_takes_its_data_workers_and_leaves_the_run_lock(synth, tmp_path, busy_cpus):
+    """The dead rank's DataLoader workers die with it and do not hold the run lock it had, so the
+    restarted rank 0 gets the run directory at once."""
+    log, work = tmp_path / "train.log", tmp_path / "run"
+    cmd = train_cmd(synth, work, 12, 4, "--nproc-per-node", "2", "--max-restarts", "1",
+                    "--set", "data.num_workers=2")
+    proc = start(cmd, log, ANN_LOCK_TIMEOUT="30")
+    wait_for(lambda: checkpoints(work) and worker_pid(log, 0), "the first checkpoint", procs=[proc])
+    rank0 = worker_pid(log, 0)
+    workers = _children(rank0)
+    assert len(workers) >= 2, workers
+    os.kill(rank0, signal.SIGKILL)
+    wait_for(lambda: not any(_alive(w) for w in workers), "the dead rank's data workers to end", timeout=60)
+    code = proc.wait(timeout=900)
+    out = log.read_text()
+    assert code == 0, out[-3000:]
+    assert "is in use by" not in out
+    assert checkpoints(work)[-1] == "step-000012"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False

@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import signal
+import sys
 import tarfile
 import weakref
 from glob import glob
@@ -264,12 +265,22 @@ def decode_sample(key: str, fields: dict[str, bytes]) -> tuple[np.ndarray, np.nd
 
 
 def worker_init(_worker_id: int = 0) -> None:
-    """DataLoader workers leave SIGTERM/SIGUSR1 to the training process and use one torch thread.
+    """DataLoader workers leave SIGTERM/SIGUSR1 to the training process, use one torch thread, and die
+    with their rank (Linux: SIGKILL when the parent dies, even by SIGKILL; they ignore SIGTERM).
 
     (cv2's thread count is left alone: calling cv2.setNumThreads in a forked child can deadlock.)
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        import multiprocessing
+
+        rank = multiprocessing.parent_process()
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+        if rank is not None and os.getppid() != rank.pid:  # the rank died before prctl
+            os._exit(1)
     import torch
 
     torch.set_num_threads(1)
