@@ -228,10 +228,12 @@ def data_inspect(
     shards: Annotated[str, typer.Argument(help="Shard path, brace pattern, or manifest JSON.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Counts, image sizes and per-class pixel histogram of shards."""
+    """Counts, image sizes and per-class pixel histogram of shards; exit code 1 when it finds problems."""
     from anncli.data.shards import inspect_shards
 
-    _run(inspect_shards, shards, as_json=json_out)
+    report = _run(inspect_shards, shards, as_json=json_out)
+    if not report["ok"]:
+        raise typer.Exit(1)
 
 
 @model_app.command("summary")
