@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from anncli.errors import EXIT_USAGE, UserError
+from anncli.paths import check_outputs, fs_error_line, writable_dir
 
 app = typer.Typer(
     name="ann",
@@ -58,6 +59,15 @@ def _run(fn, *args, **kwargs):
         _fail(str(e))
 
 
+def _run_writing(where, fn, *args, **kwargs):  # `_run`; a full or read-only disk under `where`: one line
+    try:
+        return _run(fn, *args, **kwargs)
+    except (OSError, RuntimeError) as e:
+        if fs_error_line(e, where) is None:
+            raise
+        _fail(fs_error_line(e, where))
+
+
 def _load(recipe: Path, overrides: Optional[list[str]]):
     from anncli.recipe import load_recipe
 
@@ -101,9 +111,11 @@ def train(
     if dry_run:
         _run(describe_plan, r, opts, plan)
         return
+    run_dir = work_dir or Path("runs") / r.name  # checkpoint.default_work_dir, without importing torch
+    _run(writable_dir, run_dir, "--work-dir")
     if plan.command is not None:
-        raise typer.Exit(launch.execute(plan))
-    raise typer.Exit(_run(run_training, r, opts) or 0)
+        raise typer.Exit(launch.execute(plan, run_dir=str(run_dir)))
+    raise typer.Exit(_run_writing(run_dir, run_training, r, opts) or 0)
 
 
 @app.command("eval")
@@ -150,10 +162,11 @@ def eval_(
         save_pred=save_pred,
         work_dir=work_dir,
     )
+    _run(check_outputs, json_out=json_out, save_pred=save_pred)
     plan = _run(launch.plan_launch, _launch_request("eval", nodes, nproc_per_node, node_rank, rdzv_endpoint, max_restarts))
     if plan.command is not None:
         raise typer.Exit(launch.execute(plan))
-    _run(run_evaluation, r, opts)
+    _run_writing(save_pred or json_out, run_evaluation, r, opts)
 
 
 @app.command()
@@ -170,7 +183,8 @@ def predict(
     """Segment images: label-id PNG, colour PNG and overlay per image."""
     from anncli.evaluate import run_predict
 
-    _run(run_predict, images=images, checkpoint=checkpoint, out=out, recipe_path=recipe, overrides=set_ or [],
+    _run(check_outputs, out=out)
+    _run_writing(out, run_predict, images=images, checkpoint=checkpoint, out=out, recipe_path=recipe, overrides=set_ or [],
          multiscale=multiscale, flip=flip, fmt=fmt)
 
 
@@ -262,6 +276,7 @@ def bench_attention(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write results JSON here.")] = None,
 ) -> None:
     """APNB vs plain non-local block: FLOPs, peak memory, time (the paper's efficiency table)."""
+    _run(check_outputs, json_out=json_out)
     from anncli.bench import run_attention_bench
 
     _run(run_attention_bench, sizes=sizes, device=device, dtype=dtype, channels=channels, repeats=repeats,
