@@ -118,10 +118,13 @@ def test_max_restarts_restarts_the_workers_from_the_last_checkpoint(synth, tmp_p
 
 
 def _children(pid: int) -> list[int]:
-    try:
-        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except FileNotFoundError:
-        return []
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return out
 
 
 def _rank_of(pid: int) -> str | None:
@@ -170,10 +173,17 @@ def test_killed_rank_0_takes_its_data_workers_and_leaves_the_run_lock(synth, tmp
     proc = start(cmd, log, ANN_LOCK_TIMEOUT="30")
     wait_for(lambda: checkpoints(work) and worker_pid(log, 0), "the first checkpoint", procs=[proc])
     rank0 = worker_pid(log, 0)
+    wait_for(lambda: len(_children(rank0)) >= 2, "rank 0's data workers", procs=[proc])
     workers = _children(rank0)
-    assert len(workers) >= 2, workers
-    os.kill(rank0, signal.SIGKILL)
-    wait_for(lambda: not any(_alive(w) for w in workers), "the dead rank's data workers to end", timeout=60)
+    for w in workers:  # busy in a long shard read when their rank dies: no chance to notice it themselves
+        os.kill(w, signal.SIGSTOP)
+    try:
+        os.kill(rank0, signal.SIGKILL)
+        wait_for(lambda: not any(_alive(w) for w in workers), "the dead rank's data workers to end", timeout=60)
+    finally:
+        for w in workers:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
     code = proc.wait(timeout=900)
     out = log.read_text()
     assert code == 0, out[-3000:]
@@ -186,3 +196,23 @@ def _alive(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_two_process_run_quietly_naming_the_last_checkpoint(synth, tmp_path):
+    log, work = tmp_path / "train.log", tmp_path / "run"
+    proc = start(train_cmd(synth, work, 400, 2, "--nproc-per-node", "2"), log)
+    wait_for(lambda: checkpoints(work) and worker_pid(log, 1), "the first checkpoint", procs=[proc])
+    agent = _children(proc.pid)[0]
+    group = [agent, *_children(agent)]
+    group += [w for r in group[1:] for w in _children(r)]
+    os.kill(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends to `ann`, the foreground process
+    code = proc.wait(timeout=120)
+    out = log.read_text()
+    tail = out[out.index("ann: interrupted"):] if "ann: interrupted" in out else out[-3000:]
+    assert code == 130, tail
+    m = re.search(r"ann: interrupted; last complete checkpoint: (\S+) \(--resume auto continues from it\)", out)
+    assert m and Path(m.group(1)).name in checkpoints(work), tail
+    assert "SignalException" not in out and "Traceback" not in out and "KeyboardInterrupt" not in out
+    wait_for(lambda: not any(_alive(p) for p in group), "torchrun, its ranks and their workers to end", timeout=30)
+    assert checkpoints(work)[-1] == Path(m.group(1)).name  # nothing trained on after the message
