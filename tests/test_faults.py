@@ -108,3 +108,17 @@ def test_a_full_disk_during_training_is_one_line_naming_the_device(tmpfs, tmp_pa
     full = tmpfs("96k")  # the recipe and the event log fit, a checkpoint does not
     res = _ann("train", "recipes/demo.yaml", "--work-dir", full / "run", *tiny_overrides(tmp_path / "data"))
     _one_line_exit_2(res, f"no space left on tmpfs at {full}")
+
+
+def test_deepspeed_cpu_op_build_is_announced_once_before_it_starts(tmp_path, monkeypatch, capfd):
+    from anncli.engine import announce_shm_build
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "fresh"))
+    assert announce_shm_build()
+    err = capfd.readouterr().err
+    assert "building DeepSpeed's CPU communication op (deepspeed_shm_comm)" in err and "once per machine" in err
+    built = tmp_path / "built" / "deepspeed_shm_comm"
+    built.mkdir(parents=True)
+    (built / "deepspeed_shm_comm.so").write_bytes(b"")
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "built"))
+    assert not announce_shm_build() and capfd.readouterr().err == ""

@@ -216,3 +216,13 @@ def test_ctrl_c_stops_a_two_process_run_quietly_naming_the_last_checkpoint(synth
     assert "SignalException" not in out and "Traceback" not in out and "KeyboardInterrupt" not in out
     wait_for(lambda: not any(_alive(p) for p in group), "torchrun, its ranks and their workers to end", timeout=30)
     assert checkpoints(work)[-1] == Path(m.group(1)).name  # nothing trained on after the message
+
+
+def test_a_two_process_run_prints_no_omp_banner_and_no_deprecation_warnings(synth, tmp_path):
+    log, work = tmp_path / "train.log", tmp_path / "run"
+    environ = {k: v for k, v in env().items() if k != "OMP_NUM_THREADS"}  # as a user's shell has it
+    proc = subprocess.Popen(train_cmd(synth, work, 2, 100, "--nproc-per-node", "2", "--set", "model.norm=syncbn"),
+                            cwd=ROOT, env=environ, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    out = log.read_text()
+    assert "Setting OMP_NUM_THREADS" not in out and "FutureWarning" not in out, out[-3000:]
