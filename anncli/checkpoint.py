@@ -1,6 +1,6 @@
-"""The run directory: layout, atomic checkpoints, resume, retention.
+"""The run directory and the checkpoint protocol, with one owner: `Checkpointer`.
 
-    runs/<name>/recipe.yaml  events.jsonl  tb/
+    runs/<name>/recipe.yaml  events.jsonl  tb/  .lock
     runs/<name>/checkpoints/step-000400/{model.pt, optim.pt, state.json, recipe.yaml,
                                          rng-rank00000.pt, data-rank00000.json, …, COMPLETE}
 
@@ -15,11 +15,12 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from anncli.errors import UserError
-from anncli.recipe import Recipe
+from anncli.recipe import Recipe, recipe_to_yaml
 
 COMPLETE = "COMPLETE"
 STEP_PREFIX = "step-"
@@ -35,8 +36,8 @@ def checkpoints_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def step_dir_name(step: int) -> str:
-    return f"{STEP_PREFIX}{step:06d}"
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return checkpoints_dir(run_dir) / f"{STEP_PREFIX}{step:06d}"
 
 
 def is_complete(path: Path) -> bool:
@@ -127,7 +128,8 @@ def save_json(obj, path: Path) -> None:
 
 
 def staging_dir(run_dir: Path, step: int) -> Path:
-    return checkpoints_dir(run_dir) / f".tmp-{step_dir_name(step)}"
+    final = checkpoint_path(run_dir, step)
+    return final.parent / f".tmp-{final.name}"
 
 
 def begin_save(run_dir: Path, step: int) -> Path:
@@ -145,7 +147,7 @@ def finish_save(run_dir: Path, step: int, keep_last: int) -> Path:
     for f in tmp.rglob("*"):
         if f.is_file():
             _fsync_path(f)
-    final = checkpoints_dir(run_dir) / step_dir_name(step)
+    final = checkpoint_path(run_dir, step)
     if final.exists():  # an incomplete leftover of an earlier, killed save of this step
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -168,15 +170,8 @@ def prune(run_dir: Path, keep_last: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def rank_file(directory: Path, stem: str, rank: int, suffix: str) -> Path:
+def _rank_file(directory: Path, stem: str, rank: int, suffix: str) -> Path:
     return Path(directory) / f"{stem}-rank{rank:05d}{suffix}"
-
-
-def capture_rng() -> dict:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
 
 
 def restore_rng(state: dict) -> None:
@@ -185,7 +180,88 @@ def restore_rng(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-# --- one run per directory --------------------------------------------------------------------------
+def _capture_rng() -> dict:
+    cuda = {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}
+    return {"torch": torch.get_rng_state(), **cuda}
+
+
+class Resumed(NamedTuple):
+    """What a checkpoint gives back besides the engine's and the data stream's state."""
+    step: int
+    bad_steps_total: int
+    rng: dict  # this rank's RNG state: restore it (`restore_rng`) once the data iterator has started
+
+
+class Checkpointer:
+    """The owner of a training run's directory: its lock, its layout, saving and loading checkpoints.
+
+    `save` (every rank calls it: it holds barriers) stages a step: the engine writes model.pt and optim.pt
+    (DeepSpeed: its shards), rank 0 state.json and recipe.yaml, every rank its RNG state and data-stream
+    position; then rank 0 fsyncs, renames, marks COMPLETE and keeps the newest `train.keep_last`.
+    `load` checks that a checkpoint fits this run and reads all of it back."""
+
+    def __init__(self, run_dir: Path, recipe: Recipe, info):
+        self.run_dir, self.recipe, self.info = Path(run_dir), recipe, info
+        self._lock = None
+
+    def open(self) -> None:
+        """Rank 0 creates and locks the run directory and writes the recipe; every rank waits for it."""
+        from anncli.distributed import barrier
+
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._lock = lock_run_dir(self.run_dir, float(os.environ.get("ANN_LOCK_TIMEOUT", "300")))
+            (self.run_dir / "recipe.yaml").write_text(recipe_to_yaml(self.recipe))
+        barrier()  # every rank looks for the checkpoint to resume only once the run directory is ours
+
+    def close(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+
+    def find(self, resume: str) -> Path | None:
+        return resolve_resume(resume, self.run_dir)
+
+    def latest(self) -> Path | None:
+        return latest_checkpoint(self.run_dir)
+
+    def save(self, step: int, engine, stream, bad_steps_total: int = 0) -> Path:
+        from anncli.distributed import barrier
+
+        info, recipe = self.info, self.recipe
+        tmp = staging_dir(self.run_dir, step)
+        if info.is_main:
+            begin_save(self.run_dir, step)
+        barrier()
+        engine.save(tmp)
+        save_torch(_capture_rng(), _rank_file(tmp, "rng", info.rank, ".pt"))
+        save_json(stream.state_dict(), _rank_file(tmp, "data", info.rank, ".json"))
+        if info.is_main:
+            state = {"step": step, "recipe": recipe.name, "engine": recipe.engine, "world_size": info.world_size,
+                     "model": recipe.model.model_dump(mode="json"), "bad_steps_total": bad_steps_total,
+                     "effective_batch": recipe.train.batch_size * info.world_size * recipe.train.accum_steps}
+            save_json(state, tmp / "state.json")
+            (tmp / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+        barrier()
+        if info.is_main:
+            finish_save(self.run_dir, step, recipe.train.keep_last)
+        barrier()
+        return checkpoint_path(self.run_dir, step)
+
+    def load(self, path: Path, engine, stream) -> Resumed:
+        recipe, info = self.recipe, self.info
+        check_compatible(path, recipe)
+        state = read_state(path)
+        if state.get("engine", recipe.engine) != recipe.engine:
+            raise UserError(f"checkpoint {path} was written by engine {state['engine']}, the recipe uses {recipe.engine}")
+        if state["world_size"] != info.world_size:
+            raise UserError(
+                f"checkpoint {path} was written by {state['world_size']} ranks, this run has {info.world_size}: "
+                "exact resume needs the same world size (use --init-from to start a new run from its weights)"
+            )
+        engine.load(path)
+        stream.load_state_dict(json.loads(_rank_file(path, "data", info.rank, ".json").read_text()))
+        rng = torch.load(_rank_file(path, "rng", info.rank, ".pt"), weights_only=True)
+        return Resumed(step=state["step"], bad_steps_total=state.get("bad_steps_total", 0), rng=rng)
 
 
 _HELD_LOCKS: list = []  # open lock files of this process, released in every forked child

@@ -104,7 +104,8 @@ def train(
     """Train a recipe: in this process, under torchrun, or across SLURM nodes."""
     r = _load(recipe, set_)
     from anncli import launch
-    from anncli.train import TrainOptions, describe_plan, run_training
+    from anncli.plan import describe_plan
+    from anncli.train import TrainOptions, run_training
 
     opts = TrainOptions(recipe_path=str(recipe), work_dir=work_dir, resume=resume, init_from=init_from)
     plan = _run(launch.plan_launch, _launch_request("train", nodes, nproc_per_node, node_rank, rdzv_endpoint, max_restarts))

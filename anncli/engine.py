@@ -1,7 +1,8 @@
 """One Engine interface, two engines: torch DistributedDataParallel and DeepSpeed.
 
-The training loop only calls `set_lr`, `micro_step`, `optimizer_step`, `save` and `load`; everything
-that differs between the two (wrapping, mixed precision, gradient sync, checkpoint files) lives here.
+The training loop only calls `set_lr`, `micro_step` and `optimizer_step`, the `Checkpointer` `save` and
+`load`; everything that differs between the two (wrapping, mixed precision, gradient sync, checkpoint
+files) lives here.
 """
 
 from __future__ import annotations
@@ -18,17 +19,20 @@ from torch import nn
 from anncli.checkpoint import save_torch
 from anncli.distributed import DistInfo, all_reduce_sum_, barrier
 from anncli.errors import UserError
+from anncli.plan import lr_at, scaled_lr
 from anncli.recipe import Recipe
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def build_optimizer(params, recipe: Recipe) -> torch.optim.Optimizer:
+def build_optimizer(params, recipe: Recipe, world_size: int) -> torch.optim.Optimizer:
     o = recipe.optim
+    # The LR of step 0 of the schedule; the loop sets each step's LR with `set_lr` before the step.
+    lr = lr_at(0, scaled_lr(recipe, world_size)[0], recipe)
     # The official recipe decays every parameter, BN and biases included.
     if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    return torch.optim.AdamW(params, lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, betas=o.betas, weight_decay=o.weight_decay)
 
 
 class _Engine:
@@ -58,7 +62,7 @@ class DDPEngine(_Engine):
             self.model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         else:
             self.model = model
-        self.optimizer = build_optimizer(model.parameters(), recipe)
+        self.optimizer = build_optimizer(model.parameters(), recipe, info.world_size)
         self.scaler = torch.amp.GradScaler(info.device.type) if self.precision == "fp16" else None
 
     def _autocast(self):
@@ -171,7 +175,7 @@ class DeepSpeedEngine(_Engine):
         deepspeed.init_distributed(dist_backend="nccl" if info.device.type == "cuda" else "gloo")
         self.info = info
         self.module = model
-        optimizer = build_optimizer(model.parameters(), recipe)
+        optimizer = build_optimizer(model.parameters(), recipe, info.world_size)
         self.model, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(recipe)
         )

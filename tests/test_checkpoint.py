@@ -1,4 +1,5 @@
-"""Run-directory layout: only complete checkpoints count, retention, compatibility errors."""
+"""Run-directory layout: only complete checkpoints count, retention, compatibility errors, and the
+`Checkpointer` protocol (save → load) with the real DDP engine and data stream in one process."""
 
 import pytest
 import torch
@@ -8,11 +9,28 @@ from anncli.errors import UserError
 from anncli.recipe import Recipe
 
 
-def _save(run_dir, step, keep_last=2, model=None):
-    tmp = ck.begin_save(run_dir, step)
-    ck.save_torch({"w": torch.full((2,), float(step))}, tmp / "model.pt")
-    ck.save_json({"step": step, "model": (model or Recipe(name="t").model).model_dump(mode="json")}, tmp / "state.json")
-    return ck.finish_save(run_dir, step, keep_last)
+class _Weights(torch.nn.Module):
+    def __init__(self, value: float):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.full((2,), value))
+
+
+def _parts(value: float, **recipe):
+    """A recipe, and the real engine and data stream a run of it checkpoints (the shard is never read)."""
+    from anncli.data.stream import TrainStream
+    from anncli.distributed import DistInfo
+    from anncli.engine import DDPEngine
+
+    recipe = Recipe(name="t", **recipe)
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    engine = DDPEngine(_Weights(value), recipe, info)
+    stream = TrainStream(["unused-000000.tar"], augment=recipe.augment, batch_size=2, seed=3, rank=0, world_size=1)
+    return recipe, info, engine, stream
+
+
+def _save(run_dir, step, keep_last=2, bad_steps_total=0):
+    recipe, info, engine, stream = _parts(float(step), train={"keep_last": keep_last})
+    return ck.Checkpointer(run_dir, recipe, info).save(step, engine, stream, bad_steps_total=bad_steps_total)
 
 
 def test_layout_marker_and_latest(tmp_path):
@@ -78,3 +96,31 @@ def test_run_directory_lock_excludes_a_second_run(tmp_path):
         holder.kill()
         holder.wait()
     ck.lock_run_dir(tmp_path, 5).close()  # the kernel released the dead holder's lock
+
+
+def test_save_then_load_gives_back_every_part(tmp_path):
+    torch.manual_seed(11)
+    path = _save(tmp_path, 300, bad_steps_total=4)
+    rng_after_save = torch.rand(3)
+    assert sorted(p.name for p in path.iterdir()) == ["COMPLETE", "data-rank00000.json", "model.pt", "optim.pt",
+                                                     "recipe.yaml", "rng-rank00000.pt", "state.json"]
+    recipe, info, engine, stream = _parts(0.0, train={"keep_last": 2})
+    stream._batches = 99
+    resumed = ck.Checkpointer(tmp_path, recipe, info).load(path, engine, stream)
+    assert (resumed.step, resumed.bad_steps_total) == (300, 4)
+    assert torch.equal(engine.module.w.detach(), torch.full((2,), 300.0))
+    assert stream.batches == 0
+    ck.restore_rng(resumed.rng)
+    assert torch.equal(torch.rand(3), rng_after_save)
+    assert ck.read_state(path)["world_size"] == 1
+
+
+def test_load_refuses_another_world_size_or_engine(tmp_path):
+    path = _save(tmp_path, 100)
+    recipe, info, engine, stream = _parts(0.0)
+    two = type(info)(rank=0, world_size=2, local_rank=0, device=info.device)
+    with pytest.raises(UserError, match="written by 1 ranks, this run has 2"):
+        ck.Checkpointer(tmp_path, recipe, two).load(path, engine, stream)
+    recipe, info, engine, stream = _parts(0.0, engine="deepspeed")
+    with pytest.raises(UserError, match="written by engine ddp, the recipe uses deepspeed"):
+        ck.Checkpointer(tmp_path, recipe, info).load(path, engine, stream)

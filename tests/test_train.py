@@ -200,3 +200,15 @@ def test_non_finite_losses_in_a_row_stop_with_the_last_good_checkpoint(tmp_path,
     assert len(bad) == 2
     good = [p for p in (run / "checkpoints").iterdir() if (p / "COMPLETE").exists()]
     assert good and str(max(good)) in last
+
+
+def test_the_optimizer_is_built_with_the_first_lr_of_the_schedule():
+    from anncli.distributed import DistInfo
+    from anncli.engine import DDPEngine
+    from anncli.plan import lr_at
+    from anncli.recipe import Recipe
+
+    recipe = Recipe(name="t", optim={"lr": 0.01, "warmup_iters": 10}, train={"iters": 100})
+    info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    engine = DDPEngine(torch.nn.Linear(2, 2), recipe, info)
+    assert engine.optimizer.param_groups[0]["lr"] == lr_at(0, 0.01, recipe) == pytest.approx(0.001)
