@@ -112,8 +112,7 @@ def train(
     if dry_run:
         _run(describe_plan, r, opts, plan)
         return
-    run_dir = work_dir or Path("runs") / r.name  # checkpoint.default_work_dir, without importing torch
-    _run(writable_dir, run_dir, "--work-dir")
+    run_dir = _run(writable_dir, work_dir or Path("runs") / r.name, "--work-dir")  # checked before the work
     if plan.command is not None:
         raise typer.Exit(launch.execute(plan, run_dir=str(run_dir)))
     raise typer.Exit(_run_writing(run_dir, run_training, r, opts) or 0)
