@@ -8,8 +8,9 @@ under no_grad. Per block and size:
   peak RSS of a child process during one forward above its RSS just before (module and input resident);
 - time_ms: median of `repeats` timed forwards after warm-up (10 by default, 3 on CPU when a forward
   takes over a second).
-The query/key projection is computed once (the official code runs it twice), so the FLOP ratio at
-2048×128×256 is above the reference's 8.8.
+The query/key projection is computed once (the official code runs it twice) and APNB's value path
+pools before its projection (exact algebra), so the FLOP ratio at 2048×128×256 is above the
+reference's 8.8.
 
 JSON (`--json PATH`): {"device", "device_name", "dtype", "channels", "key_channels", "value_channels",
 "anchor_sizes", "torch", "threads", "results": [{"size", "n", "nonlocal": {...}, "apnb": {...},
@@ -32,10 +33,11 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from anncli.errors import UserError
+from anncli.flops import count_forward_flops
 from anncli.models.attention import APNBAttention, NonLocalBlock
+from anncli.sizes import parse_hw
 
 KEY_CHANNELS = VALUE_CHANNELS = 256
 ANCHOR_SIZES = (1, 3, 6, 8)
@@ -61,23 +63,16 @@ def _prepare(name: str, channels: int, size: tuple[int, int], device: str, dtype
 
 
 def parse_sizes(text: str) -> list[tuple[int, int]]:
-    sizes = []
-    for part in text.split(","):
-        m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", part)
-        if not m or min(int(m.group(1)), int(m.group(2))) < 1:
-            raise UserError(f"--sizes {text!r}: expected HxW[,HxW...] with positive integers, e.g. 128x256")
-        sizes.append((int(m.group(1)), int(m.group(2))))
-    return sizes
+    """`96x96,128x256` → [(96, 96), (128, 256)]."""
+    return [parse_hw(part, "--sizes", "128x256") for part in text.split(",")]
 
 
 def count_flops(name: str, channels: int, size: tuple[int, int]) -> int:
+    """FLOPs of one forward of the block on a 1xCxHxW feature map (built on the meta device)."""
     with torch.device("meta"):
-        block = make_block(name, channels).eval()
+        block = make_block(name, channels)
         x = torch.empty(1, channels, *size)
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        block(x)
-    return int(counter.get_total_flops())
+    return count_forward_flops(block, x)
 
 
 def _sync(device: str) -> None:

@@ -6,14 +6,20 @@ answers quickly.
 
 from __future__ import annotations
 
-import sys
+import functools
+import inspect
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from anncli.errors import EXIT_USAGE, UserError
-from anncli.paths import check_outputs, fs_error_line, writable_dir
+from anncli import cli_tools
+from anncli.cli_common import fail as _fail
+from anncli.cli_common import run as _run
+from anncli.cli_common import run_writing as _run_writing
+from anncli.cli_data import data_app
+from anncli.cli_weights import weights_app
+from anncli.paths import check_outputs, writable_dir
 
 app = typer.Typer(
     name="ann",
@@ -24,48 +30,37 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 recipe_app = typer.Typer(help="Check and print recipes.", no_args_is_help=True)
-data_app = typer.Typer(help="Pack, generate and inspect WebDataset shards.", no_args_is_help=True)
 model_app = typer.Typer(help="Model information.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks that measure and write JSON.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
-app.add_typer(data_app, name="data")
+app.add_typer(data_app, name="data")  # anncli/cli_data.py: `ann data pack|synth|inspect`
 app.add_typer(model_app, name="model")
 app.add_typer(bench_app, name="bench")
+app.add_typer(weights_app, name="weights")  # anncli/cli_weights.py: `ann weights import|inspect`
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML, e.g. recipes/cityscapes.yaml.")]
 SetOpt = Annotated[
     Optional[list[str]], typer.Option("--set", help="Override a recipe key: --set train.iters=100 (repeatable).")
 ]
-NodesOpt = Annotated[Optional[int], typer.Option("--nodes", min=1, help="Number of nodes (default 1, or the SLURM allocation's).")]
-NprocOpt = Annotated[
-    Optional[int],
-    typer.Option("--nproc-per-node", "--gpus-per-node", min=1, help="Processes per node (default: visible GPUs, or 1)."),
+WorkDirOpt = Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<recipe name>).")]
+
+
+def _launch_option(name: str, default, kind, flags: tuple[str, ...], help: str, **limits) -> inspect.Parameter:
+    annotation = Annotated[kind, typer.Option(*flags, help=help, **limits)]
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+LAUNCH_OPTIONS = [
+    _launch_option("nodes", None, Optional[int], ("--nodes",), "Number of nodes (default 1, or the SLURM "
+                   "allocation's).", min=1),
+    _launch_option("nproc_per_node", None, Optional[int], ("--nproc-per-node", "--gpus-per-node"),
+                   "Processes per node (default: visible GPUs, or 1).", min=1),
+    _launch_option("node_rank", None, Optional[int], ("--node-rank",), "This node's rank (default: from rendezvous).",
+                   min=0),
+    _launch_option("rdzv_endpoint", None, Optional[str], ("--rdzv-endpoint",), "HOST:PORT of the c10d rendezvous "
+                   "(multi-node)."),
+    _launch_option("max_restarts", 0, int, ("--max-restarts",), "Worker-group restarts torchrun may do.", min=0),
 ]
-NodeRankOpt = Annotated[Optional[int], typer.Option("--node-rank", min=0, help="This node's rank (default: from rendezvous).")]
-RdzvOpt = Annotated[Optional[str], typer.Option("--rdzv-endpoint", help="HOST:PORT of the c10d rendezvous (multi-node).")]
-RestartsOpt = Annotated[int, typer.Option("--max-restarts", min=0, help="Worker-group restarts torchrun may do.")]
-
-
-def _fail(message: str) -> None:
-    typer.echo(f"ann: error: {message}", err=True)
-    raise typer.Exit(EXIT_USAGE)
-
-
-def _run(fn, *args, **kwargs):
-    """Call into the library; a UserError becomes one line on stderr and exit code 2."""
-    try:
-        return fn(*args, **kwargs)
-    except UserError as e:
-        _fail(str(e))
-
-
-def _run_writing(where, fn, *args, **kwargs):  # `_run`; a full or read-only disk under `where`: one line
-    try:
-        return _run(fn, *args, **kwargs)
-    except (OSError, RuntimeError) as e:
-        if fs_error_line(e, where) is None:
-            raise
-        _fail(fs_error_line(e, where))
 
 
 def _load(recipe: Path, overrides: Optional[list[str]]):
@@ -74,54 +69,79 @@ def _load(recipe: Path, overrides: Optional[list[str]]):
     return _run(load_recipe, recipe, overrides or [])
 
 
-def _launch_request(verb, nodes, nproc, node_rank, rdzv, max_restarts):
+def _launched(verb: str):
+    """Give a command the launch options (LAUNCH_OPTIONS); it receives them as one `launch` request."""
+
+    def decorate(command):
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name != "launch"]
+
+        @functools.wraps(command)
+        def with_launch_options(**kwargs):
+            from anncli.launch import request_for
+
+            options = {p.name: kwargs.pop(p.name) for p in LAUNCH_OPTIONS}
+            return command(**kwargs, launch=request_for(verb, **options))
+
+        with_launch_options.__signature__ = signature.replace(parameters=own + LAUNCH_OPTIONS)
+        with_launch_options.__annotations__ = {p.name: p.annotation for p in own + LAUNCH_OPTIONS}
+        return with_launch_options
+
+    return decorate
+
+
+def _start(request, in_process, describe=None, run_dir=None, writes=None) -> None:
+    """The launch tail of train and eval: plan where the verb runs, then print the plan (`describe`), start
+    torchrun/srun and exit with its code, or run `in_process()` here (an int it returns is the exit code).
+    `run_dir` (train's) is made and checked before the work and named after a Ctrl-C; a full or read-only
+    disk under `writes` (or `run_dir`) during the work is one line."""
     from anncli import launch
 
-    return launch.LaunchRequest(
-        argv=[verb, *sys.argv[sys.argv.index(verb) + 1 :]] if verb in sys.argv else [verb],
-        nodes=nodes,
-        nproc_per_node=nproc,
-        node_rank=node_rank,
-        rdzv_endpoint=rdzv,
-        max_restarts=max_restarts,
-    )
+    plan = _run(launch.plan_launch, request)
+    if describe is not None:
+        _run(describe, plan)
+        return
+    if run_dir is not None:
+        run_dir = _run(writable_dir, run_dir, "--work-dir")
+    if plan.command is not None:
+        from anncli.supervisor import execute
+
+        raise typer.Exit(execute(plan, run_dir=None if run_dir is None else str(run_dir)))
+    code = _run_writing(writes or run_dir, in_process)
+    raise typer.Exit(code if isinstance(code, int) else 0)
 
 
 @app.command()
+@_launched("train")
 def train(
     recipe: RecipeArg,
     set_: SetOpt = None,
-    work_dir: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<recipe name>).")] = None,
+    work_dir: WorkDirOpt = None,
     resume: Annotated[str, typer.Option(help="auto (newest complete checkpoint), never, or a checkpoint path.")] = "auto",
     init_from: Annotated[Optional[Path], typer.Option(help="Load model weights only from this checkpoint.")] = None,
-    nodes: NodesOpt = None,
-    nproc_per_node: NprocOpt = None,
-    node_rank: NodeRankOpt = None,
-    rdzv_endpoint: RdzvOpt = None,
-    max_restarts: RestartsOpt = 0,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and the launch plan, then exit.")] = False,
+    init_skip: Annotated[Optional[list[str]], typer.Option(help="With --init-from: leave these out (classifier: fine-tune to another class count).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and the launch plan (the exact "
+                                                            "torchrun/srun command), then exit.")] = False,
+    *,
+    launch,
 ) -> None:
     """Train a recipe: in this process, under torchrun, or across SLURM nodes."""
     r = _load(recipe, set_)
-    from anncli import launch
     from anncli.plan import describe_plan
     from anncli.train import TrainOptions, run_training
 
-    opts = TrainOptions(recipe_path=str(recipe), work_dir=work_dir, resume=resume, init_from=init_from)
-    plan = _run(launch.plan_launch, _launch_request("train", nodes, nproc_per_node, node_rank, rdzv_endpoint, max_restarts))
-    if dry_run:
-        _run(describe_plan, r, opts, plan)
-        return
-    run_dir = _run(writable_dir, work_dir or Path("runs") / r.name, "--work-dir")  # checked before the work
-    if plan.command is not None:
-        raise typer.Exit(launch.execute(plan, run_dir=str(run_dir)))
-    raise typer.Exit(_run_writing(run_dir, run_training, r, opts) or 0)
+    opts = TrainOptions(recipe_path=str(recipe), work_dir=work_dir, resume=resume, init_from=init_from,
+                        init_skip=tuple(init_skip or ()))
+    describe = functools.partial(describe_plan, r, opts) if dry_run else None
+    _start(launch, functools.partial(run_training, r, opts), describe, run_dir=work_dir or Path("runs") / r.name)
 
 
 @app.command("eval")
+@_launched("eval")
 def eval_(
     recipe: RecipeArg,
-    checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint directory (default: newest complete one of the run).")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(
+        help="Checkpoint directory (default: the newest complete one of the run directory).")] = None,
     set_: SetOpt = None,
     multiscale: Annotated[bool, typer.Option("--multiscale", help="Use the recipe's eval.scales.")] = False,
     scales: Annotated[Optional[str], typer.Option(help="Comma-separated scales, e.g. 0.75,1,1.25.")] = None,
@@ -131,49 +151,31 @@ def eval_(
     stride: Annotated[Optional[str], typer.Option(help="Slide stride HxW, e.g. 576x576.")] = None,
     merge: Annotated[Optional[str], typer.Option(help="logits (sum, official) or softmax (mean, mmseg).")] = None,
     split: Annotated[str, typer.Option(help="Data split: val, train, or a shard pattern.")] = "val",
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write every number and the protocol here.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help=(
+        "Write every number and the protocol here; {checkpoint} in the path becomes the checkpoint's name, "
+        "e.g. runs/x/eval-{checkpoint}.json."))] = None,
     save_pred: Annotated[Optional[Path], typer.Option(help="Write label-id PNGs of the predictions here.")] = None,
-    work_dir: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<recipe name>).")] = None,
-    nodes: NodesOpt = None,
-    nproc_per_node: NprocOpt = None,
-    node_rank: NodeRankOpt = None,
-    rdzv_endpoint: RdzvOpt = None,
-    max_restarts: RestartsOpt = 0,
+    work_dir: WorkDirOpt = None,
+    *,
+    launch,
 ) -> None:
     """Evaluate a checkpoint: mIoU per class, single- or multi-scale, with flip and sliding windows."""
     r = _load(recipe, set_)
-    from anncli import launch
     from anncli.evaluate import EvalOptions, run_evaluation
 
-    opts = _run(
-        EvalOptions.from_cli,
-        recipe=r,
-        recipe_path=str(recipe),
-        checkpoint=checkpoint,
-        multiscale=multiscale,
-        scales=scales,
-        flip=flip,
-        mode=mode,
-        crop=crop,
-        stride=stride,
-        merge=merge,
-        split=split,
-        json_out=json_out,
-        save_pred=save_pred,
-        work_dir=work_dir,
-    )
-    _run(check_outputs, json_out=json_out, save_pred=save_pred)
-    plan = _run(launch.plan_launch, _launch_request("eval", nodes, nproc_per_node, node_rank, rdzv_endpoint, max_restarts))
-    if plan.command is not None:
-        raise typer.Exit(launch.execute(plan))
-    _run_writing(save_pred or json_out, run_evaluation, r, opts)
+    opts = _run(EvalOptions.from_cli, recipe=r, recipe_path=str(recipe), checkpoint=checkpoint, multiscale=multiscale,
+                scales=scales, flip=flip, mode=mode, crop=crop, stride=stride, merge=merge, split=split,
+                json_out=json_out, save_pred=save_pred, work_dir=work_dir)
+    _run(check_outputs, json_out=opts.json_out, save_pred=opts.save_pred)  # before the work, not after it
+    _start(launch, functools.partial(run_evaluation, r, opts), writes=opts.save_pred or opts.json_out)
 
 
 @app.command()
 def predict(
     images: Annotated[list[str], typer.Argument(help="Image files, directories or globs.")],
-    checkpoint: Annotated[Path, typer.Option(help="Checkpoint directory.")],
     out: Annotated[Path, typer.Option(help="Output directory.")],
+    checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint directory.")] = None,
+    model: Annotated[Optional[Path], typer.Option(help="An ONNX file from `ann export`, run with onnxruntime on CPU (no torch needed).")] = None,
     recipe: Annotated[Optional[Path], typer.Option(help="Recipe (default: the one saved with the checkpoint).")] = None,
     set_: SetOpt = None,
     multiscale: Annotated[bool, typer.Option("--multiscale", help="Use the recipe's eval.scales.")] = False,
@@ -181,11 +183,27 @@ def predict(
     fmt: Annotated[str, typer.Option("--format", help="trainid, or cityscapes (labelIds for the test server).")] = "trainid",
 ) -> None:
     """Segment images: label-id PNG, colour PNG and overlay per image."""
-    from anncli.evaluate import run_predict
+    if model is not None:
+        if checkpoint is not None or recipe is not None or set_ or multiscale or flip or fmt != "trainid":
+            _fail("--model runs the exported file as it is: drop --checkpoint, --recipe, --set, --multiscale, --flip and --format")
+        from anncli.onnx_predict import run_onnx_predict
+
+        _run(check_outputs, out=out)
+        _run_writing(out, run_onnx_predict, images, model, out)
+        return
+    if checkpoint is None:
+        _fail("give --checkpoint DIR (or --model FILE.onnx)")
+    from anncli.predict import run_predict
 
     _run(check_outputs, out=out)
-    _run_writing(out, run_predict, images=images, checkpoint=checkpoint, out=out, recipe_path=recipe, overrides=set_ or [],
-         multiscale=multiscale, flip=flip, fmt=fmt)
+    _run_writing(out, run_predict, images=images, checkpoint=checkpoint, out=out, recipe_path=recipe,
+                 overrides=set_ or [], multiscale=multiscale, flip=flip, fmt=fmt)
+
+
+# plot, viz and export live in cli_tools.py (torch-free too); registered here, after predict.
+app.command()(cli_tools.plot)
+app.command()(cli_tools.export)
+app.add_typer(cli_tools.viz_app, name="viz")
 
 
 @recipe_app.command("validate")
@@ -204,52 +222,6 @@ def recipe_show(recipe: RecipeArg, set_: SetOpt = None) -> None:
     typer.echo(recipe_to_yaml(_load(recipe, set_)), nl=False)
 
 
-@data_app.command("pack")
-def data_pack(
-    dataset: Annotated[str, typer.Argument(help="cityscapes, ade20k or pascal-context.")],
-    root: Annotated[Path, typer.Argument(help="Dataset root in its official layout.")],
-    out: Annotated[Path, typer.Argument(help="Output directory for shards and manifest.")],
-    split: Annotated[str, typer.Option(help="Split to pack (cityscapes train|val|test, ade20k training|validation, pascal-context train|val).")],
-    max_samples: Annotated[int, typer.Option(min=1, help="Samples per shard at most.")] = 100,
-    max_size: Annotated[float, typer.Option(help="Bytes per shard at most.")] = 1e9,
-    skip_missing: Annotated[bool, typer.Option("--skip-missing", help="Skip images without labels instead of failing.")] = False,
-    seed: Annotated[int, typer.Option(help="Seed of the shuffled order of train shards.")] = 0,
-) -> None:
-    """Pack a dataset in its official layout into WebDataset shards with a manifest."""
-    from anncli.data.datasets import pack_dataset
-
-    _run(pack_dataset, dataset, root, out, split=split, max_samples=max_samples, max_size=int(max_size),
-         skip_missing=skip_missing, seed=seed)
-
-
-@data_app.command("synth")
-def data_synth(
-    out: Annotated[Path, typer.Argument(help="Output directory.")],
-    train: Annotated[int, typer.Option(min=0, help="Training samples.")] = 2048,
-    val: Annotated[int, typer.Option(min=0, help="Validation samples.")] = 256,
-    size: Annotated[str, typer.Option(help="Image size HxW.")] = "64x128",
-    seed: Annotated[int, typer.Option(help="Seed; the same seed gives identical bytes.")] = 0,
-    max_samples: Annotated[int, typer.Option(min=1, help="Samples per shard at most.")] = 256,
-) -> None:
-    """Write the synthetic long-range dataset (a distant key decides the class of grey squares)."""
-    from anncli.data.synth import write_synth
-
-    _run(write_synth, out, train=train, val=val, size=size, seed=seed, max_samples=max_samples)
-
-
-@data_app.command("inspect")
-def data_inspect(
-    shards: Annotated[str, typer.Argument(help="Shard path, brace pattern, or manifest JSON.")],
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-) -> None:
-    """Counts, image sizes and per-class pixel histogram of shards; exit code 1 when it finds problems."""
-    from anncli.data.shards import inspect_shards
-
-    report = _run(inspect_shards, shards, as_json=json_out)
-    if not report["ok"]:
-        raise typer.Exit(1)
-
-
 @model_app.command("summary")
 def model_summary(
     model: Annotated[str, typer.Option(help="ann, fcn or nonlocal.")] = "ann",
@@ -260,7 +232,7 @@ def model_summary(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Parameters per module and FLOPs, the way mmseg's get_flops does."""
-    from anncli.models.summary import print_summary
+    from anncli.summary import print_summary
 
     _run(print_summary, model=model, backbone=backbone, classes=classes, input_size=input_size, aux=aux,
          as_json=json_out)
@@ -286,7 +258,7 @@ def bench_attention(
 @app.command("env")
 def env() -> None:
     """Versions, GPUs, SLURM and NCCL/GLOO settings: the block to paste into a bug report."""
-    from anncli.launch import print_env
+    from anncli.env import print_env
 
     print_env()
 

@@ -20,9 +20,8 @@ from anncli.checkpoint import save_torch
 from anncli.distributed import DistInfo, all_reduce_sum_, barrier
 from anncli.errors import UserError
 from anncli.plan import lr_at, scaled_lr
+from anncli.precision import AUTOCAST_DTYPES
 from anncli.recipe import Recipe
-
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def build_optimizer(params, recipe: Recipe, world_size: int) -> torch.optim.Optimizer:

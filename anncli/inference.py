@@ -1,4 +1,5 @@
-"""Test-time inference: whole image or sliding windows, multi-scale, horizontal flip.
+"""Test-time inference: whole image or sliding windows, multi-scale, horizontal flip; the protocol that says
+which, and the network with a checkpoint's weights to run it on.
 
 Every view (one scale, flipped or not) produces logits at its own size; they are resized to the
 original resolution right away and added to one accumulator, so memory holds one view at a time.
@@ -11,9 +12,9 @@ on the image's device.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -21,8 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from anncli.errors import UserError
-
-_AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+from anncli.precision import autocast
+from anncli.sizes import parse_hw
 
 
 @dataclass(frozen=True)
@@ -126,19 +127,13 @@ def view_logits(model, x: torch.Tensor, protocol: Protocol) -> torch.Tensor:
     return forward_padded(model, x, protocol.size_divisor)
 
 
-def _autocast(device: torch.device, precision: str):
-    if precision not in _AUTOCAST:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=_AUTOCAST[precision])
-
-
 @torch.no_grad()
 def infer_logits(model, image: torch.Tensor, protocol: Protocol) -> torch.Tensor:
     """Merged float32 scores [K, H, W] at the original size for a normalised image [3, H, W]."""
     height, width = image.shape[-2:]
     batch = image.unsqueeze(0)
     total, views = None, 0
-    with _autocast(image.device, protocol.precision):
+    with autocast(image.device, protocol.precision):
         for size in view_sizes(height, width, protocol):
             scaled = batch if size == (height, width) else F.interpolate(
                 batch, size=size, mode="bilinear", align_corners=False)
@@ -156,6 +151,17 @@ def infer_logits(model, image: torch.Tensor, protocol: Protocol) -> torch.Tensor
     if protocol.merge == "softmax":
         total /= views
     return total[0]
+
+
+def load_model(recipe, checkpoint: Path, device: torch.device):
+    """The recipe's network with the checkpoint's weights, in eval mode on the device."""
+    from anncli.checkpoint import load_model_for_inference
+    from anncli.models.ann import build_model
+
+    # The checkpoint holds every weight: no ImageNet backbone file is read (nor needed) to evaluate.
+    model = build_model(recipe.model.model_copy(update={"pretrained": None}))
+    model.load_state_dict(load_model_for_inference(Path(checkpoint), recipe))
+    return model.to(device).eval()
 
 
 def normalize_image(image: np.ndarray, protocol: Protocol, device: torch.device) -> torch.Tensor:
@@ -180,20 +186,6 @@ def parse_scales(text: str) -> tuple[float, ...]:
     if any(not (0 < s < math.inf) for s in scales):
         raise UserError(f"--scales {text!r}: every scale must be > 0")
     return scales
-
-
-def parse_hw(text: str, option: str) -> tuple[int, int]:
-    """`864x864` (height x width) or `864`; both sides positive integers."""
-    parts = text.lower().replace(" ", "").split("x")
-    try:
-        sizes = [int(p) for p in parts]
-    except ValueError:
-        sizes = []
-    if len(sizes) == 1:
-        sizes *= 2
-    if len(sizes) != 2 or min(sizes) < 1:
-        raise UserError(f"{option} {text!r}: expected HxW with positive integers, e.g. 864x864")
-    return sizes[0], sizes[1]
 
 
 def resolve_protocol(recipe, *, multiscale: bool = False, scales: Optional[str] = None, flip: Optional[bool] = None,

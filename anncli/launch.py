@@ -11,7 +11,7 @@ The launch matrix, checked in this order:
     plain shell, one process                             -> run in this process ("in-process")
 
 `plan_launch` is a pure function of the request and the environment (scontrol and the GPU count are
-injectable), so every row is unit-tested; `execute` starts the planned command and forwards signals.
+injectable), so every row is unit-tested; `anncli.supervisor.execute` starts the planned command.
 
 Environment variables read here:
     ANN_RDZV_TIMEOUT       seconds every node has to join the rendezvous (default 900)
@@ -24,21 +24,18 @@ from __future__ import annotations
 
 import os
 import shlex
-import signal
 import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional, Sequence
 
-from anncli.errors import EXIT_PREEMPTED, UserError
+from anncli.errors import UserError
 
 DEFAULT_RDZV_TIMEOUT = 900
 DEFAULT_SHUTDOWN_TIMEOUT = 300
 # torchrun turns these into a clean shutdown of the workers (SIGUSR1 is not in its default list).
 HANDLED_SIGNALS = "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"
-FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
-PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 NETWORK_PREFIXES = ("NCCL_", "GLOO_", "TORCH_NCCL_", "TORCH_DISTRIBUTED_", "MASTER_", "ANN_")
 
 Scontrol = Callable[[list[str]], str]
@@ -54,6 +51,14 @@ class LaunchRequest:
     node_rank: Optional[int] = None
     rdzv_endpoint: Optional[str] = None
     max_restarts: int = 0
+
+
+def request_for(verb: str, argv: Optional[Sequence[str]] = None, **options) -> LaunchRequest:
+    """The request of `ann VERB …`: the verb and everything after it on the command line (`sys.argv` unless
+    given), which torchrun and srun run again on every node, and the launch options."""
+    argv = list(sys.argv if argv is None else argv)
+    rest = argv[argv.index(verb) + 1 :] if verb in argv else []
+    return LaunchRequest(argv=[verb, *rest], **options)
 
 
 @dataclass
@@ -282,183 +287,3 @@ def plan_launch(
     if where == "slurm-allocation" and not req.rdzv_endpoint:
         return _slurm_alloc_plan(req, env, nproc)
     return _plain_plan(req, env, nproc)
-
-
-def _terminate_with_parent() -> None:
-    """In the child, before exec: if `ann` itself dies (even by SIGKILL), the child gets SIGTERM.
-
-    torchrun then stops its workers the graceful way (they save a checkpoint), instead of training on
-    as orphans beside a restarted run.
-    """
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
-
-
-def execute(plan: LaunchPlan, run_dir: Optional[str] = None) -> int:
-    """Start the planned command, forward SIGTERM/SIGUSR1 to it, return the exit code for `ann`.
-
-    The child runs in its own process group, so a Ctrl-C at the terminal reaches it only through here.
-    Ctrl-C (SIGINT) stops torchrun and every process below it at once with SIGKILL, which prints nothing
-    (torchrun would print a 30-line SignalException and every rank a KeyboardInterrupt); checkpoints are
-    atomic, so the
-    newest complete one under `run_dir` is intact: `ann` names it and exits with 130.
-
-    A run stopped by SIGTERM/SIGUSR1 returns EXIT_PREEMPTED, so the SLURM template requeues it and
-    `--resume auto` continues from the newest complete checkpoint.
-    """
-    assert plan.command is not None, "an in-process plan has nothing to execute"
-    host = socket.gethostname()
-    print(f"ann: {plan.lines[0]} on {host}: {plan.nnodes} node(s) x {plan.nproc_per_node} process(es) "
-          f"= world size {plan.world_size}", file=sys.stderr, flush=True)
-    try:
-        child = subprocess.Popen(plan.command, env=plan.env, start_new_session=True,
-                                 preexec_fn=_terminate_with_parent)
-    except FileNotFoundError:
-        raise UserError(f"cannot start {plan.command[0]!r}: not found on PATH") from None
-    received: list[int] = []
-
-    # In an srun step slurmstepd signals every process of the step itself; forwarding as well would hit
-    # the torchrun agent twice, and a second signal aborts its graceful shutdown of the workers.
-    in_step = bool(plan.env.get("SLURM_STEP_ID"))
-
-    def forward(signum, _frame):
-        received.append(signum)
-        if not in_step:
-            if signum == signal.SIGINT:
-                _kill_tree(child.pid)
-                return
-            try:
-                os.killpg(child.pid, signum)
-            except ProcessLookupError:
-                pass
-
-    previous = {s: signal.signal(s, forward) for s in FORWARDED_SIGNALS}
-    try:
-        rc = child.wait()
-    finally:
-        # After a preemption, a late SIGTERM (srun ending the step once another node exited first) must
-        # not turn the requeue exit code into 143: keep ignoring the preemption signals until we exit.
-        preempted = any(s in PREEMPTION_SIGNALS for s in received)
-        for s, handler in previous.items():
-            signal.signal(s, signal.SIG_IGN if preempted and s in PREEMPTION_SIGNALS else handler)
-    return _exit_code(plan, rc, received, host, run_dir)
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below `pid` (Linux /proc), found before any of them is killed and reparented."""
-    found, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        try:
-            tasks = os.listdir(f"/proc/{p}/task")
-        except OSError:
-            continue
-        for t in tasks:
-            try:
-                with open(f"/proc/{p}/task/{t}/children") as f:
-                    kids = [int(k) for k in f.read().split()]
-            except OSError:
-                continue
-            found += kids
-            todo += kids
-    return found
-
-
-def _kill_tree(pid: int) -> None:
-    """SIGKILL torchrun and everything below it: its workers run in sessions of their own."""
-    for p in [pid, *_descendants(pid)]:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def _interrupted(run_dir: Optional[str]) -> int:
-    line = "ann: interrupted"
-    if run_dir is not None:
-        from anncli.checkpoint import latest_checkpoint
-
-        last = latest_checkpoint(run_dir)
-        line += (f"; last complete checkpoint: {last} (--resume auto continues from it)" if last else
-                 f"; no complete checkpoint in {run_dir} yet")
-    print(line, file=sys.stderr, flush=True)
-    return 130
-
-
-def _exit_code(plan: LaunchPlan, rc: int, received: list[int], host: str, run_dir: Optional[str] = None) -> int:
-    if rc < 0:
-        rc = 128 - rc
-    if rc == 0:
-        return 0
-    if any(s in PREEMPTION_SIGNALS for s in received) or rc == EXIT_PREEMPTED:
-        name = signal.Signals(received[0]).name if received else "a preemption signal"
-        print(f"ann: {plan.kind} on {host} stopped by {name}; exit code {EXIT_PREEMPTED} "
-              "(requeue; --resume auto continues from the newest complete checkpoint)", file=sys.stderr, flush=True)
-        return EXIT_PREEMPTED
-    if signal.SIGINT in received:
-        return _interrupted(run_dir)
-    hint = "the failing rank and its host are listed under 'Root Cause' above"
-    if plan.kind == "srun":
-        hint = "srun names the failing task and node above"
-    elif plan.nnodes > 1:
-        timeout = plan.env.get("ANN_RDZV_TIMEOUT", DEFAULT_RDZV_TIMEOUT)
-        hint += (f"; a RendezvousTimeoutError means not all {plan.nnodes} nodes reached {plan.rdzv_endpoint} "
-                 f"within ANN_RDZV_TIMEOUT={timeout} s (same command on every node? head node reachable?)")
-    print(f"ann: error: {plan.kind} on {host} exited with code {rc}; {hint}", file=sys.stderr, flush=True)
-    return rc
-
-
-def _version(dist: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(dist)
-    except PackageNotFoundError:
-        return "not installed"
-
-
-def environment_lines(env: Mapping[str, str]) -> list[str]:
-    import platform
-
-    import torch
-
-    from anncli import __version__
-
-    lines = [
-        f"ann: {__version__}",
-        f"python: {platform.python_version()} ({sys.executable})",
-        f"platform: {platform.platform()}",
-        f"host: {socket.gethostname()}",
-        f"torch: {torch.__version__}",
-        f"CUDA: {torch.version.cuda or 'none (CPU build)'}; available: {torch.cuda.is_available()}",
-    ]
-    try:
-        nccl = ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else "n/a (no CUDA)"
-    except Exception as e:  # a build without NCCL
-        nccl = f"n/a ({type(e).__name__})"
-    lines.append(f"NCCL: {nccl}")
-    lines += [f"{name}: {_version(name)}" for name in ("deepspeed", "webdataset", "numpy")]
-    gpus = visible_gpus()
-    lines.append(f"GPUs: {gpus} (CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '(unset)')})")
-    for i in range(gpus):
-        props = torch.cuda.get_device_properties(i)
-        lines.append(f"  cuda:{i}: {props.name}, {props.total_memory / 2**30:.1f} GiB")
-    where = where_am_i(env)
-    lines.append(f"launch context: {where}")
-    if env.get("SLURM_JOB_ID"):
-        keys = ("SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_JOB_NODELIST", "SLURM_JOB_NUM_NODES", "SLURM_STEP_ID",
-                "SLURM_NODEID", "SLURMD_NODENAME", "SLURM_CPUS_PER_TASK", "SLURM_GPUS_ON_NODE", "SLURM_RESTART_COUNT")
-        lines.append("SLURM: " + " ".join(f"{k}={env[k]}" for k in keys if k in env))
-    else:
-        lines.append("SLURM: not inside a SLURM job")
-    net = [f"  {k}={v}" for k, v in sorted(env.items()) if k.startswith(NETWORK_PREFIXES)]
-    lines.append("NCCL/GLOO/distributed variables:" + ("" if net else " (none set)"))
-    return lines + net
-
-
-def print_env(env: Optional[Mapping[str, str]] = None) -> None:
-    """Versions, GPUs, SLURM and network settings: the block to paste into a bug report."""
-    print("\n".join(environment_lines(dict(os.environ if env is None else env))))

@@ -9,39 +9,31 @@ process's batch, so `min_kept` counts per process, as it counted per GPU in the 
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anncli.labels import IGNORE_INDEX
+from anncli.precision import autocast_off
 from anncli.recipe import LossConfig
-
-IGNORE = 255
-
-
-def _autocast_off(device: torch.device):
-    if device.type in ("cpu", "cuda", "xpu", "mps"):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
 
 
 def check_labels(target: torch.Tensor, num_classes: int) -> None:
-    bad = (target != IGNORE) & ((target < 0) | (target >= num_classes))
+    bad = (target != IGNORE_INDEX) & ((target < 0) | (target >= num_classes))
     if bool(bad.any()):
         values = sorted(int(v) for v in torch.unique(target[bad]).tolist())
         shown = ", ".join(map(str, values[:8])) + (", ..." if len(values) > 8 else "")
-        raise ValueError(f"label values {shown} outside [0, {num_classes}) and not the ignore value {IGNORE}")
+        raise ValueError(f"label values {shown} outside [0, {num_classes}) and not the ignore value {IGNORE_INDEX}")
 
 
 def pixel_ce(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
     """Per-pixel (weighted) CE, 0 on ignored pixels: (B,K,H,W), (B,H,W) -> (B,H,W)."""
-    return F.cross_entropy(logits, target, weight=weight, ignore_index=IGNORE, reduction="none")
+    return F.cross_entropy(logits, target, weight=weight, ignore_index=IGNORE_INDEX, reduction="none")
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None) -> torch.Tensor:
     """Weighted mean CE like nn.CrossEntropyLoss (sum / sum of pixel weights); 0 when all is ignored."""
-    valid = target != IGNORE
+    valid = target != IGNORE_INDEX
     pixel_weight = valid.float() if weight is None else weight[target.clamp(max=weight.numel() - 1)] * valid
     return pixel_ce(logits, target, weight).sum() / pixel_weight.sum().clamp(min=1e-12)
 
@@ -49,9 +41,9 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tens
 def ohem_cross_entropy(logits: torch.Tensor, target: torch.Tensor, thresh: float = 0.7, min_kept: int = 100_000,
                        weight: torch.Tensor | None = None) -> torch.Tensor:
     """Online hard example mining CE with the official semantics; 0 when no pixel is kept."""
-    valid = (target != IGNORE).flatten()
+    valid = (target != IGNORE_INDEX).flatten()
     with torch.no_grad():
-        prob = torch.softmax(logits, dim=1).gather(1, target.masked_fill(target == IGNORE, 0).unsqueeze(1))
+        prob = torch.softmax(logits, dim=1).gather(1, target.masked_fill(target == IGNORE_INDEX, 0).unsqueeze(1))
         prob = prob.flatten()[valid]
     if prob.numel() == 0:
         return logits.sum() * 0.0
@@ -78,7 +70,7 @@ class SegLoss(nn.Module):
         target = target.long()
         check_labels(target, self.num_classes)
         cfg = self.cfg
-        with _autocast_off(main.device):
+        with autocast_off(main.device):
             if cfg.ohem:
                 main_loss = ohem_cross_entropy(main.float(), target, cfg.ohem_thresh, cfg.ohem_min_kept, self.weight)
             else:

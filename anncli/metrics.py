@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-IGNORE_INDEX = 255
+from anncli.labels import IGNORE_INDEX
 
 
 def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int,
@@ -66,11 +66,6 @@ def metrics_from_confusion(cm: torch.Tensor, class_names: Sequence[str] | None =
         "pixels": total,
         "per_class": per_class,
     }
-
-
-def percent(value: float) -> float:
-    """A fraction as the usual two-decimal percentage (NaN stays NaN)."""
-    return value if math.isnan(value) else round(value * 100.0, 2)
 
 
 def json_safe(obj):

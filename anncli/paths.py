@@ -93,6 +93,12 @@ def writable_file(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
+def writable_new_file(path: str | os.PathLike, what: str) -> Path:
+    """Check that the file `path` can be written, creating its directory when missing (pictures, exports)."""
+    writable_dir(Path(path).parent, what)
+    return writable_file(path, what)
+
+
 def fs_error_line(exc: BaseException, hint: Optional[str | os.PathLike] = None) -> Optional[str]:
     """One line for a file-system failure during the work, or None when `exc` is not one."""
     if isinstance(exc, OSError) and exc.errno in _REASONS:
@@ -109,11 +115,17 @@ def fs_error_line(exc: BaseException, hint: Optional[str | os.PathLike] = None) 
     return None
 
 
-def check_outputs(json_out=None, save_pred=None, out=None) -> None:
-    """Every output place of a command, checked before its work starts, so that no result is lost at the end."""
+def check_outputs(json_out=None, save_pred=None, out=None, out_file=None) -> None:
+    """Every output place of a command, checked before its work starts, so that no result is lost at the end.
+
+    `--json` files need an existing directory; `--save-pred`/`--out` directories and the directory of an
+    `--out` file (a picture, an export) are created.
+    """
     if json_out is not None:
         writable_file(json_out, "--json")
     if save_pred is not None:
         writable_dir(save_pred, "--save-pred")
     if out is not None:
         writable_dir(out, "--out")
+    if out_file is not None:
+        writable_new_file(out_file, "--out")

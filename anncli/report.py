@@ -1,11 +1,14 @@
-"""What the user sees and what the run records: progress, periodic lines, JSONL events, TensorBoard."""
+"""What the user sees and what a run records: progress bars, periodic lines, metric tables, JSONL events,
+TensorBoard."""
 
 from __future__ import annotations
 
 import json
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -69,6 +72,21 @@ class TrainProgress:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+@contextmanager
+def progress(label: str, total: Optional[int] = None, enabled: bool = True):
+    """A rich progress bar of `label` on a terminal (nothing in logs); yields a function that advances it by one.
+
+    For evaluation and prediction; training has TrainProgress, which also prints periodic lines."""
+    bar_console = Console(stderr=True)
+    if not (enabled and bar_console.is_terminal):
+        yield lambda: None
+        return
+    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=bar_console) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda: bar.advance(task)
 
 
 def _fmt(value) -> str:

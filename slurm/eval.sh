@@ -8,7 +8,8 @@
 #
 # The run directory is the one slurm/train.sh used for the same job name and recipe:
 # runs/<job name>-<recipe file name> (WORK_DIR=... overrides it). Without CHECKPOINT, the newest
-# complete checkpoint of that run is evaluated. Metrics: <run>/eval-<checkpoint>-ms-flip.json.
+# complete checkpoint of that run is evaluated (`ann eval --work-dir` finds it). Metrics:
+# <run>/eval-<checkpoint>-ms-flip.json.
 #
 #SBATCH --job-name=ann
 #SBATCH --nodes=2
@@ -50,20 +51,9 @@ die() {
 
 recipe="recipes/cityscapes.yaml"
 checkpoint=""
-if [[ $# -gt 0 && "$1" != -* ]]; then
-    recipe="$1"
-    shift
-fi
-if [[ $# -gt 0 && "$1" != -* ]]; then
-    checkpoint="$1"
-    shift
-fi
-for arg in "$@"; do
-    if [[ "$arg" == "-h" || "$arg" == "--help" ]]; then
-        usage
-        exit 0
-    fi
-done
+[[ $# -gt 0 && "$1" != -* ]] && { recipe="$1"; shift; }
+[[ $# -gt 0 && "$1" != -* ]] && { checkpoint="$1"; shift; }
+for arg in "$@"; do [[ "$arg" == -h || "$arg" == --help ]] && { usage; exit 0; }; done
 [[ -f "$recipe" ]] || die "recipe '$recipe' not found (relative paths start at $PWD)"
 [[ -n "${SLURM_JOB_ID:-}" ]] || die "not inside a SLURM job: submit it with sbatch"
 ann="${ANN:-ann}"
@@ -71,22 +61,14 @@ command -v "$ann" >/dev/null || die "'$ann' not found: activate the environment 
 
 name="$(basename "$recipe")"
 work_dir="${WORK_DIR:-runs/${SLURM_JOB_NAME:-ann}-${name%.*}}"
-if [[ -z "$checkpoint" ]]; then
-    shopt -s nullglob
-    markers=("$work_dir"/checkpoints/step-*/COMPLETE)   # zero-padded steps: the glob order is step order
-    shopt -u nullglob
-    [[ ${#markers[@]} -gt 0 ]] || die "no complete checkpoint under $work_dir/checkpoints; give CHECKPOINT"
-    checkpoint="$(dirname "${markers[-1]}")"
-fi
-[[ -f "$checkpoint/COMPLETE" ]] || die "checkpoint '$checkpoint' is missing or incomplete (no COMPLETE marker)"
-metrics="$work_dir/eval-$(basename "$checkpoint")-ms-flip.json"
-nodes="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"
+checkpoint_opt=()
+[[ -z "$checkpoint" ]] || checkpoint_opt=(--checkpoint "$checkpoint")
+echo "ann: job $SLURM_JOB_ID: evaluating ${checkpoint:-the newest complete checkpoint of $work_dir}"
 
-echo "ann: job $SLURM_JOB_ID: evaluating $checkpoint on $nodes node(s) ($SLURM_JOB_NODELIST); metrics -> $metrics"
-
-srun --nodes="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
-    "$ann" eval "$recipe" --checkpoint "$checkpoint" --work-dir "$work_dir" --multiscale --flip \
-    --json "$metrics" "$@"
+# `ann eval` finds the checkpoint (or checks the given one), names the metrics file after it ({checkpoint}),
+# and inside the allocation starts srun itself, one torchrun agent per node.
+"$ann" eval "$recipe" "${checkpoint_opt[@]}" --work-dir "$work_dir" --multiscale --flip \
+    --json "$work_dir/eval-{checkpoint}-ms-flip.json" "$@"
 rc=$?
 echo "ann: job $SLURM_JOB_ID finished with exit code $rc"
 exit "$rc"

@@ -9,8 +9,9 @@
 #   sbatch --gpus-per-node=0 --cpus-per-task=1 slurm/train.sh recipes/demo.yaml   # CPU-only cluster
 #
 # Defaults: 2 nodes x 4 GPUs = the paper's world of 8 processes (ann_r101-d8_8xb1-...: 8 x batch 1).
-# Each node runs one task: `ann train`, which starts a torchrun agent there; the agents meet in a c10d
-# rendezvous at the first node of the job (address from `scontrol show node`, port from the job id).
+# `ann train` plans and starts everything: inside the allocation it runs srun with one task per node, each
+# task a torchrun agent; the agents meet in a c10d rendezvous at the first node of the job (address from
+# `scontrol show node`, port from the job id). `ann train ... --dry-run` prints that srun line.
 # The run directory is runs/<job name>-<recipe file name> (WORK_DIR=... overrides it): the same after a
 # requeue, so `--resume auto` continues from its newest complete checkpoint.
 # The `ann` command is $ANN (default: `ann` on PATH; jobs inherit the submitting shell's PATH).
@@ -59,16 +60,8 @@ die() {
 }
 
 recipe="recipes/cityscapes.yaml"
-if [[ $# -gt 0 && "$1" != -* ]]; then
-    recipe="$1"
-    shift
-fi
-for arg in "$@"; do
-    if [[ "$arg" == "-h" || "$arg" == "--help" ]]; then
-        usage
-        exit 0
-    fi
-done
+[[ $# -gt 0 && "$1" != -* ]] && { recipe="$1"; shift; }
+for arg in "$@"; do [[ "$arg" == -h || "$arg" == --help ]] && { usage; exit 0; }; done
 [[ -f "$recipe" ]] || die "recipe '$recipe' not found (relative paths start at $PWD)"
 [[ -n "${SLURM_JOB_ID:-}" ]] || die "not inside a SLURM job: submit it with sbatch"
 ann="${ANN:-ann}"
@@ -76,17 +69,13 @@ command -v "$ann" >/dev/null || die "'$ann' not found: activate the environment 
 
 name="$(basename "$recipe")"
 work_dir="${WORK_DIR:-runs/${SLURM_JOB_NAME:-ann}-${name%.*}}"
-nodes="${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}"
-head="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+args=(train "$recipe" --work-dir "$work_dir" --resume auto "$@")
+echo "ann: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: recipe $recipe, run directory $work_dir"
 
-echo "ann: job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $nodes node(s) ($SLURM_JOB_NODELIST," \
-     "head $head), recipe $recipe, run directory $work_dir"
-
-# Check the recipe and options once, and print the world, batch and commands, before any node starts.
-"$ann" train "$recipe" --work-dir "$work_dir" --resume auto "$@" --dry-run | sed -n '/^---$/,$p' || exit "$EXIT_USAGE"
-
-srun --nodes="$nodes" --ntasks-per-node=1 --kill-on-bad-exit=1 --cpus-per-task="${SLURM_CPUS_PER_TASK:-1}" \
-    "$ann" train "$recipe" --work-dir "$work_dir" --resume auto "$@"
+# Check the recipe and options once and print the plan (world, batch, LR, the exact srun line), then run it:
+# inside the allocation `ann train` starts that srun itself, one torchrun agent per node.
+"$ann" "${args[@]}" --dry-run | sed -n '/^---$/,$p' || exit "$EXIT_USAGE"
+"$ann" "${args[@]}"
 rc=$?
 
 if [[ "$rc" -eq "$EXIT_PREEMPTED" ]]; then

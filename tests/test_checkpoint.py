@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from anncli import checkpoint as ck
+from anncli import runlock
 from anncli.errors import UserError
 from anncli.recipe import Recipe
 
@@ -85,17 +86,17 @@ def test_run_directory_lock_excludes_a_second_run(tmp_path):
     import sys
 
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from anncli.checkpoint import lock_run_dir; "
+        "import sys, time; from anncli.runlock import lock_run_dir; "
         f"h = lock_run_dir({str(tmp_path)!r}, 5); print('locked', flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(UserError, match=f"in use by pid {holder.pid}"):
-            ck.lock_run_dir(tmp_path, 1)
+            runlock.lock_run_dir(tmp_path, 1)
     finally:
         holder.kill()
         holder.wait()
-    ck.lock_run_dir(tmp_path, 5).close()  # the kernel released the dead holder's lock
+    runlock.lock_run_dir(tmp_path, 5).close()  # the kernel released the dead holder's lock
 
 
 def test_save_then_load_gives_back_every_part(tmp_path):

@@ -7,7 +7,8 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from anncli.data.shards import eval_samples, resolve_urls
+from anncli.data.manifest import resolve_urls
+from anncli.data.shards import eval_samples
 from anncli.data.synth import write_synth
 
 

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from anncli.data import datasets
-from anncli.data.shards import eval_samples, iter_shard, read_manifest, resolve_urls
+from anncli.data.manifest import read_manifest, resolve_urls
+from anncli.data.shards import eval_samples, iter_shard
 from anncli.errors import UserError
 
 ANN = str(Path(sys.executable).with_name("ann"))

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from anncli.metrics import confusion_matrix, json_safe, metrics_from_confusion, percent
+from anncli.metrics import confusion_matrix, json_safe, metrics_from_confusion
+
+
+def percent(value: float) -> float:
+    """A fraction as the usual two-decimal percentage, as the tables print it (NaN stays NaN)."""
+    return value if math.isnan(value) else round(value * 100.0, 2)
 
 
 def test_perfect_prediction_gives_100():

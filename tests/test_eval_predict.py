@@ -8,7 +8,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from anncli.errors import UserError
-from anncli.evaluate import run_predict
+from anncli.predict import run_predict
 
 from test_eval_run import write_checkpoint
 

@@ -139,6 +139,23 @@ def test_default_checkpoint_is_the_newest_complete_one(setup):
     assert run_evaluation(load_recipe(setup["recipe"]), opts)["checkpoint"] == str(setup["checkpoint"])
 
 
+def test_cli_takes_the_newest_checkpoint_of_the_work_dir_and_names_the_json_after_it(setup, tmp_path):
+    result = _cli("eval", setup["recipe"], "--work-dir", setup["base"] / "run", "--json",
+                  tmp_path / "eval-{checkpoint}-ms.json")
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / f"eval-{setup['checkpoint'].name}-ms.json").read_text())
+    assert saved["checkpoint"] == str(setup["checkpoint"]) and saved["samples"] == len(setup["keys"])
+
+
+def test_cli_without_a_complete_checkpoint_stops_before_starting_anything(setup, tmp_path):
+    result = _cli("eval", setup["recipe"], "--work-dir", tmp_path / "norun", "--nproc-per-node", "2")
+    assert result.exit_code == 2 and "no complete checkpoint under" in result.output, result.output
+    partial = tmp_path / "run" / "checkpoints" / "step-000001"
+    partial.mkdir(parents=True)
+    result = _cli("eval", setup["recipe"], "--checkpoint", partial, "--nproc-per-node", "2")
+    assert result.exit_code == 2 and "incomplete" in result.output, result.output
+
+
 def test_corrupt_sample_is_an_error_naming_shard_and_key(setup):
     with pytest.raises(UserError, match=r"synth-bad-000003\.tar: sample bad_3_0"):
         run_evaluation(load_recipe(setup["recipe"]), _options(setup, split="bad"))
@@ -203,7 +220,8 @@ def test_bad_input_exits_2_with_one_line(setup, args, message):
 
 def test_missing_synthetic_set_is_created_and_validate_matches(tmp_path):
     from anncli.distributed import DistInfo
-    from anncli.evaluate import load_model, validate
+    from anncli.evaluate import validate
+    from anncli.inference import load_model
 
     recipe_path = write_recipe(tmp_path / "synth.yaml", tmp_path / "synth")
     tree = yaml.safe_load(recipe_path.read_text())

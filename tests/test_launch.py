@@ -1,18 +1,14 @@
-"""The launch matrix row by row: pure plans from (request, environment), plus `execute` on real processes."""
+"""The launch matrix row by row: pure plans from (request, environment)."""
 
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
-import textwrap
-import time
 
 import pytest
 
 from anncli import launch
-from anncli.errors import EXIT_PREEMPTED, UserError
+from anncli.errors import UserError
 from anncli.launch import LaunchRequest, plan_launch
 
 ARGV = ["train", "recipes/demo.yaml", "--set", "train.iters=2"]
@@ -208,54 +204,10 @@ def test_slurm_step_rejects_a_different_node_count():
         plan_launch(req(nodes=4), env=SLURM_STEP, scontrol=fake_scontrol(), gpus=lambda: 4)
 
 
-# --- execute: real processes --------------------------------------------------------------------------------
-
-
-def _plan(code: str) -> launch.LaunchPlan:
-    cmd = [sys.executable, "-c", textwrap.dedent(code)]
-    return launch.LaunchPlan("torchrun-standalone", cmd, dict(os.environ), 1, 1, 1, lines=["test child"])
-
-
-def test_execute_returns_the_exit_code_and_names_the_host(capfd):
-    assert launch.execute(_plan("import sys; sys.exit(3)")) == 3
-    err = capfd.readouterr().err
-    assert "exited with code 3" in err and os.uname().nodename.split(".")[0] in err
-
-
-def test_execute_passes_the_environment():
-    plan = _plan("import os, sys; sys.exit(0 if os.environ['PYTHONFAULTHANDLER'] == '1' else 1)")
-    plan.env = launch.child_env({**os.environ})
-    assert launch.execute(plan) == 0
-
-
-def test_execute_forwards_sigterm_and_reports_preemption(tmp_path, capfd):
-    """SIGTERM to `ann` reaches the child's process group; the result is the requeue exit code."""
-    ready, got = tmp_path / "ready", tmp_path / "got"
-    script = f"""
-        import pathlib, signal, sys, time
-        signal.signal(signal.SIGTERM, lambda s, f: (pathlib.Path({str(got)!r}).write_text(str(s)), sys.exit(1)))
-        pathlib.Path({str(ready)!r}).write_text("1")
-        time.sleep(60)
-    """
-    runner = f"""
-        import sys
-        sys.path.insert(0, {os.getcwd()!r})
-        from anncli import launch
-        plan = launch.LaunchPlan("torchrun-node", [sys.executable, "-c", {textwrap.dedent(script)!r}], {{}}, 2, 2, 1,
-                                 lines=["test agent"])
-        import os; plan.env = dict(os.environ)
-        sys.exit(launch.execute(plan))
-    """
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(runner)], stderr=subprocess.PIPE, text=True)
-    for _ in range(300):
-        if ready.exists():
-            break
-        time.sleep(0.1)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert got.read_text() == str(int(signal.SIGTERM))
-    assert proc.returncode == EXIT_PREEMPTED
-    assert "stopped by SIGTERM" in err
+def test_request_for_takes_the_verb_and_everything_after_it_from_argv():
+    request = launch.request_for("eval", ["/usr/bin/ann", "eval", "r.yaml", "--flip", "--nodes", "2"], nodes=2)
+    assert request.argv == ["eval", "r.yaml", "--flip", "--nodes", "2"] and request.nodes == 2
+    assert launch.request_for("train", ["python", "-c", "..."]).argv == ["train"]
 
 
 def test_explicit_one_node_in_a_bigger_allocation_runs_on_one_node():

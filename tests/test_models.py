@@ -208,7 +208,7 @@ def test_model_summary_json_through_the_cli():
 
 
 def test_model_summary_counts_flops_per_module_and_rejects_bad_input(capsys):
-    from anncli.models.summary import print_summary
+    from anncli.summary import print_summary
 
     out = print_summary("fcn", "small", 5, "64x128", aux=False, as_json=True)
     assert json.loads(capsys.readouterr().out) == out

@@ -1,1 +1,2 @@
-"""Datasets as WebDataset shards: packing (datasets), the synthetic set (synth), reading (shards), augmentation."""
+"""Datasets as WebDataset shards: manifests, the shard format, the training stream, loaders, packing (datasets),
+the synthetic set (synth), augmentation (transforms) and inspection."""

@@ -20,8 +20,11 @@ import cv2
 import numpy as np
 
 from anncli.data.datasets import manifest_for
-from anncli.data.shards import IGNORE_INDEX, ShardWriter, manifest_path, write_json
+from anncli.data.manifest import manifest_path, write_json
+from anncli.data.shards import ShardWriter
 from anncli.errors import UserError
+from anncli.labels import IGNORE_INDEX
+from anncli.sizes import parse_hw
 
 COLOURS = ("red", "green", "blue")
 KEY_CLASS = 4
@@ -29,11 +32,9 @@ _SPLIT_STREAMS = {"train": 1, "val": 2}
 
 
 def parse_size(size) -> tuple[int, int]:
+    """`--size HxW` text or the recipe's [h, w]; at least 16x32."""
     if isinstance(size, str):
-        try:
-            h, w = (int(v) for v in size.lower().split("x"))
-        except ValueError:
-            raise UserError(f"--size {size!r}: expected HxW, e.g. 64x128") from None
+        h, w = parse_hw(size, "--size", "64x128")
     else:
         h, w = (int(v) for v in size)
     if h < 16 or w < 32:

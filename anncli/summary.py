@@ -1,35 +1,28 @@
 """`ann model summary`: parameters per module and FLOPs for one input, like mmseg's get_flops tool.
 
 The network is built on the meta device, so counting a ResNet-101 at 769x769 needs no memory and
-takes no compute: FlopCounterMode counts from shapes (eval mode, no_grad, batch 1).
+takes no compute (`anncli.flops`: eval mode, no_grad, batch 1).
 """
 
 from __future__ import annotations
 
 import json
-import re
 
 import torch
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from anncli.errors import UserError
+from anncli.flops import count_forward_flops
 from anncli.models.ann import build_model
 from anncli.recipe import ModelConfig
+from anncli.sizes import parse_hw
 
 # child attribute -> name shown and written to JSON
 MODULES = {"backbone": "backbone", "afnb": "afnb", "context": "context", "apnb": "apnb",
            "classifier": "classifier", "aux_head": "aux"}
-
-
-def parse_size(text: str) -> tuple[int, int]:
-    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", text or "")
-    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
-        raise UserError(f"--input {text!r}: expected HxW with positive integers, e.g. 769x769")
-    return int(m.group(1)), int(m.group(2))
 
 
 def count_params(module: nn.Module) -> int:
@@ -41,18 +34,8 @@ def module_params(model: nn.Module) -> dict[str, int]:
             if getattr(model, attr, None) is not None}
 
 
-def count_flops(model: nn.Module, size: tuple[int, int]) -> int:
-    """FLOPs of one eval-mode forward at batch 1 (a multiply-add counts 2), on the meta device."""
-    model.eval()
-    x = torch.empty(1, 3, *size, device="meta")
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(x)
-    return int(counter.get_total_flops())
-
-
 def summarize(model: str, backbone: str, classes: int, input_size: str | None, aux: bool) -> dict:
-    size = parse_size(input_size) if input_size is not None else None
+    size = parse_hw(input_size, "--input", "769x769") if input_size is not None else None
     try:
         cfg = ModelConfig(name=model, backbone=backbone, num_classes=classes, aux=aux)
     except ValidationError as e:
@@ -65,7 +48,7 @@ def summarize(model: str, backbone: str, classes: int, input_size: str | None, a
     return {"model": model, "backbone": backbone, "classes": classes, "aux": aux,
             "input": None if size is None else f"{size[0]}x{size[1]}",
             "params": count_params(net), "modules": modules,
-            "flops": None if size is None else count_flops(net, size)}
+            "flops": None if size is None else count_forward_flops(net, torch.empty(1, 3, *size, device="meta"))}
 
 
 def print_summary(model: str, backbone: str, classes: int, input_size: str | None, aux: bool, as_json: bool) -> dict:

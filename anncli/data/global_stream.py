@@ -1,0 +1,289 @@
+"""The world-size-independent training stream: rank r's micro-batches of the global order (data/order.py).
+
+Rank r of W yields, for global micro-batch u = 0, 1, …, the augmented samples at global indices
+`rank_indices(u, …)`. With `num_workers` > 0, worker w builds micro-batches u₀ + w, u₀ + w + n, … and the
+DataLoader hands them out in order, so the batches do not depend on the worker count. A sample's
+augmentation is drawn from `order.augment_rng(index)`: the same crop and flip whatever the rank, worker
+or world size. The position is one number, `next_sample` (global index of the next micro-batch), so a
+checkpoint written by any world resumes on any other whose b·W divides it.
+
+Every reader (one per rank and worker) keeps one forward cursor per lane of the order; it skips the
+samples it does not need by reading tar headers (a seek past the data for local files, a read for
+`pipe:`/http streams), so skipping never decodes. When b·W·num_workers divides the lane count K, each
+lane is read by exactly one reader (rank r's worker w owns the indices ≡ w·b·W + r·b … (mod b·W·workers)),
+so a stream is downloaded once per cycle, plus the head of a shard where a lane starts inside it; otherwise
+readers that share a lane each read it (free for local files, a repeated download for streams). Faults: a sample that cannot be read or decoded (also
+every sample behind the cut of a truncated shard) is counted, warned about (once per shard for a cut),
+and replaced by `order.substitute(index, attempt)`, the same substitute on every world size.
+"""
+
+from __future__ import annotations
+
+import os
+import tarfile
+from typing import Iterator
+
+from anncli.data import shards
+from anncli.data.order import GlobalOrder, check_split, rank_indices
+from anncli.data.loader import identity, loader_items, worker_init
+from anncli.data.manifest import is_remote, load_manifest
+from anncli.data.shards import SampleError
+from anncli.data.stream import DataError, check_skip_bound, log
+from anncli.errors import UserError
+
+_MAX_SUBSTITUTES = 100
+_READ_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
+decode_sample = shards.decode_sample  # module attribute, so tests can count decodes
+
+
+class _ShardEnded(Exception):
+    """The shard holds fewer samples than the manifest says."""
+
+
+def _split_name(name: str) -> tuple[str, str | None]:
+    folder, _, base = name.rpartition("/")
+    stem, dot, field = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), (field if dot else None)
+
+
+class _ShardCursor:
+    """Reads one shard forward, sample by sample; skipped samples cost their tar headers only."""
+
+    def __init__(self, url: str, shard: int):
+        self.url, self.shard, self.index = url, shard, 0
+        if is_remote(url):
+            from webdataset.gopen import gopen  # pipe:, http(s), …
+
+            self._file = gopen(url, "rb")
+            self._tar = tarfile.open(fileobj=self._file, mode="r|")
+        else:
+            self._file = open(url[len("file:"):] if url.startswith("file:") else url, "rb")
+            self._tar = tarfile.open(fileobj=self._file, mode="r:")  # random access: next() seeks past data
+        self._head = self._member()
+
+    def _member(self):
+        while True:
+            info = self._tar.next()
+            if info is None:
+                return None
+            key, field = _split_name(info.name)
+            if info.isreg() and field is not None:
+                return info, key, field
+
+    def _sample(self, keep: bool) -> tuple[str, dict[str, bytes]]:
+        if self._head is None:
+            raise _ShardEnded(f"shard ended after {self.index} samples")
+        key, fields = self._head[1], {}
+        while self._head is not None and self._head[1] == key:
+            info, _, field = self._head
+            if keep:
+                data = self._tar.extractfile(info).read()
+                if len(data) != info.size:
+                    raise tarfile.ReadError(f"unexpected end of data in {info.name}")
+                fields[field] = data
+            self._head = self._member()
+        self.index += 1
+        return key, fields
+
+    def read(self, member: int) -> tuple[str, dict[str, bytes]]:
+        while self.index < member:
+            self._sample(keep=False)
+        return self._sample(keep=True)
+
+    def close(self) -> None:
+        self._tar.close()
+        self._file.close()
+
+
+class _Bad(Exception):
+    """One global sample that cannot be used; the message says why. `quiet`: its shard's cut was warned about."""
+
+    def __init__(self, message: str, quiet: bool = False):
+        super().__init__(message)
+        self.quiet = quiet
+
+
+class SampleReader:
+    """Raw samples by global index for one rank or worker: forward cursors per lane, faults remembered."""
+
+    def __init__(self, urls: list[str], order: GlobalOrder):
+        self.urls, self.order = urls, order
+        self._cursors: dict[tuple, _ShardCursor] = {}
+        self._cut: dict[int, int] = {}  # shard → first sample lost to a cut or read error
+
+    def fetch(self, index: int, slot: tuple | None = None) -> tuple[str, dict[str, bytes]]:
+        loc = self.order.locate([index])
+        cycle, shard, member, lane = (int(loc[k][0]) for k in ("cycle", "shard", "member", "lane"))
+        if member >= self._cut.get(shard, member + 1):
+            raise _Bad(f"{self.urls[shard]}: sample {member} is behind the shard's cut at {self._cut[shard]}",
+                       quiet=True)
+        slot = slot or (cycle, lane)
+        cursor = self._cursors.get(slot)
+        if cursor is None or cursor.shard != shard or cursor.index > member:
+            if cursor is not None:
+                cursor.close()
+            self._drop_old(cycle)
+            cursor = self._cursors[slot] = _ShardCursor(self.urls[shard], shard)
+        try:
+            return cursor.read(member)
+        except (_ShardEnded, *_READ_ERRORS) as e:
+            self._cut[shard] = cursor.index
+            cursor.close()
+            del self._cursors[slot]
+            log.warning("training shard %s is cut after %d samples (%s); the rest of it is skipped",
+                        self.urls[shard], cursor.index, e)
+            raise _Bad(f"{self.urls[shard]}: sample {member} unreadable: {e}") from None
+
+    def _drop_old(self, cycle: int) -> None:
+        for slot in [s for s in self._cursors if isinstance(s[0], int) and s[0] < cycle - 1]:
+            self._cursors.pop(slot).close()
+
+    def close(self) -> None:
+        for cursor in self._cursors.values():
+            cursor.close()
+        self._cursors.clear()
+
+
+class _BatchMaker:
+    """Augmented micro-batches of one rank (or one of its workers) with fault counts."""
+
+    def __init__(self, stream: "GlobalStream"):
+        from anncli.data.transforms import TrainTransform
+
+        self.s = stream
+        self.reader = SampleReader(stream.urls, stream.order)
+        self.transform = TrainTransform(stream.augment)
+        self.seen = self.skipped = 0
+
+    def _sample(self, slot: int):
+        index = slot
+        for attempt in range(_MAX_SUBSTITUTES + 1):
+            self.seen += 1
+            try:
+                key, fields = self.reader.fetch(index, None if index == slot else ("substitute",))
+                image, label = decode_sample(key, fields)
+                return key, image, label
+            except (_Bad, SampleError) as e:
+                self.skipped += 1
+                (log.debug if getattr(e, "quiet", False) else log.warning)("skipping bad training sample %d: %s", index, e)
+                check_skip_bound(self.seen, self.skipped, self.s.max_skip, str(e))
+                index = self.s.order.substitute(slot, attempt)
+        raise DataError(f"no readable substitute for training sample {slot} after {_MAX_SUBSTITUTES} tries")
+
+    def make(self, micro_batch: int) -> dict:
+        import torch
+
+        s = self.s
+        images, labels, keys = [], [], []
+        indices = list(rank_indices(micro_batch, rank=s.rank, world_size=s.world_size, batch_size=s.batch_size))
+        for slot in indices:
+            key, image, label = self._sample(slot)
+            img, lbl = self.transform(image, label, s.order.augment_rng(slot))
+            images.append(img)
+            labels.append(lbl)
+            keys.append(key)
+        return {"image": torch.stack(images), "label": torch.stack(labels), "keys": keys, "indices": indices,
+                "micro_batch": micro_batch, "_faults": (self.seen, self.skipped)}
+
+
+class GlobalStream:
+    """Rank `rank`'s endless micro-batches of the world-size-independent global order.
+
+    `counts` are the manifest's per-shard sample counts (the order is computed from them, no shard is
+    opened for it). Per-rank batch × world size × accumulation steps must equal `effective_batch`.
+    """
+
+    def __init__(self, urls: list[str], counts: list[int], *, augment, batch_size: int, effective_batch: int,
+                 seed: int, rank: int, world_size: int, num_workers: int = 0, lanes: int = 16,
+                 max_skip_fraction: float = 0.01):
+        if not urls or len(urls) != len(counts):
+            raise UserError(f"{len(urls)} training shard(s) but {len(counts)} manifest count(s)")
+        try:
+            self.accum_steps = check_split(effective_batch, world_size, batch_size)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        self.urls, self.augment, self.batch_size = list(urls), augment, batch_size
+        self.effective_batch, self.rank, self.world_size = effective_batch, rank, world_size
+        self.num_workers, self.max_skip = num_workers, max_skip_fraction
+        self.order = GlobalOrder(list(counts), seed=seed, lanes=lanes)
+        self.next_micro_batch = 0
+        self._faults: dict[int, tuple[int, int]] = {}
+
+    @property
+    def samples_seen(self) -> int:
+        return sum(seen for seen, _ in self._faults.values())
+
+    @property
+    def samples_skipped(self) -> int:
+        return sum(skipped for _, skipped in self._faults.values())
+
+    def seek_step(self, step: int) -> None:
+        """Position before optimizer step `step` (no shard is read)."""
+        self.next_micro_batch = step * self.accum_steps
+
+    def state_dict(self) -> dict:
+        """World-size-free position: the global index of the next micro-batch, and the order's fingerprint."""
+        return {"version": 1, "order": self.order.fingerprint(),
+                "next_sample": self.next_micro_batch * self.batch_size * self.world_size,
+                "seen": self.samples_seen, "skipped": self.samples_skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != 1 or state.get("order") != self.order.fingerprint():
+            raise UserError("the data order of the checkpoint differs from this run's (seed, lanes or shard "
+                            "manifest changed); exact resume is impossible")
+        unit = self.batch_size * self.world_size
+        if state["next_sample"] % unit:
+            raise UserError(f"the checkpoint stopped at global sample {state['next_sample']}, not a multiple of "
+                            f"this run's per-rank batch {self.batch_size} x {self.world_size} ranks")
+        self.next_micro_batch = state["next_sample"] // unit
+        self._faults = {-1: (int(state.get("seen", 0)), int(state.get("skipped", 0)))}  # this rank's, so far
+
+    def _accept(self, batch: dict, worker: int) -> dict:
+        if batch["micro_batch"] != self.next_micro_batch:  # the loader's in-order guarantee, checked
+            raise RuntimeError(f"micro-batch {batch['micro_batch']} arrived, {self.next_micro_batch} expected")
+        self._faults[worker] = batch.pop("_faults")
+        self.next_micro_batch += 1
+        return batch
+
+    def __iter__(self) -> Iterator[dict]:
+        if self.num_workers:
+            yield from self._loader(self.next_micro_batch)
+            return
+        maker = _BatchMaker(self)
+        try:
+            while True:
+                yield self._accept(maker.make(self.next_micro_batch), 0)
+        finally:
+            maker.reader.close()
+
+    def _loader(self, first: int) -> Iterator[dict]:
+        import torch
+        import torch.utils.data as tud
+
+        stream, n = self, self.num_workers
+
+        class _Batches(tud.IterableDataset):
+            def __iter__(self):
+                w = tud.get_worker_info().id
+                maker = _BatchMaker(stream)
+                u = first + w
+                while True:
+                    yield w, maker.make(u)
+                    u += n
+
+        loader = tud.DataLoader(_Batches(), batch_size=None, num_workers=n, collate_fn=identity,
+                                worker_init_fn=worker_init, generator=torch.Generator().manual_seed(0))
+        for worker, batch in loader_items(loader):
+            yield self._accept(batch, worker)
+
+
+def manifest_counts(manifest: dict) -> list[int]:
+    """Per-shard sample counts of a manifest, in its shard order (what GlobalOrder needs)."""
+    return [int(s["count"]) for s in manifest["shards"]]
+
+
+def manifest_urls(manifest_file: str | os.PathLike) -> tuple[list[str], list[int]]:
+    """Shard paths beside a manifest file and their counts."""
+    manifest = load_manifest(manifest_file)
+    folder = os.path.dirname(os.fspath(manifest_file))
+    return [os.path.join(folder, s["name"]) for s in manifest["shards"]], manifest_counts(manifest)

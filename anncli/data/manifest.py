@@ -1,0 +1,101 @@
+"""Where a split's shards are: manifests, and shard specifications resolved to URLs.
+
+The manifest `<root>/<dataset>-<split>.json` lists the split's shards beside it, with the classes, the
+palette, the ignore index and the sample count of every shard. A shard specification is a split name (read
+from its manifest), a path, brace pattern, glob or manifest, or a `pipe:` / http(s) URL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from glob import glob
+from pathlib import Path
+
+from braceexpand import braceexpand
+
+from anncli.errors import UserError
+
+
+def manifest_path(root: str | Path, dataset: str, split: str) -> Path:
+    return Path(root) / f"{dataset}-{split}.json"
+
+
+def load_manifest(path: str | Path) -> dict:
+    """Read and check a manifest file; a missing or malformed one is a UserError."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: shard manifest not found (create the shards with `ann data pack` or `ann data synth`)")
+    try:
+        manifest = json.loads(p.read_text())
+        ok = isinstance(manifest["classes"], list) and all(
+            isinstance(s["name"], str) and isinstance(s["count"], int) for s in manifest["shards"]
+        )
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        ok = False
+    if not ok:
+        raise UserError(f"{p}: not a valid shard manifest (expected classes and shards [{{name, count}}])")
+    return manifest
+
+
+def read_manifest(root: str | Path, dataset: str, split: str) -> dict:
+    return load_manifest(manifest_path(root, dataset, split))
+
+
+def _manifest_shards(path: Path) -> list[str]:
+    manifest = load_manifest(path)
+    urls = [str(path.parent / s["name"]) for s in manifest["shards"]]
+    _check_exist(urls, str(path))
+    return urls
+
+
+def _check_exist(paths: list[str], pattern: str) -> None:
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if not paths or len(missing) == len(paths):
+        raise UserError(f"no shard files match {pattern!r}")
+    if missing:
+        raise UserError(f"{len(missing)} of {len(paths)} shard files of {pattern!r} are missing, first: {missing[0]}")
+
+
+def is_remote(spec: str) -> bool:
+    return spec.startswith("pipe:") or re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+://", spec) is not None
+
+
+def expand_paths(root: str | Path, spec: str) -> list[str]:
+    """A path, brace pattern, glob or manifest (relative to root unless absolute; `::` joins lists)."""
+    urls: list[str] = []
+    for piece in spec.split("::"):
+        if is_remote(piece):
+            urls.extend(braceexpand(piece))
+            continue
+        local = []
+        for name in braceexpand(piece):
+            path = name if os.path.isabs(name) else os.path.join(str(root), name)
+            if name.endswith(".json"):
+                local.extend(_manifest_shards(Path(path)))
+            elif any(c in name for c in "*?["):
+                local.extend(sorted(glob(path)))
+            else:
+                local.append(path)
+        _check_exist(local, piece)
+        urls.extend(local)
+    return urls
+
+
+def resolve_urls(root: str, dataset: str, spec: str) -> list[str]:
+    """Shard URLs for a split name (read from its manifest) or a path / brace pattern / pipe: / http(s) URL."""
+    spec = spec.strip()
+    if not spec:
+        raise UserError("empty shard specification")
+    if re.fullmatch(r"[A-Za-z0-9_]+", spec):
+        return _manifest_shards(manifest_path(root, dataset, spec))
+    return expand_paths(root, spec)
+
+
+def write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    text = json.dumps(obj, indent=1)
+    text = re.sub(r"\[\s+(\d+),\s+(\d+),\s+(\d+)\s+\]", r"[\1, \2, \3]", text)  # palette rows on one line
+    tmp.write_text(text + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,69 @@
+"""`ann env`: versions, GPUs, the launch context, SLURM and NCCL/GLOO settings, for bug reports."""
+
+from __future__ import annotations
+
+import os
+import platform
+import socket
+import sys
+from typing import Mapping, Optional
+
+from anncli.launch import NETWORK_PREFIXES, visible_gpus, where_am_i
+
+SLURM_KEYS = ("SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_JOB_NODELIST", "SLURM_JOB_NUM_NODES", "SLURM_STEP_ID",
+              "SLURM_NODEID", "SLURMD_NODENAME", "SLURM_CPUS_PER_TASK", "SLURM_GPUS_ON_NODE", "SLURM_RESTART_COUNT")
+
+
+def _version(dist: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def _torch_lines(env: Mapping[str, str]) -> list[str]:
+    import torch
+
+    lines = [
+        f"torch: {torch.__version__}",
+        f"CUDA: {torch.version.cuda or 'none (CPU build)'}; available: {torch.cuda.is_available()}",
+    ]
+    try:
+        nccl = ".".join(map(str, torch.cuda.nccl.version())) if torch.cuda.is_available() else "n/a (no CUDA)"
+    except Exception as e:  # a build without NCCL
+        nccl = f"n/a ({type(e).__name__})"
+    lines.append(f"NCCL: {nccl}")
+    lines += [f"{name}: {_version(name)}" for name in ("deepspeed", "webdataset", "numpy")]
+    gpus = visible_gpus()
+    lines.append(f"GPUs: {gpus} (CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '(unset)')})")
+    for i in range(gpus):
+        props = torch.cuda.get_device_properties(i)
+        lines.append(f"  cuda:{i}: {props.name}, {props.total_memory / 2**30:.1f} GiB")
+    return lines
+
+
+def environment_lines(env: Mapping[str, str]) -> list[str]:
+    from anncli import __version__
+
+    lines = [
+        f"ann: {__version__}",
+        f"python: {platform.python_version()} ({sys.executable})",
+        f"platform: {platform.platform()}",
+        f"host: {socket.gethostname()}",
+        *_torch_lines(env),
+        f"launch context: {where_am_i(env)}",
+    ]
+    if env.get("SLURM_JOB_ID"):
+        lines.append("SLURM: " + " ".join(f"{k}={env[k]}" for k in SLURM_KEYS if k in env))
+    else:
+        lines.append("SLURM: not inside a SLURM job")
+    net = [f"  {k}={v}" for k, v in sorted(env.items()) if k.startswith(NETWORK_PREFIXES)]
+    lines.append("NCCL/GLOO/distributed variables:" + ("" if net else " (none set)"))
+    return lines + net
+
+
+def print_env(env: Optional[Mapping[str, str]] = None) -> None:
+    """Versions, GPUs, SLURM and network settings: the block to paste into a bug report."""
+    print("\n".join(environment_lines(dict(os.environ if env is None else env))))
