@@ -122,3 +122,22 @@ def test_deepspeed_cpu_op_build_is_announced_once_before_it_starts(tmp_path, mon
     (built / "deepspeed_shm_comm.so").write_bytes(b"")
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "built"))
     assert not announce_shm_build() and capfd.readouterr().err == ""
+
+
+def test_outputs_of_predict_plot_viz_export_and_weights_import_are_checked_before_the_work(tmp_path):
+    """A file where a directory must be: one line naming the option, before any checkpoint or input is read."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    missing = tmp_path / "no-checkpoint"
+    cases = [
+        (["predict", tmp_path, "--checkpoint", missing, "--out", blocker], f"--out {blocker}: is a file"),
+        (["predict", tmp_path, "--model", missing / "m.onnx", "--out", blocker], f"--out {blocker}: is a file"),
+        (["plot", missing, "--out", blocker / "x.png"], f"--out {blocker}: is a file"),
+        (["viz", "attention", tmp_path / "x.png", "--checkpoint", missing, "--pixel", "1,1", "--out", blocker / "a.png"],
+         f"--out {blocker}: is a file"),
+        (["export", "--checkpoint", missing, "--out", tmp_path], f"--out {tmp_path}: is a directory"),
+        (["weights", "import", "mmseg", missing / "w.pth", "--out", blocker / "ckpt"], f"--out {blocker}: is a file"),
+    ]
+    for args, needle in cases:
+        _one_line_exit_2(_ann(*args), needle)
+    assert blocker.read_text() == "not a directory"
