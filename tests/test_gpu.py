@@ -60,7 +60,7 @@ def test_slide_equals_whole_when_the_window_covers_the_image_on_gpu():
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_training_stream_hands_out_pinned_uint8_batches_normalised_on_the_gpu(tmp_path, workers):
-    from anncli.data.shards import resolve_urls
+    from anncli.data.manifest import resolve_urls
     from anncli.data.stream import TrainStream
     from anncli.data.synth import write_synth
     from anncli.data.transforms import normalize_batch
