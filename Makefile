@@ -9,7 +9,7 @@ CONSTRAINTS := $(if $(shell command -v nvidia-smi 2>/dev/null),,-c constraints/c
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 
-.PHONY: install test test-fast test-demo demo bench clean
+.PHONY: install test test-fast test-demo test-chaos demo bench clean
 
 install: $(STAMP)
 
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 
 # Everything that runs without a GPU, the real SLURM cluster included (about 15 minutes on 2 cores).
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not gpu and not demo"
+	$(PY) -m pytest -q -m "not gpu and not demo and not chaos"
 
 # The quick subset (plain `pytest`): no SLURM cluster, no multi-minute runs.
 test-fast: $(STAMP)
@@ -29,6 +29,11 @@ test-fast: $(STAMP)
 # The full demo recipes against the published margin (ANN >= 0.80 mIoU, ANN - FCN >= 0.25).
 test-demo: $(STAMP)
 	$(PY) -m pytest -q -m demo
+
+# Kills random workers of a 2-rank run (DDP and DeepSpeed) under CPU load three times; the run must end
+# bitwise equal to an undisturbed one (several minutes each).
+test-chaos: $(STAMP)
+	$(PY) -m pytest -q -m chaos
 
 # Trains ANN and the FCN baseline on the synthetic long-range set (created on first use), evaluates
 # both, prints their mIoU side by side and draws their curves and per-class IoU. Everything it writes

@@ -120,6 +120,9 @@ def train(
     resume: Annotated[str, typer.Option(help="auto (newest complete checkpoint), never, or a checkpoint path.")] = "auto",
     init_from: Annotated[Optional[Path], typer.Option(help="Load model weights only from this checkpoint.")] = None,
     init_skip: Annotated[Optional[list[str]], typer.Option(help="With --init-from: leave these out (classifier: fine-tune to another class count).")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Start over; move old checkpoints aside (superseded-<time>/).")] = False,
+    allow_recipe_change: Annotated[bool, typer.Option("--allow-recipe-change",
+                                                      help="Resume across recipe changes that break exactness.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and the launch plan (the exact "
                                                             "torchrun/srun command), then exit.")] = False,
     *,
@@ -130,8 +133,8 @@ def train(
     from anncli.plan import describe_plan
     from anncli.train import TrainOptions, run_training
 
-    opts = TrainOptions(recipe_path=str(recipe), work_dir=work_dir, resume=resume, init_from=init_from,
-                        init_skip=tuple(init_skip or ()))
+    opts = TrainOptions(str(recipe), work_dir, resume, init_from, tuple(init_skip or ()), fresh=fresh,
+                        allow_recipe_change=allow_recipe_change)
     describe = functools.partial(describe_plan, r, opts) if dry_run else None
     _start(launch, functools.partial(run_training, r, opts), describe, run_dir=work_dir or Path("runs") / r.name)
 

@@ -225,6 +225,15 @@ def global_batch_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return mean, (m2 / total).clamp(min=0), total
 
 
+def broadcast_object(obj):
+    """Rank 0's picklable `obj` on every rank (one small broadcast); itself in a single process."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 class AllReduceBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics cover the batch of every rank.
 

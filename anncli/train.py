@@ -28,6 +28,8 @@ class TrainOptions:
     resume: str = "auto"
     init_from: Path | None = None
     init_skip: tuple[str, ...] = ()
+    fresh: bool = False  # move the run's checkpoints and events.jsonl aside and start at step 0
+    allow_recipe_change: bool = False  # resume across recipe changes that break exact resume
 
 
 class StopFlag:
@@ -225,12 +227,10 @@ def _set_up(recipe: Recipe, opts: TrainOptions, info, stop: StopFlag) -> _Run:
     t = recipe.train
     checkpointer = Checkpointer(opts.work_dir or default_work_dir(recipe), recipe, info)
     checkpointer.open()
-    resume_from = checkpointer.find(opts.resume)
-    if resume_from is not None and opts.init_from is not None:
-        raise UserError(f"--init-from {opts.init_from} and resuming from {resume_from} exclude each other; pass --resume never")
+    resume_from = checkpointer.find(opts.resume, fresh=opts.fresh, init_from=opts.init_from is not None)
     urls = _prepare_data(recipe, info)
     model = _build_model(recipe, info)
-    if opts.init_from is not None:
+    if opts.init_from is not None and resume_from is None:  # a restarted worker resumes instead
         from anncli.weights import init_from
         init_from(model, opts.init_from, recipe, opts.init_skip)
     engine = build_engine(model, recipe, info)
@@ -240,7 +240,7 @@ def _set_up(recipe: Recipe, opts: TrainOptions, info, stop: StopFlag) -> _Run:
     print(f"[ann] {describe_rank(info)}; run directory {checkpointer.run_dir}", file=sys.stderr, flush=True)
     resumed = None
     if resume_from is not None:
-        resumed = checkpointer.load(resume_from, engine, stream)
+        resumed = checkpointer.load(resume_from, engine, stream, allow_recipe_change=opts.allow_recipe_change)
         events.write("resume", step=resumed.step, checkpoint=str(resume_from), restart=os.environ.get("SLURM_RESTART_COUNT"))
         if info.is_main:
             print(f"[ann] resumed from {resume_from} at step {resumed.step}", file=sys.stderr, flush=True)

@@ -168,6 +168,7 @@ def _with_model(base: Recipe, model: ModelConfig) -> Recipe:
 
 def _write_dir(out: Path, state: dict[str, torch.Tensor], recipe: Recipe, source: dict) -> Path:
     from anncli import checkpoint as ck
+    from anncli.integrity import write_marker
     from anncli.recipe import recipe_to_yaml
 
     if out.exists() and any(out.iterdir()):
@@ -182,7 +183,7 @@ def _write_dir(out: Path, state: dict[str, torch.Tensor], recipe: Recipe, source
     if out.exists():
         out.rmdir()
     os.replace(tmp, out)
-    (out / ck.COMPLETE).write_text("0\n")
+    write_marker(out, step=0)  # checksums of model.pt, state.json and recipe.yaml, like any checkpoint
     return out
 
 
@@ -252,6 +253,7 @@ def inspect(src: Path) -> dict:
 def init_from(model: torch.nn.Module, path: Path, recipe: Recipe, skip: tuple[str, ...] | list[str] = ()) -> None:
     """`ann train --init-from DIR [--init-skip classifier]`: weights only, optionally without the classifiers."""
     from anncli import checkpoint as ck
+    from anncli.integrity import load_torch
 
     bad = [s for s in skip if s not in SKIPPABLE]
     if bad:
@@ -262,7 +264,7 @@ def init_from(model: torch.nn.Module, path: Path, recipe: Recipe, skip: tuple[st
         return
     saved = ck.read_state(path).get("model", {}).get("num_classes", recipe.model.num_classes)
     ck.check_compatible(path, recipe.model_copy(update={"model": recipe.model.model_copy(update={"num_classes": saved})}))
-    full = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+    full = load_torch(path / "model.pt")
     heads = classifier_keys(model)
     dropped = [k for k in full if k in heads]
     state = {k: v for k, v in full.items() if k not in heads}

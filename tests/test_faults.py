@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from anncli import runlock
+from anncli import checkpoint as ck
 from anncli.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +28,7 @@ def test_a_forked_child_does_not_keep_the_run_lock_of_its_dead_parent(tmp_path):
     """A DataLoader worker is a fork of its rank: when the rank is SIGKILLed, the restarted rank must get
     the run directory although the orphaned child still lives."""
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import os, sys, time; from anncli.runlock import lock_run_dir\n"
+        "import os, sys, time; from anncli.checkpoint import lock_run_dir\n"
         f"h = lock_run_dir({str(tmp_path)!r}, 5)\n"
         "child = os.fork()\n"
         "if child == 0:\n"
@@ -39,7 +39,7 @@ def test_a_forked_child_does_not_keep_the_run_lock_of_its_dead_parent(tmp_path):
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()
         assert _alive(child)
-        runlock.lock_run_dir(tmp_path, 2).close()
+        ck.lock_run_dir(tmp_path, 2).close()
     finally:
         os.kill(child, signal.SIGKILL)
 
