@@ -212,7 +212,6 @@ def run_attention_bench(sizes: str, device: str, dtype: str, channels: int, repe
     _print_table(report)
     if json_out is not None:
         json_out = Path(json_out)
-        json_out.parent.mkdir(parents=True, exist_ok=True)
         json_out.write_text(json.dumps(report, indent=2) + "\n")
         Console().print(f"wrote {json_out}")
     return report

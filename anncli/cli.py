@@ -14,8 +14,12 @@ from typing import Annotated, Optional
 import typer
 
 from anncli import cli_tools
+from anncli.cli_common import fail as _fail
+from anncli.cli_common import run as _run
+from anncli.cli_common import run_writing as _run_writing
+from anncli.cli_data import data_app
 from anncli.cli_weights import weights_app
-from anncli.errors import EXIT_USAGE, UserError
+from anncli.paths import check_outputs, writable_dir
 
 app = typer.Typer(
     name="ann",
@@ -26,11 +30,10 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 recipe_app = typer.Typer(help="Check and print recipes.", no_args_is_help=True)
-data_app = typer.Typer(help="Pack, generate and inspect WebDataset shards.", no_args_is_help=True)
 model_app = typer.Typer(help="Model information.", no_args_is_help=True)
 bench_app = typer.Typer(help="Benchmarks that measure and write JSON.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
-app.add_typer(data_app, name="data")
+app.add_typer(data_app, name="data")  # anncli/cli_data.py: `ann data pack|synth|inspect`
 app.add_typer(model_app, name="model")
 app.add_typer(bench_app, name="bench")
 app.add_typer(weights_app, name="weights")  # anncli/cli_weights.py: `ann weights import|inspect`
@@ -60,19 +63,6 @@ LAUNCH_OPTIONS = [
 ]
 
 
-def _fail(message: str) -> None:
-    typer.echo(f"ann: error: {message}", err=True)
-    raise typer.Exit(EXIT_USAGE)
-
-
-def _run(fn, *args, **kwargs):
-    """Call into the library; a UserError becomes one line on stderr and exit code 2."""
-    try:
-        return fn(*args, **kwargs)
-    except UserError as e:
-        _fail(str(e))
-
-
 def _load(recipe: Path, overrides: Optional[list[str]]):
     from anncli.recipe import load_recipe
 
@@ -100,23 +90,26 @@ def _launched(verb: str):
     return decorate
 
 
-def _start(request, in_process, describe=None, preflight=None) -> None:
+def _start(request, in_process, describe=None, preflight=None, run_dir=None, writes=None) -> None:
     """The launch tail of train and eval: plan where the verb runs, then print the plan (`describe`), start
     torchrun/srun (after `preflight(plan)`, which may refuse) and exit with its code, or run `in_process()`
-    here (an int it returns is the exit code)."""
+    here (an int it returns is the exit code). `run_dir` (train's) is made and checked before the work and
+    named after a Ctrl-C; a full or read-only disk under `writes` (or `run_dir`) during the work is one line."""
     from anncli import launch
 
     plan = _run(launch.plan_launch, request)
     if describe is not None:
         _run(describe, plan)
         return
+    if plan.command is not None and preflight is not None:
+        _run(preflight, plan)
+    if run_dir is not None:
+        run_dir = _run(writable_dir, run_dir, "--work-dir")
     if plan.command is not None:
-        if preflight is not None:
-            _run(preflight, plan)
         from anncli.supervisor import execute
 
-        raise typer.Exit(execute(plan))
-    code = _run(in_process)
+        raise typer.Exit(execute(plan, run_dir=None if run_dir is None else str(run_dir)))
+    code = _run_writing(writes or run_dir, in_process)
     raise typer.Exit(code if isinstance(code, int) else 0)
 
 
@@ -145,7 +138,8 @@ def train(
     opts = TrainOptions(str(recipe), work_dir, resume, init_from, tuple(init_skip or ()), fresh=fresh,
                         allow_recipe_change=allow_recipe_change)
     describe = functools.partial(describe_plan, r, opts) if dry_run else None
-    _start(launch, functools.partial(run_training, r, opts), describe, functools.partial(plan_split, r, opts))
+    _start(launch, functools.partial(run_training, r, opts), describe, functools.partial(plan_split, r, opts),
+           run_dir=work_dir or Path("runs") / r.name)
 
 
 @app.command("eval")
@@ -178,7 +172,8 @@ def eval_(
     opts = _run(EvalOptions.from_cli, recipe=r, recipe_path=str(recipe), checkpoint=checkpoint, multiscale=multiscale,
                 scales=scales, flip=flip, mode=mode, crop=crop, stride=stride, merge=merge, split=split,
                 json_out=json_out, save_pred=save_pred, work_dir=work_dir)
-    _start(launch, functools.partial(run_evaluation, r, opts))
+    _run(check_outputs, json_out=opts.json_out, save_pred=opts.save_pred)  # before the work, not after it
+    _start(launch, functools.partial(run_evaluation, r, opts), writes=opts.save_pred or opts.json_out)
 
 
 @app.command()
@@ -199,14 +194,16 @@ def predict(
             _fail("--model runs the exported file as it is: drop --checkpoint, --recipe, --set, --multiscale, --flip and --format")
         from anncli.onnx_predict import run_onnx_predict
 
-        _run(run_onnx_predict, images, model, out)
+        _run(check_outputs, out=out)
+        _run_writing(out, run_onnx_predict, images, model, out)
         return
     if checkpoint is None:
         _fail("give --checkpoint DIR (or --model FILE.onnx)")
     from anncli.predict import run_predict
 
-    _run(run_predict, images=images, checkpoint=checkpoint, out=out, recipe_path=recipe, overrides=set_ or [],
-         multiscale=multiscale, flip=flip, fmt=fmt)
+    _run(check_outputs, out=out)
+    _run_writing(out, run_predict, images=images, checkpoint=checkpoint, out=out, recipe_path=recipe,
+                 overrides=set_ or [], multiscale=multiscale, flip=flip, fmt=fmt)
 
 
 # plot, viz and export live in cli_tools.py (torch-free too); registered here, after predict.
@@ -229,50 +226,6 @@ def recipe_show(recipe: RecipeArg, set_: SetOpt = None) -> None:
     from anncli.recipe import recipe_to_yaml
 
     typer.echo(recipe_to_yaml(_load(recipe, set_)), nl=False)
-
-
-@data_app.command("pack")
-def data_pack(
-    dataset: Annotated[str, typer.Argument(help="cityscapes, ade20k, pascal-context or voc12aug.")],
-    root: Annotated[Path, typer.Argument(help="Dataset root in its official layout.")],
-    out: Annotated[Path, typer.Argument(help="Output directory for shards and manifest.")],
-    split: Annotated[str, typer.Option(help="Split to pack (cityscapes train|val|test, ade20k training|validation, pascal-context train|val, voc12aug train|val).")],
-    max_samples: Annotated[int, typer.Option(min=1, help="Samples per shard at most.")] = 100,
-    max_size: Annotated[float, typer.Option(help="Bytes per shard at most.")] = 1e9,
-    skip_missing: Annotated[bool, typer.Option("--skip-missing", help="Skip images without labels instead of failing.")] = False,
-    seed: Annotated[int, typer.Option(help="Seed of the shuffled order of train shards.")] = 0,
-) -> None:
-    """Pack a dataset in its official layout into WebDataset shards with a manifest."""
-    from anncli.data.datasets import pack_dataset
-
-    _run(pack_dataset, dataset, root, out, split=split, max_samples=max_samples, max_size=int(max_size),
-         skip_missing=skip_missing, seed=seed)
-
-
-@data_app.command("synth")
-def data_synth(
-    out: Annotated[Path, typer.Argument(help="Output directory.")],
-    train: Annotated[int, typer.Option(min=0, help="Training samples.")] = 2048,
-    val: Annotated[int, typer.Option(min=0, help="Validation samples.")] = 256,
-    size: Annotated[str, typer.Option(help="Image size HxW.")] = "64x128",
-    seed: Annotated[int, typer.Option(help="Seed; the same seed gives identical bytes.")] = 0,
-    max_samples: Annotated[int, typer.Option(min=1, help="Samples per shard at most.")] = 256,
-) -> None:
-    """Write the synthetic long-range dataset (a distant key decides the class of grey squares)."""
-    from anncli.data.synth import write_synth
-
-    _run(write_synth, out, train=train, val=val, size=size, seed=seed, max_samples=max_samples)
-
-
-@data_app.command("inspect")
-def data_inspect(
-    shards: Annotated[str, typer.Argument(help="Shard path, brace pattern, or manifest JSON.")],
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-) -> None:
-    """Counts, image sizes and per-class pixel histogram of shards."""
-    from anncli.data.inspect import inspect_shards
-
-    _run(inspect_shards, shards, as_json=json_out)
 
 
 @model_app.command("summary")
@@ -301,6 +254,7 @@ def bench_attention(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write results JSON here.")] = None,
 ) -> None:
     """APNB vs plain non-local block: FLOPs, peak memory, time (the paper's efficiency table)."""
+    _run(check_outputs, json_out=json_out)
     from anncli.bench import run_attention_bench
 
     _run(run_attention_bench, sizes=sizes, device=device, dtype=dtype, channels=channels, repeats=repeats,

@@ -10,21 +10,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from anncli.errors import EXIT_USAGE, UserError
+from anncli.cli_common import run as _run
+from anncli.cli_common import run_writing as _run_writing
+from anncli.paths import check_outputs
 
 viz_app = typer.Typer(help="Pictures of what the model does inside.", no_args_is_help=True)
 SetOpt = Annotated[
     Optional[list[str]], typer.Option("--set", help="Override a recipe key, e.g. --set model.num_classes=5 (repeatable).")
 ]
-
-
-def _run(fn, *args, **kwargs):
-    """Call into the library; a UserError becomes one line on stderr and exit code 2 (as in cli.py)."""
-    try:
-        return fn(*args, **kwargs)
-    except UserError as e:
-        typer.echo(f"ann: error: {e}", err=True)
-        raise typer.Exit(EXIT_USAGE) from None
 
 
 def plot(
@@ -34,7 +27,8 @@ def plot(
     """Training curves of runs overlaid (loss, aux loss, LR, img/s, val mIoU), or per-class IoU bars."""
     from anncli.plot import run_plot
 
-    _run(run_plot, inputs, out)
+    _run(check_outputs, out_file=out)
+    _run_writing(out, run_plot, inputs, out)
 
 
 @viz_app.command("attention")
@@ -49,7 +43,8 @@ def viz_attention(
     """Where one pixel looks: APNB and AFNB anchor weights (scales 1, 3, 6, 8) mapped onto the image."""
     from anncli.viz import run_viz_attention
 
-    _run(run_viz_attention, checkpoint, image, pixel, out, recipe_path=recipe, overrides=set_ or [])
+    _run(check_outputs, out_file=out)
+    _run_writing(out, run_viz_attention, checkpoint, image, pixel, out, recipe_path=recipe, overrides=set_ or [])
 
 
 def export(
@@ -64,4 +59,5 @@ def export(
     """Export a checkpoint to ONNX or TorchScript, checked against the eager model (max abs diff <= 1e-3)."""
     from anncli.export import run_export
 
-    _run(run_export, checkpoint, fmt, out, size=size, dynamic=dynamic, recipe_path=recipe, overrides=set_ or [])
+    _run(check_outputs, out_file=out)
+    _run_writing(out, run_export, checkpoint, fmt, out, size=size, dynamic=dynamic, recipe_path=recipe, overrides=set_ or [])

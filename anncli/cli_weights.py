@@ -10,19 +10,12 @@ from typing import Annotated, Optional
 
 import typer
 
-from anncli.errors import EXIT_USAGE, UserError
+from anncli.cli_common import run as _run
+from anncli.cli_common import run_writing as _run_writing
+from anncli.paths import writable_dir
 
 weights_app = typer.Typer(help="Import and inspect checkpoints of the official code and mmsegmentation.",
                           no_args_is_help=True)
-
-
-def _run(fn, *args, **kwargs):
-    """As in cli.py: a UserError becomes one line on stderr and exit code 2."""
-    try:
-        return fn(*args, **kwargs)
-    except UserError as e:
-        typer.echo(f"ann: error: {e}", err=True)
-        raise typer.Exit(EXIT_USAGE) from None
 
 
 @weights_app.command("import")
@@ -36,7 +29,8 @@ def weights_import(
     """Write an ann checkpoint directory from an official or mmseg ANN checkpoint."""
     from anncli.weights import import_checkpoint
 
-    _run(import_checkpoint, fmt, src, out, recipe_path=recipe, classes=classes)
+    _run(writable_dir, out.parent, "--out")  # the directory itself is written whole, by a rename
+    _run_writing(out, import_checkpoint, fmt, src, out, recipe_path=recipe, classes=classes)
 
 
 @weights_app.command("inspect")

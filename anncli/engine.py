@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import sys
 from pathlib import Path
 
 import torch
@@ -145,6 +146,23 @@ def _single_process_env() -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 
 
+def announce_shm_build() -> bool:
+    """One line before DeepSpeed's silent first-run compile of its CPU op (about a minute on 2 cores)."""
+    from glob import glob
+
+    from deepspeed.git_version_info import installed_ops
+    from torch.utils.cpp_extension import _get_build_directory
+
+    if installed_ops.get("deepspeed_shm_comm"):
+        return False
+    where = _get_build_directory("deepspeed_shm_comm", verbose=False)
+    if glob(os.path.join(where, "*.so")):
+        return False
+    print(f"[ann] building DeepSpeed's CPU communication op (deepspeed_shm_comm) in {where}: about a minute, "
+          "once per machine and torch version (TORCH_EXTENSIONS_DIR)", file=sys.stderr, flush=True)
+    return True
+
+
 class DeepSpeedEngine(_Engine):
     """Checkpoints hold one world-free file, `zero.pt` (anncli.zero_state): the ZeRO partitions gathered into
     full fp32 weights and optimizer states, loadable by any world size with `torch.load(weights_only=True)`."""
@@ -157,6 +175,8 @@ class DeepSpeedEngine(_Engine):
         import deepspeed
 
         _single_process_env()
+        if info.device.type == "cpu" and info.local_rank == 0:
+            announce_shm_build()
         deepspeed.init_distributed(dist_backend="nccl" if info.device.type == "cuda" else "gloo")
         self.info = info
         self.module = model

@@ -173,10 +173,8 @@ def run_evaluation(recipe, opts: EvalOptions) -> dict:
     from anncli import distributed
 
     info = distributed.init_distributed()
-    try:
+    with distributed.rank_session(info):
         return _run(recipe, opts, info)
-    finally:
-        distributed.teardown()
 
 
 def _run(recipe, opts: EvalOptions, info) -> dict:
@@ -196,7 +194,6 @@ def _run(recipe, opts: EvalOptions, info) -> dict:
     if info.is_main:
         _print_report(report)
         if opts.json_out is not None:
-            Path(opts.json_out).parent.mkdir(parents=True, exist_ok=True)
             Path(opts.json_out).write_text(json.dumps(json_safe(report), indent=2) + "\n")
     return report
 

@@ -111,11 +111,25 @@ def _int_env(env: Mapping[str, str], name: str, default: int) -> int:
     return value
 
 
-def child_env(env: Mapping[str, str]) -> dict[str, str]:
-    """The full environment of a started command: everything inherited (NCCL_*/GLOO_* included)."""
+def child_env(env: Mapping[str, str], nproc: Optional[int] = None) -> dict[str, str]:
+    """The full environment of a started command: everything inherited (NCCL_*/GLOO_* included).
+
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: by default torchrun's c10d rendezvous hands its own TCPStore to
+    the workers and keeps it across worker-group restarts, while the workers' process group uses the
+    same keys in every attempt ("default_pg/0/…"). A restarted rank that reaches connectFullMesh before
+    its peer has re-published its address reads the dead peer's address of the previous attempt and
+    fails with "Connection refused" (pytorch/pytorch#135712) — likely on a busy machine, where the
+    restarted ranks start seconds apart. Unshared, each attempt's rank 0 hosts a fresh store.
+
+    OMP_NUM_THREADS (workers only, when not set): the cores divided among the node's processes;
+    torchrun would otherwise pick 1 and print a banner about it.
+    """
     out = dict(env)
     out["PYTHONFAULTHANDLER"] = "1"
     out.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    out.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
+    if nproc is not None and not env.get("OMP_NUM_THREADS"):
+        out["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // nproc))
     return out
 
 
@@ -153,7 +167,9 @@ def _describe(plan: LaunchPlan, what: str) -> LaunchPlan:
     if plan.command is not None:
         plan.lines.append(shlex.join(a for a in plan.command if a != "--dry-run"))
         net = [f"{k}={v}" for k, v in sorted(plan.env.items()) if k.startswith(NETWORK_PREFIXES)]
-        plan.lines.append("environment: PYTHONFAULTHANDLER=1 " + " ".join(net))
+        fixed = [f"{k}={plan.env[k]}" for k in ("PYTHONFAULTHANDLER", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "OMP_NUM_THREADS")
+                 if k in plan.env]
+        plan.lines.append("environment: " + " ".join(fixed + net))
     return plan
 
 
@@ -201,7 +217,7 @@ def _slurm_step_plan(req: LaunchRequest, env: Mapping[str, str], scontrol: Scont
         port = _int_env(env, "ANN_RDZV_PORT", 20000 + int(job) % 10000 if job.isdigit() else 29500)
         endpoint, where = f"{addr}:{port}", f"head node {head}"
     cmd = _torchrun(req.argv, env, nnodes, nproc, req.max_restarts, endpoint, rdzv_id=job)
-    plan = LaunchPlan("torchrun-node", cmd, child_env(env), nnodes * nproc, nnodes, nproc, endpoint)
+    plan = LaunchPlan("torchrun-node", cmd, child_env(env, nproc), nnodes * nproc, nnodes, nproc, endpoint)
     node = env.get("SLURMD_NODENAME", socket.gethostname())
     return _describe(plan, f"torchrun agent on SLURM node {node}, c10d rendezvous at {endpoint} ({where}), id {job}")
 
@@ -234,12 +250,12 @@ def _plain_plan(req: LaunchRequest, env: Mapping[str, str], nproc: int) -> Launc
         rdzv_id = env.get("ANN_RDZV_ID") or "ann"
         # No --node-rank for torchrun: c10d assigns node ranks by arrival (torchrun ignores it and warns).
         cmd = _torchrun(req.argv, env, nnodes, nproc, req.max_restarts, req.rdzv_endpoint, rdzv_id)
-        plan = LaunchPlan("torchrun-node", cmd, child_env(env), nnodes * nproc, nnodes, nproc, req.rdzv_endpoint)
+        plan = LaunchPlan("torchrun-node", cmd, child_env(env, nproc), nnodes * nproc, nnodes, nproc, req.rdzv_endpoint)
         return _describe(plan, f"torchrun agent, c10d rendezvous at {req.rdzv_endpoint} (id {rdzv_id}, node ranks "
                                "assigned by the rendezvous)")
     if nproc > 1:
         cmd = _torchrun(req.argv, env, 1, nproc, req.max_restarts)
-        return _describe(LaunchPlan("torchrun-standalone", cmd, child_env(env), nproc, 1, nproc), "torchrun --standalone")
+        return _describe(LaunchPlan("torchrun-standalone", cmd, child_env(env, nproc), nproc, 1, nproc), "torchrun --standalone")
     return _describe(LaunchPlan("in-process", None, dict(env), 1, 1, 1), "in this process")
 
 

@@ -226,18 +226,52 @@ def _format_error(source: str, err: ValidationError) -> str:
     return f"{source}: {key}: {msg}{detail}{more}"
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key, mark):
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.problem_mark = key, mark
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML would silently keep the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise _DuplicateKey(key, key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_tree(p: Path, source: str):
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"{source}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8") from None
+    except OSError as e:
+        raise RecipeError(f"{source}: cannot read: {e.strerror}") from None
+    try:
+        tree = yaml.load(text, Loader=_StrictLoader)
+    except _DuplicateKey as e:
+        raise RecipeError(f"{source}: key {e.key!r} given twice (line {e.problem_mark.line + 1})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"{source}: not valid YAML{where}") from None
+    if tree is None:
+        raise RecipeError(f"{source}: the recipe is empty; it needs at least the sections it changes")
+    return tree
+
+
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, override and validate a recipe; every problem is one `RecipeError` line."""
     source = str(path)
     p = Path(path)
     if not p.is_file():
         raise RecipeError(f"{source}: recipe file not found")
-    try:
-        tree = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise RecipeError(f"{source}: not valid YAML{where}") from None
+    tree = _read_tree(p, source)
     if not isinstance(tree, dict):
         raise RecipeError(f"{source}: expected a mapping of sections at the top level")
     tree.setdefault("name", p.stem)

@@ -16,21 +16,16 @@ from pathlib import Path
 from anncli.errors import UserError
 from anncli.integrity import MARKER, DamagedCheckpoint, verify
 
-# Recipe keys whose change keeps a resume meaningful: bookkeeping, evaluation, and where the data lies.
-# `train.iters` stretches the poly LR schedule from the resumed step on, which is the usual way to train
-# longer. `train.batch_size` and `train.accum_steps` only choose how the effective batch is split (a resume
-# keeps the checkpoint's effective batch, plan.run_split), so they are harmless as long as the recipe's
-# effective batch stays the same (`recipe_changes` checks). `data.num_workers` no longer changes the samples:
-# workers read the world-size-free global order by micro-batch (data/global_stream.py). Every other key
-# (model, seed, precision, optimizer, LR, loss, augmentation, data set and its order, engine, ZeRO stage)
-# changes what the next steps compute, so a resume across it is refused without --allow-recipe-change.
-# A key the recipe schema no longer has (e.g. data.shuffle_buffer of older checkpoints) is harmless.
+# Recipe keys whose change keeps a resume meaningful: bookkeeping, evaluation, where the data lies, the
+# worker count (workers read the world-free global order, data/global_stream.py), and the split of an
+# unchanged effective batch (plan.run_split). Every other key changes what the next steps compute and is
+# refused without --allow-recipe-change; keys the schema dropped (data.shuffle_buffer) are harmless.
+# `train.iters` stretches the poly LR schedule from the resumed step on (the usual way to train longer).
 RESUME_SAFE_KEYS = (
     "name", "train.iters", "train.checkpoint_every", "train.keep_last", "train.val_every", "train.log_every",
     "train.max_bad_steps", "train.tensorboard", "train.trace_samples", "train.batch_size", "train.accum_steps",
     "data.root", "data.val", "data.num_workers", "data.max_skip_fraction", "model.pretrained", "eval.",
 )
-_SPLIT_KEYS = ("train.batch_size", "train.accum_steps")
 LAUNCH_FILE = ".launch"
 
 
@@ -193,12 +188,9 @@ def record_launch(run_dir: Path) -> None:
 
 
 def _flatten(tree, prefix: str = "") -> dict:
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-        return out
-    return {prefix[:-1]: tree}
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
+    return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()}
 
 
 def recipe_changes(saved_yaml: str, current_yaml: str) -> tuple[list[str], list[str]]:
@@ -213,7 +205,7 @@ def recipe_changes(saved_yaml: str, current_yaml: str) -> tuple[list[str], list[
         if old.get(key) != new.get(key):
             line = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
             safe = any(key == s or (s.endswith(".") and key.startswith(s)) for s in RESUME_SAFE_KEYS)
-            if key in _SPLIT_KEYS and not same_effective:
+            if key in ("train.batch_size", "train.accum_steps") and not same_effective:
                 safe, line = False, f"{line} (the recipe's effective batch changes)"
             elif _removed(new, key):
                 safe, line = True, f"{key}: {old[key]!r} (no longer a recipe key)"
@@ -221,14 +213,13 @@ def recipe_changes(saved_yaml: str, current_yaml: str) -> tuple[list[str], list[
     return harmless, breaking
 
 
-def _effective_batch(flat: dict):
-    t = [flat.get(f"train.{k}", 1) for k in ("batch_size", "world_size", "accum_steps")]
-    return t[0] * t[1] * t[2] if all(isinstance(v, int) for v in t) else None
+def _effective_batch(flat: dict) -> int:
+    b, w, a = (flat.get(f"train.{k}") or 0 for k in ("batch_size", "world_size", "accum_steps"))
+    return b * w * a
 
 
 def _removed(flat: dict, key: str) -> bool:
-    """`key` is no recipe key any more: absent from the full dump `flat`, and neither a section now set to
-    null (a parent is a leaf) nor a leaf that became a section (a child is a key)."""
+    """Not in the full dump `flat`, neither under a section now null nor a leaf that became a section."""
     parts = key.split(".")
     return (key not in flat and not any(".".join(parts[:n]) in flat for n in range(1, len(parts)))
             and not any(k.startswith(key + ".") for k in flat))
@@ -249,11 +240,35 @@ def check_recipe_change(path: Path, saved_yaml: str, current_yaml: str, allow: b
 # --- the run lock ---------------------------------------------------------------------------------
 
 
+_HELD_LOCKS: list = []  # open lock files of this process, released in every forked child
+
+
+def _release_locks_in_child() -> None:
+    """In a forked child (a DataLoader worker): point the inherited lock descriptors at /dev/null.
+
+    flock belongs to the open file: a child that kept its copy of the descriptor would hold the run
+    lock after its rank died, and the restarted rank would wait for it. dup2 closes the child's copy
+    while the descriptor number stays valid, so nothing in the child can close an unrelated file.
+    """
+    for handle in list(_HELD_LOCKS):
+        try:
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, handle.fileno())
+            os.close(null)
+        except (OSError, ValueError):
+            pass
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_release_locks_in_child)
+
+
 def lock_run_dir(run_dir: Path, timeout_s: float):
     """Hold `<run>/.lock` for this process's lifetime, so that two trainings never share a run directory.
 
     A run that was just killed may still be saving (its workers got SIGTERM); wait for it up to
-    `timeout_s`, then fail with a line naming the holder. The kernel drops the lock when the holder dies.
+    `timeout_s`, then fail with a line naming the holder. The kernel drops the lock when the holder dies;
+    forked children do not keep it (see _release_locks_in_child).
     """
     import fcntl
 
@@ -280,4 +295,5 @@ def lock_run_dir(run_dir: Path, timeout_s: float):
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
     handle.flush()
+    _HELD_LOCKS.append(handle)
     return handle

@@ -3,7 +3,7 @@
 The child runs in its own process group and dies with `ann`; SIGTERM/SIGUSR1/SIGINT sent to `ann` are
 forwarded to it (except inside an srun step, where slurmstepd signals every process itself). Its exit
 becomes `ann`'s exit code; a run stopped by a preemption signal exits with EXIT_PREEMPTED, which the
-SLURM template requeues on.
+SLURM template requeues on. Ctrl-C stops the whole tree at once and names the last complete checkpoint.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import signal
 import socket
 import subprocess
 import sys
+
+from typing import Optional
 
 from anncli.errors import EXIT_PREEMPTED, UserError
 from anncli.launch import DEFAULT_RDZV_TIMEOUT, LaunchPlan
@@ -34,10 +36,13 @@ def _terminate_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
 
 
-def execute(plan: LaunchPlan) -> int:
-    """Start the planned command, forward SIGTERM/SIGUSR1/SIGINT to it, return the exit code for `ann`.
+def execute(plan: LaunchPlan, run_dir: Optional[str] = None) -> int:
+    """Start the planned command, forward SIGTERM/SIGUSR1 to it, return the exit code for `ann`.
 
     The child runs in its own process group, so a Ctrl-C at the terminal reaches it only through here.
+    Ctrl-C (SIGINT) stops torchrun and every process below it at once with SIGKILL, which prints nothing
+    (torchrun would print a 30-line SignalException and every rank a KeyboardInterrupt); checkpoints are
+    atomic, so the newest complete one under `run_dir` is intact: `ann` names it and exits with 130.
 
     A run stopped by SIGTERM/SIGUSR1 returns EXIT_PREEMPTED, so the SLURM template requeues it and
     `--resume auto` continues from the newest complete checkpoint.
@@ -60,6 +65,9 @@ def execute(plan: LaunchPlan) -> int:
     def forward(signum, _frame):
         received.append(signum)
         if not in_step:
+            if signum == signal.SIGINT:
+                _kill_tree(child.pid)
+                return
             try:
                 os.killpg(child.pid, signum)
             except ProcessLookupError:
@@ -74,10 +82,51 @@ def execute(plan: LaunchPlan) -> int:
         preempted = any(s in PREEMPTION_SIGNALS for s in received)
         for s, handler in previous.items():
             signal.signal(s, signal.SIG_IGN if preempted and s in PREEMPTION_SIGNALS else handler)
-    return _exit_code(plan, rc, received, host)
+    return _exit_code(plan, rc, received, host, run_dir)
 
 
-def _exit_code(plan: LaunchPlan, rc: int, received: list[int], host: str) -> int:
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (Linux /proc), found before any of them is killed and reparented."""
+    found, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            tasks = os.listdir(f"/proc/{p}/task")
+        except OSError:
+            continue
+        for t in tasks:
+            try:
+                with open(f"/proc/{p}/task/{t}/children") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except OSError:
+                continue
+            found += kids
+            todo += kids
+    return found
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL torchrun and everything below it: its workers run in sessions of their own."""
+    for p in [pid, *_descendants(pid)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _interrupted(run_dir: Optional[str]) -> int:
+    line = "ann: interrupted"
+    if run_dir is not None:
+        from anncli.checkpoint import latest_checkpoint
+
+        last = latest_checkpoint(run_dir)
+        line += (f"; last complete checkpoint: {last} (--resume auto continues from it)" if last else
+                 f"; no complete checkpoint in {run_dir} yet")
+    print(line, file=sys.stderr, flush=True)
+    return 130
+
+
+def _exit_code(plan: LaunchPlan, rc: int, received: list[int], host: str, run_dir: Optional[str] = None) -> int:
     if rc < 0:
         rc = 128 - rc
     if rc == 0:
@@ -88,7 +137,7 @@ def _exit_code(plan: LaunchPlan, rc: int, received: list[int], host: str) -> int
               "(requeue; --resume auto continues from the newest complete checkpoint)", file=sys.stderr, flush=True)
         return EXIT_PREEMPTED
     if signal.SIGINT in received:
-        return 130
+        return _interrupted(run_dir)
     hint = "the failing rank and its host are listed under 'Root Cause' above"
     if plan.kind == "srun":
         hint = "srun names the failing task and node above"

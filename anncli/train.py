@@ -85,19 +85,17 @@ class _Run:
 
 def run_training(recipe: Recipe, opts: TrainOptions) -> int:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
-    from anncli.distributed import init_distributed, teardown
+    from anncli.distributed import init_distributed, rank_session
 
     faulthandler.enable()
     stop = StopFlag()
     info = init_distributed()
-    try:
+    with rank_session(info):  # a rank that raises stops every rank within seconds, never a barrier
         run = _set_up(recipe, opts, info, stop)
         try:
             return _loop(run)
         finally:
             run.close()
-    finally:
-        teardown()
 
 
 # --- the loop -------------------------------------------------------------------------------------

@@ -51,3 +51,17 @@ def tiny_overrides(data_root: Path, **changes) -> list[str]:
 @pytest.fixture
 def synth_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("synth")
+
+
+@pytest.fixture
+def busy_cpus():
+    """Keep every core busy with another process for the duration of the test (restarts under load)."""
+    spin = "import os, signal; signal.signal(signal.SIGTERM, lambda *a: os._exit(0))\nwhile True: pass"
+    procs = [subprocess.Popen([sys.executable, "-c", spin]) for _ in range(os.cpu_count() or 2)]
+    try:
+        yield procs
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=30)

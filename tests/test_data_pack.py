@@ -190,3 +190,32 @@ def test_cli_inspect_json(tmp_path):
     assert len(by_name) == 19 and sum(by_name.values()) + report["ignore_pixels"] == 3 * H * W
     r = _cli("data", "inspect", str(tmp_path / "out" / "cityscapes-val-{000000..000003}.tar"))
     assert r.returncode == 2 and "cityscapes-val-{000000..000003}.tar" in r.stderr
+
+
+def test_cli_inspect_exits_1_and_lists_problems_readably(tmp_path):
+    """A non-image member and a truncated shard: exit 1, one plain line per problem, no object reprs."""
+    import io
+    import tarfile
+
+    make_cityscapes(tmp_path / "cs", n=3)
+    datasets.pack_dataset("cityscapes", tmp_path / "cs", tmp_path / "out", split="train", max_samples=2)
+    first, second = tmp_path / "out" / "cityscapes-train-000000.tar", tmp_path / "out" / "cityscapes-train-000001.tar"
+    with tarfile.open(first) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    with tarfile.open(first, "w") as tf:
+        for m, data in members:
+            if m.name.endswith(".img.png") and m.name.startswith(members[0][0].name.split(".")[0]):
+                data = b"this is not an image"
+                m.size = len(data)
+            tf.addfile(m, io.BytesIO(data))
+    second.write_bytes(second.read_bytes()[:700])  # cut inside the first member
+    r = _cli("data", "inspect", str(tmp_path / "out" / "cityscapes-train-{000000..000001}.tar"))
+    assert r.returncode == 1, r.stdout + r.stderr
+    lines = [line for line in r.stdout.splitlines() if line.startswith("problem: ")]
+    assert len(lines) == 3, r.stdout
+    assert "img.png is not a readable image (20 bytes, starts 74 68 69 73" in lines[0] and str(first) in lines[0]
+    assert str(second) in lines[1] and "unreadable after 0 samples: unexpected end of data" in lines[1]
+    assert lines[2].endswith("0 samples, manifest says 1")
+    assert "_io.BytesIO" not in r.stdout and "3 problem(s)" in r.stdout
+    j = _cli("data", "inspect", str(tmp_path / "out" / "cityscapes-train-{000000..000001}.tar"), "--json")
+    assert j.returncode == 1 and len(json.loads(j.stdout)["problems"]) == 3

@@ -84,6 +84,15 @@ def test_standalone_torchrun_for_several_processes_on_one_node():
     assert any("NCCL_SOCKET_IFNAME=eth0" in line for line in plan.lines)
 
 
+def test_workers_get_a_fresh_store_per_restart_and_explicit_threads():
+    plan = plan_launch(req(nproc_per_node=2), env={}, gpus=lambda: 0)
+    assert plan.env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"  # see launch.child_env
+    assert plan.env["OMP_NUM_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) // 2))
+    assert any("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in line for line in plan.lines)
+    kept = plan_launch(req(nproc_per_node=2), env={"OMP_NUM_THREADS": "3"}, gpus=lambda: 0)
+    assert kept.env["OMP_NUM_THREADS"] == "3"
+
+
 def test_torch_extensions_dir_is_kept_when_set():
     plan = plan_launch(req(nproc_per_node=2), env={"TORCH_EXTENSIONS_DIR": "/cache/ext"}, gpus=lambda: 0)
     assert plan.env["TORCH_EXTENSIONS_DIR"] == "/cache/ext"

@@ -104,7 +104,8 @@ def test_killed_worker_ends_the_job_with_a_message_naming_the_rank(synth, tmp_pa
 
 
 @pytest.mark.slow
-def test_max_restarts_restarts_the_workers_from_the_last_checkpoint(synth, tmp_path):
+def test_max_restarts_restarts_the_workers_from_the_last_checkpoint(synth, tmp_path, busy_cpus):
+    """With every core busy in another process, as on a node whose data workers are busy."""
     log, work = tmp_path / "train.log", tmp_path / "run"
     proc = start(train_cmd(synth, work, 16, 4, "--nproc-per-node", "2", "--max-restarts", "1"), log)
     wait_for(lambda: checkpoints(work) and worker_pid(log, 1), "the first checkpoint", procs=[proc])
@@ -114,3 +115,114 @@ def test_max_restarts_restarts_the_workers_from_the_last_checkpoint(synth, tmp_p
     assert code == 0, out[-3000:]
     assert re.search(r"\[ann\] resumed from \S+step-0000(0[4-9]|1[0-2]) at step", out), out[-3000:]
     assert checkpoints(work)[-1] == "step-000016"
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out += [int(c) for c in (task / "children").read_text().split()]
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return out
+
+
+def _rank_of(pid: int) -> str | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    return next((e[5:].decode() for e in env if e.startswith(b"RANK=")), None)
+
+
+@pytest.mark.slow
+def test_restarted_ranks_that_start_seconds_apart_still_form_the_world(synth, tmp_path, busy_cpus):
+    """A busy node deschedules one restarted rank for seconds; the other must wait for it, not read
+    the dead previous rank's address (gloo "connectFullMesh failed … Connection refused")."""
+    log, work = tmp_path / "train.log", tmp_path / "run"
+    proc = start(train_cmd(synth, work, 12, 4, "--nproc-per-node", "2", "--max-restarts", "1"), log)
+    wait_for(lambda: checkpoints(work) and worker_pid(log, 1), "the first checkpoint", procs=[proc])
+    agent = _children(proc.pid)[0]
+    first = set(_children(agent))
+    os.kill(worker_pid(log, 1), signal.SIGKILL)
+    late: list[int] = []
+
+    def restarted_rank1() -> bool:
+        late[:] = [p for p in _children(agent) if p not in first and _rank_of(p) == "1"]
+        return bool(late)
+
+    wait_for(restarted_rank1, "the restarted rank 1", procs=[proc], timeout=120)
+    os.kill(late[0], signal.SIGSTOP)  # as if the scheduler gave it no time for 15 s
+    time.sleep(15)
+    os.kill(late[0], signal.SIGCONT)
+    code = proc.wait(timeout=900)
+    out = log.read_text()
+    assert code == 0, out[-3000:]
+    assert "connectFullMesh failed" not in out
+    assert re.search(r"\[ann\] resumed from \S+step-0000(0[4-9]|1[0-1]) at step", out), out[-3000:]
+    assert checkpoints(work)[-1] == "step-000012"
+
+
+@pytest.mark.slow
+def test_killed_rank_0_takes_its_data_workers_and_leaves_the_run_lock(synth, tmp_path, busy_cpus):
+    """The dead rank's DataLoader workers die with it and do not hold the run lock it had, so the
+    restarted rank 0 gets the run directory at once."""
+    log, work = tmp_path / "train.log", tmp_path / "run"
+    cmd = train_cmd(synth, work, 12, 4, "--nproc-per-node", "2", "--max-restarts", "1",
+                    "--set", "data.num_workers=2")
+    proc = start(cmd, log, ANN_LOCK_TIMEOUT="30")
+    wait_for(lambda: checkpoints(work) and worker_pid(log, 0), "the first checkpoint", procs=[proc])
+    rank0 = worker_pid(log, 0)
+    wait_for(lambda: len(_children(rank0)) >= 2, "rank 0's data workers", procs=[proc])
+    workers = _children(rank0)
+    for w in workers:  # busy in a long shard read when their rank dies: no chance to notice it themselves
+        os.kill(w, signal.SIGSTOP)
+    try:
+        os.kill(rank0, signal.SIGKILL)
+        wait_for(lambda: not any(_alive(w) for w in workers), "the dead rank's data workers to end", timeout=60)
+    finally:
+        for w in workers:
+            if _alive(w):
+                os.kill(w, signal.SIGKILL)
+    code = proc.wait(timeout=900)
+    out = log.read_text()
+    assert code == 0, out[-3000:]
+    assert "is in use by" not in out
+    assert checkpoints(work)[-1] == "step-000012"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_two_process_run_quietly_naming_the_last_checkpoint(synth, tmp_path):
+    log, work = tmp_path / "train.log", tmp_path / "run"
+    proc = start(train_cmd(synth, work, 400, 2, "--nproc-per-node", "2"), log)
+    wait_for(lambda: checkpoints(work) and worker_pid(log, 1), "the first checkpoint", procs=[proc])
+    agent = _children(proc.pid)[0]
+    group = [agent, *_children(agent)]
+    group += [w for r in group[1:] for w in _children(r)]
+    os.kill(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends to `ann`, the foreground process
+    code = proc.wait(timeout=120)
+    out = log.read_text()
+    tail = out[out.index("ann: interrupted"):] if "ann: interrupted" in out else out[-3000:]
+    assert code == 130, tail
+    m = re.search(r"ann: interrupted; last complete checkpoint: (\S+) \(--resume auto continues from it\)", out)
+    assert m and Path(m.group(1)).name in checkpoints(work), tail
+    assert "SignalException" not in out and "Traceback" not in out and "KeyboardInterrupt" not in out
+    wait_for(lambda: not any(_alive(p) for p in group), "torchrun, its ranks and their workers to end", timeout=30)
+    assert checkpoints(work)[-1] == Path(m.group(1)).name  # nothing trained on after the message
+
+
+def test_a_two_process_run_prints_no_omp_banner_and_no_deprecation_warnings(synth, tmp_path):
+    log, work = tmp_path / "train.log", tmp_path / "run"
+    environ = {k: v for k, v in env().items() if k != "OMP_NUM_THREADS"}  # as a user's shell has it
+    proc = subprocess.Popen(train_cmd(synth, work, 2, 100, "--nproc-per-node", "2", "--set", "model.norm=syncbn"),
+                            cwd=ROOT, env=environ, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    assert proc.wait(timeout=600) == 0, log.read_text()[-3000:]
+    out = log.read_text()
+    assert "Setting OMP_NUM_THREADS" not in out and "FutureWarning" not in out, out[-3000:]

@@ -89,3 +89,19 @@ def test_cli_reports_one_line_and_exit_2(tmp_path):
     assert "Traceback" not in res.stderr
     shown = _ann("recipe", "show", "recipes/demo.yaml", "--set", "train.iters=7")
     assert shown.returncode == 0 and "iters: 7" in shown.stdout
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"name: x\ntrain:\n  iters: 10 # caf\xe9\n", "not UTF-8 text"),
+    (b"", "the recipe is empty"),
+    (b"# only a comment\n", "the recipe is empty"),
+    (b"name: x\ntrain:\n  iters: 10\n  iters: 20\n", "key 'iters' given twice (line 4)"),
+    (b"name: x\ntrain:\n  iters: 10\ntrain:\n  seed: 1\n", "key 'train' given twice (line 4)"),
+])
+def test_unreadable_empty_or_ambiguous_recipes_are_one_line_and_exit_2(tmp_path, content, message):
+    p = tmp_path / "bad.yaml"
+    p.write_bytes(content)
+    res = _ann("train", str(p), "--dry-run")
+    assert res.returncode == 2, res.stdout[-2000:]
+    assert res.stderr.strip().count("\n") == 0 and "Traceback" not in res.stderr
+    assert str(p) in res.stderr and message in res.stderr

@@ -27,19 +27,28 @@ def _manifest_beside(url: str) -> dict | None:
         return None
 
 
+def _image_size(name: str, data: bytes) -> tuple[int, int]:
+    """(width, height) of an image field; SampleError naming the field when it is not an image."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+    except Exception:
+        head = data[:8].hex(" ") if data else "empty"
+        raise SampleError(f"{name} is not a readable image ({len(data)} bytes, starts {head})") from None
+
+
 def _inspect_shard(url: str, stats: dict, problems: list[str]) -> int:
     count = 0
     try:
         for key, fields in iter_shard(url):
             count += 1
-            img = next((fields[f] for f in IMAGE_FIELDS if f in fields), None)
+            name = next((f for f in IMAGE_FIELDS if f in fields), None)
             try:
-                if img is None or LABEL_FIELD not in fields:
-                    raise SampleError("missing field " + ("img.png/img.jpg" if img is None else LABEL_FIELD))
-                with Image.open(io.BytesIO(img)) as im:
-                    w, h = im.size
+                if name is None or LABEL_FIELD not in fields:
+                    raise SampleError("missing field " + ("img.png/img.jpg" if name is None else LABEL_FIELD))
+                w, h = _image_size(name, fields[name])
                 label = decode_label(fields[LABEL_FIELD])
-            except Exception as e:
+            except SampleError as e:
                 problems.append(f"{url}: sample {key}: {e}")
                 continue
             if label.shape != (h, w):
@@ -101,6 +110,9 @@ def _print_report(report: dict) -> None:
         table.add_row(str(c["id"]), c["name"], f"{c['pixels']:,}", f"{c['fraction']:.2%}")
     table.add_row("255", "ignore", f"{report['ignore_pixels']:,}", "")
     console.print(table)
-    for p in report["problems"][:20]:
-        console.print(f"[red]problem:[/red] {p}", markup=True, highlight=False)
-    console.print("labels ok" if report["ok"] else f"[red]{len(report['problems'])} problem(s)[/red]")
+    problems = report["problems"]
+    for p in problems[:20]:  # plain lines: no wrapping, so paths stay whole for grep and CI logs
+        print(f"problem: {p}")
+    if len(problems) > 20:
+        print(f"problem: … and {len(problems) - 20} more (--json lists them all)")
+    print("labels ok" if report["ok"] else f"{len(problems)} problem(s)")

@@ -1,13 +1,15 @@
 """DataLoader plumbing shared by the training stream and the evaluation reader.
 
-Workers leave the preemption signals to the training process; a loader's workers stop when its iteration
+Workers leave the preemption signals to the training process and die with their rank; a loader's workers stop when its iteration
 ends or the process exits; a UserError raised in a worker arrives as its own one-line message.
 """
 
 from __future__ import annotations
 
 import atexit
+import os
 import signal
+import sys
 import weakref
 from typing import Iterator
 
@@ -15,12 +17,21 @@ from anncli.errors import UserError
 
 
 def worker_init(_worker_id: int = 0) -> None:
-    """DataLoader workers leave SIGTERM/SIGUSR1 to the training process and use one torch thread.
+    """DataLoader workers leave SIGTERM/SIGUSR1 to the training process, use one torch thread, and die
+    with their rank (Linux: SIGKILL when the parent dies, even by SIGKILL; they ignore SIGTERM).
 
     (cv2's thread count is left alone: calling cv2.setNumThreads in a forked child can deadlock.)
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import multiprocessing
+
+        rank = multiprocessing.parent_process()
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
+        if rank is not None and os.getppid() != rank.pid:  # the rank died before prctl
+            os._exit(1)
     import torch
 
     torch.set_num_threads(1)
