@@ -17,9 +17,10 @@ from anncli.errors import UserError
 from anncli.integrity import MARKER, DamagedCheckpoint, verify
 
 # Recipe keys whose change keeps a resume meaningful: bookkeeping, evaluation, where the data lies, the
-# worker count (workers read the world-free global order, data/global_stream.py), and the split of an
-# unchanged effective batch (plan.run_split). Every other key changes what the next steps compute and is
-# refused without --allow-recipe-change; keys the schema dropped (data.shuffle_buffer) are harmless.
+# worker count (workers read the world-free global order, data/global_stream.py), and the batch split: a
+# resume keeps the checkpoint's effective batch (plan.run_split; load refuses another), so the per-rank
+# batch only caps the split, unless train.lr_scaling=linear scales the LR by it. Other keys change what
+# the next steps compute: refused without --allow-recipe-change. Keys the schema dropped are harmless.
 # `train.iters` stretches the poly LR schedule from the resumed step on (the usual way to train longer).
 RESUME_SAFE_KEYS = (
     "name", "train.iters", "train.checkpoint_every", "train.keep_last", "train.val_every", "train.log_every",
@@ -199,14 +200,14 @@ def recipe_changes(saved_yaml: str, current_yaml: str) -> tuple[list[str], list[
     import yaml
 
     old, new = _flatten(yaml.safe_load(saved_yaml) or {}), _flatten(yaml.safe_load(current_yaml) or {})
-    same_effective = _effective_batch(old) == _effective_batch(new)
+    same_lr = new.get("train.lr_scaling") != "linear" or _effective_batch(old) == _effective_batch(new)
     harmless, breaking = [], []
     for key in sorted(set(old) | set(new)):
         if old.get(key) != new.get(key):
             line = f"{key}: {old.get(key)!r} -> {new.get(key)!r}"
             safe = any(key == s or (s.endswith(".") and key.startswith(s)) for s in RESUME_SAFE_KEYS)
-            if key in ("train.batch_size", "train.accum_steps") and not same_effective:
-                safe, line = False, f"{line} (the recipe's effective batch changes)"
+            if key in ("train.batch_size", "train.accum_steps") and not same_lr:
+                safe, line = False, f"{line} (the linearly scaled LR changes)"
             elif _removed(new, key):
                 safe, line = True, f"{key}: {old[key]!r} (no longer a recipe key)"
             (harmless if safe else breaking).append(line)

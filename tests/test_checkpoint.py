@@ -231,11 +231,13 @@ def test_recipe_changes_are_sorted_into_harmless_and_breaking():
                  data={"num_workers": 0})
     harmless, breaking = recipe_changes(recipe_to_yaml(old), recipe_to_yaml(new))
     # the global order does not depend on the worker count (tests/test_data_order.py)
-    assert harmless == ["data.num_workers: 4 -> 0", "train.iters: 60000 -> 99", "train.log_every: 50 -> 7"]
-    assert breaking == ["optim.lr: 0.01 -> 2.5", "train.batch_size: 1 -> 4 (the recipe's effective batch changes)"]
+    # the split of the checkpoint's effective batch adapts to train.batch_size (plan.run_split)
+    assert harmless == ["data.num_workers: 4 -> 0", "train.batch_size: 1 -> 4", "train.iters: 60000 -> 99",
+                        "train.log_every: 50 -> 7"]
+    assert breaking == ["optim.lr: 0.01 -> 2.5"]
 
 
-def test_a_new_split_of_the_same_effective_batch_and_removed_keys_are_harmless():
+def test_a_new_batch_split_and_removed_keys_are_harmless_unless_the_lr_scales_with_the_batch():
     import yaml
 
     from anncli.recipe import recipe_to_yaml
@@ -246,9 +248,13 @@ def test_a_new_split_of_the_same_effective_batch_and_removed_keys_are_harmless()
     harmless, breaking = recipe_changes(recipe_to_yaml(old), recipe_to_yaml(resplit))
     assert breaking == []
     assert harmless == ["train.accum_steps: 1 -> 2", "train.batch_size: 4 -> 2", "train.trace_samples: False -> True"]
-    bigger = Recipe(name="t", train={"batch_size": 4, "accum_steps": 2})
-    assert recipe_changes(recipe_to_yaml(old), recipe_to_yaml(bigger))[1] == [
-        "train.accum_steps: 1 -> 2 (the recipe's effective batch changes)"]
+    linear = Recipe(name="t", train={"batch_size": 4, "accum_steps": 1, "lr_scaling": "linear"})
+    bigger = Recipe(name="t", train={"batch_size": 4, "accum_steps": 2, "lr_scaling": "linear"})
+    assert recipe_changes(recipe_to_yaml(linear), recipe_to_yaml(bigger))[1] == [
+        "train.accum_steps: 1 -> 2 (the linearly scaled LR changes)"]
+    same_effective = Recipe(name="t", train={"batch_size": 2, "accum_steps": 2, "lr_scaling": "linear"})
+    assert recipe_changes(recipe_to_yaml(linear), recipe_to_yaml(same_effective)) == (
+        ["train.accum_steps: 1 -> 2", "train.batch_size: 4 -> 2"], [])
     saved = yaml.safe_load(recipe_to_yaml(old))
     saved["data"]["shuffle_buffer"] = 256  # written before the global order replaced the shuffle buffer
     assert recipe_changes(yaml.safe_dump(saved), recipe_to_yaml(old)) == (
