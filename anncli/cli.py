@@ -13,9 +13,10 @@ from typing import Annotated, Optional
 
 import typer
 
+from anncli.cli_options import LAUNCH_OPTIONS, App, RecipeArg, SetOpt, WorkDirOpt, set_option
 from anncli.errors import EXIT_USAGE, UserError
 
-app = typer.Typer(
+app = App(
     name="ann",
     help="Train and evaluate the Asymmetric Non-local Network (ANN, ICCV 2019) for semantic segmentation.",
     no_args_is_help=True,
@@ -23,39 +24,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-recipe_app = typer.Typer(help="Check and print recipes.", no_args_is_help=True)
-data_app = typer.Typer(help="Pack, generate and inspect WebDataset shards.", no_args_is_help=True)
-model_app = typer.Typer(help="Model information.", no_args_is_help=True)
-bench_app = typer.Typer(help="Benchmarks that measure and write JSON.", no_args_is_help=True)
+recipe_app = App(help="Check and print recipes.", no_args_is_help=True)
+data_app = App(help="Pack, generate and inspect WebDataset shards.", no_args_is_help=True)
+model_app = App(help="Model information.", no_args_is_help=True)
+bench_app = App(help="Benchmarks that measure and write JSON.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(data_app, name="data")
 app.add_typer(model_app, name="model")
 app.add_typer(bench_app, name="bench")
-
-RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML, e.g. recipes/cityscapes.yaml.")]
-SetOpt = Annotated[
-    Optional[list[str]], typer.Option("--set", help="Override a recipe key: --set train.iters=100 (repeatable).")
-]
-WorkDirOpt = Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<recipe name>).")]
-
-
-def _launch_option(name: str, default, kind, flags: tuple[str, ...], help: str, **limits) -> inspect.Parameter:
-    annotation = Annotated[kind, typer.Option(*flags, help=help, **limits)]
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-
-
-LAUNCH_OPTIONS = [
-    _launch_option("nodes", None, Optional[int], ("--nodes",), "Number of nodes (default 1, or the SLURM "
-                   "allocation's).", min=1),
-    _launch_option("nproc_per_node", None, Optional[int], ("--nproc-per-node", "--gpus-per-node"),
-                   "Processes per node (default: visible GPUs, or 1).", min=1),
-    _launch_option("node_rank", None, Optional[int], ("--node-rank",), "This node's rank (default: from rendezvous).",
-                   min=0),
-    _launch_option("rdzv_endpoint", None, Optional[str], ("--rdzv-endpoint",), "HOST:PORT of the c10d rendezvous "
-                   "(multi-node)."),
-    _launch_option("max_restarts", 0, int, ("--max-restarts",), "Worker-group restarts torchrun may do.", min=0),
-]
-
 
 def _fail(message: str) -> None:
     typer.echo(f"ann: error: {message}", err=True)
@@ -120,7 +96,7 @@ def train(
     recipe: RecipeArg,
     set_: SetOpt = None,
     work_dir: WorkDirOpt = None,
-    resume: Annotated[str, typer.Option(help="auto (newest complete checkpoint), never, or a checkpoint path.")] = "auto",
+    resume: Annotated[str, typer.Option(metavar="auto|never|PATH", help="auto (newest complete checkpoint), never, or a checkpoint path.")] = "auto",
     init_from: Annotated[Optional[Path], typer.Option(help="Load model weights only from this checkpoint.")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and the launch plan (the exact "
                                                             "torchrun/srun command), then exit.")] = False,
@@ -140,52 +116,70 @@ def train(
 @app.command("eval")
 @_launched("eval")
 def eval_(
-    recipe: RecipeArg,
-    checkpoint: Annotated[Optional[Path], typer.Option(
-        help="Checkpoint directory (default: the newest complete one of the run directory).")] = None,
-    set_: SetOpt = None,
-    multiscale: Annotated[bool, typer.Option("--multiscale", help="Use the recipe's eval.scales.")] = False,
-    scales: Annotated[Optional[str], typer.Option(help="Comma-separated scales, e.g. 0.75,1,1.25.")] = None,
-    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Add horizontally flipped views.")] = None,
-    mode: Annotated[Optional[str], typer.Option(help="whole or slide.")] = None,
-    crop: Annotated[Optional[str], typer.Option(help="Slide window HxW, e.g. 864x864.")] = None,
-    stride: Annotated[Optional[str], typer.Option(help="Slide stride HxW, e.g. 576x576.")] = None,
-    merge: Annotated[Optional[str], typer.Option(help="logits (sum, official) or softmax (mean, mmseg).")] = None,
+    recipe: Annotated[Optional[Path], typer.Argument(help="Recipe YAML (default: the one saved with the checkpoint).")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help=(
+        "Checkpoint directory (default: the newest complete one of the run directory; with no recipe either, the "
+        "newest under runs/)."))] = None,
+    set_: set_option("data.root=/scratch/cityscapes") = None,
+    multiscale: Annotated[bool, typer.Option("--multiscale", help="Use the recipe's eval.scales (and eval.flip).")] = False,
+    scales: Annotated[Optional[str], typer.Option(metavar="LIST", help=(
+        "Comma-separated scales, e.g. 0.75,1,1.25 (default: 1, or the recipe's eval.scales with --multiscale)."))] = None,
+    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help=(
+        "Add horizontally flipped views (default: off, or the recipe's eval.flip with --multiscale)."))] = None,
+    mode: Annotated[Optional[str], typer.Option(metavar="whole|slide", help=(
+        "Whole-image or sliding-window inference (default: the recipe's eval.mode)."))] = None,
+    crop: Annotated[Optional[str], typer.Option(metavar="HxW", help=(
+        "Slide window, e.g. 864x864 (default: the recipe's eval.crop)."))] = None,
+    stride: Annotated[Optional[str], typer.Option(metavar="HxW", help=(
+        "Slide stride, e.g. 576x576 (default: the recipe's eval.stride)."))] = None,
+    merge: Annotated[Optional[str], typer.Option(metavar="logits|softmax", help=(
+        "Sum the logits (official) or average the softmax (mmseg) of the views (default: the recipe's "
+        "eval.merge)."))] = None,
     split: Annotated[str, typer.Option(help="Data split: val, train, or a shard pattern.")] = "val",
     json_out: Annotated[Optional[Path], typer.Option("--json", help=(
-        "Write every number and the protocol here; {checkpoint} in the path becomes the checkpoint's name, "
-        "e.g. runs/x/eval-{checkpoint}.json."))] = None,
+        "Write every number (fractions, not percent) and the protocol here; {checkpoint} in the path becomes the "
+        "checkpoint's name, e.g. runs/x/eval-{checkpoint}.json."))] = None,
     save_pred: Annotated[Optional[Path], typer.Option(help="Write label-id PNGs of the predictions here.")] = None,
     work_dir: WorkDirOpt = None,
     *,
     launch,
 ) -> None:
     """Evaluate a checkpoint: mIoU per class, single- or multi-scale, with flip and sliding windows."""
-    r = _load(recipe, set_)
     from anncli.evaluate import EvalOptions, run_evaluation
+    from anncli.runs import choose_run
 
-    opts = _run(EvalOptions.from_cli, recipe=r, recipe_path=str(recipe), checkpoint=checkpoint, multiscale=multiscale,
-                scales=scales, flip=flip, mode=mode, crop=crop, stride=stride, merge=merge, split=split,
-                json_out=json_out, save_pred=save_pred, work_dir=work_dir)
-    _start(launch, functools.partial(run_evaluation, r, opts))
+    chosen = _run(choose_run, recipe, checkpoint, work_dir, set_ or [])
+    opts = _run(EvalOptions.from_cli, recipe=chosen.recipe, recipe_path=str(chosen.recipe_path),
+                checkpoint=chosen.checkpoint, multiscale=multiscale, scales=scales, flip=flip, mode=mode, crop=crop,
+                stride=stride, merge=merge, split=split, json_out=json_out, save_pred=save_pred, work_dir=work_dir)
+    if checkpoint is None:  # every rank evaluates the checkpoint chosen here, even if a newer one appears
+        launch.argv += ["--checkpoint", str(chosen.checkpoint)]
+    _start(launch, functools.partial(run_evaluation, chosen.recipe, opts))
 
 
 @app.command()
 def predict(
-    images: Annotated[list[str], typer.Argument(help="Image files, directories or globs.")],
-    checkpoint: Annotated[Path, typer.Option(help="Checkpoint directory.")],
+    images: Annotated[list[str], typer.Argument(help="Image files, directories (searched recursively) or globs.")],
     out: Annotated[Path, typer.Option(help="Output directory.")],
+    checkpoint: Annotated[Optional[Path], typer.Option(help=(
+        "Checkpoint directory (default: the newest complete one under runs/, or of the recipe's run "
+        "directory).") )] = None,
     recipe: Annotated[Optional[Path], typer.Option(help="Recipe (default: the one saved with the checkpoint).")] = None,
-    set_: SetOpt = None,
-    multiscale: Annotated[bool, typer.Option("--multiscale", help="Use the recipe's eval.scales.")] = False,
-    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Add horizontally flipped views.")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="trainid, or cityscapes (labelIds for the test server).")] = "trainid",
+    set_: set_option("eval.merge=softmax") = None,
+    multiscale: Annotated[bool, typer.Option("--multiscale", help="Use the recipe's eval.scales (and eval.flip).")] = False,
+    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help=(
+        "Add horizontally flipped views (default: off, or the recipe's eval.flip with --multiscale)."))] = None,
+    fmt: Annotated[str, typer.Option("--format", metavar="trainid|cityscapes", help=(
+        "Label ids as trained, or Cityscapes labelIds for the test server."))] = "trainid",
 ) -> None:
-    """Segment images: label-id PNG, colour PNG and overlay per image."""
+    """Segment images: label-id PNG, colour PNG and overlay per image; exit 1 if an image could not be read."""
     from anncli.predict import run_predict
+    from anncli.runs import choose_run
 
-    _run(run_predict, images=images, checkpoint=checkpoint, out=out, recipe_path=recipe, overrides=set_ or [],
-         multiscale=multiscale, flip=flip, fmt=fmt)
+    chosen = _run(choose_run, recipe, checkpoint, None, set_ or [])
+    summary = _run(run_predict, images=images, checkpoint=chosen.checkpoint, out=out, recipe=chosen.recipe,
+                   multiscale=multiscale, flip=flip, fmt=fmt)
+    raise typer.Exit(1 if summary.failed else 0)
 
 
 @recipe_app.command("validate")
@@ -211,23 +205,23 @@ def data_pack(
     out: Annotated[Path, typer.Argument(help="Output directory for shards and manifest.")],
     split: Annotated[str, typer.Option(help="Split to pack (cityscapes train|val|test, ade20k training|validation, pascal-context train|val).")],
     max_samples: Annotated[int, typer.Option(min=1, help="Samples per shard at most.")] = 100,
-    max_size: Annotated[float, typer.Option(help="Bytes per shard at most.")] = 1e9,
+    max_size: Annotated[int, typer.Option(min=1, metavar="BYTES", help="Bytes per shard at most.")] = 1_000_000_000,
     skip_missing: Annotated[bool, typer.Option("--skip-missing", help="Skip images without labels instead of failing.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the shuffled order of train shards.")] = 0,
 ) -> None:
     """Pack a dataset in its official layout into WebDataset shards with a manifest."""
     from anncli.data.datasets import pack_dataset
 
-    _run(pack_dataset, dataset, root, out, split=split, max_samples=max_samples, max_size=int(max_size),
+    _run(pack_dataset, dataset, root, out, split=split, max_samples=max_samples, max_size=max_size,
          skip_missing=skip_missing, seed=seed)
 
 
 @data_app.command("synth")
 def data_synth(
     out: Annotated[Path, typer.Argument(help="Output directory.")],
-    train: Annotated[int, typer.Option(min=0, help="Training samples.")] = 2048,
+    train: Annotated[int, typer.Option(min=0, help="Training samples (the demo recipe's count).")] = 4096,
     val: Annotated[int, typer.Option(min=0, help="Validation samples.")] = 256,
-    size: Annotated[str, typer.Option(help="Image size HxW.")] = "64x128",
+    size: Annotated[str, typer.Option(metavar="HxW", help="Image size.")] = "64x128",
     seed: Annotated[int, typer.Option(help="Seed; the same seed gives identical bytes.")] = 0,
     max_samples: Annotated[int, typer.Option(min=1, help="Samples per shard at most.")] = 256,
 ) -> None:
@@ -253,7 +247,8 @@ def model_summary(
     model: Annotated[str, typer.Option(help="ann, fcn or nonlocal.")] = "ann",
     backbone: Annotated[str, typer.Option(help="resnet101, resnet50 or small.")] = "resnet101",
     classes: Annotated[int, typer.Option(min=1, help="Number of classes.")] = 19,
-    input_size: Annotated[Optional[str], typer.Option("--input", help="Input HxW for FLOPs, e.g. 769x769.")] = None,
+    input_size: Annotated[Optional[str], typer.Option("--input", metavar="HxW", help=(
+        "Input size for FLOPs, e.g. 769x769 (default: none, parameters only)."))] = None,
     aux: Annotated[bool, typer.Option("--aux/--no-aux", help="Include the auxiliary head.")] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
@@ -266,7 +261,7 @@ def model_summary(
 
 @bench_app.command("attention")
 def bench_attention(
-    sizes: Annotated[str, typer.Option(help="Feature maps HxW, comma-separated.")] = "96x96,128x128,128x256",
+    sizes: Annotated[str, typer.Option(metavar="HxW,…", help="Feature maps, comma-separated.")] = "96x96,128x128,128x256",
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     channels: Annotated[int, typer.Option(min=1, help="Input channels (paper: 2048).")] = 2048,
