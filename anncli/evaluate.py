@@ -224,6 +224,9 @@ def _print_report(report: dict) -> None:
     p = report["protocol"]
     window = f" crop {p['crop']} stride {p['stride']}" if p["mode"] == "slide" else ""
     step = "" if report["step"] is None else f" (step {report['step']})"
-    title = (f"{report['recipe']} · checkpoint {report['checkpoint']}{step}\n{report['split']} · {report['samples']} images · scales {p['scales']}"
+    title = (f"{report['recipe']} · {report['split']} · {report['samples']} images · scales {p['scales']}"
              f"{' + flip' if p['flip'] else ''} · {p['mode']}{window} · merge {p['merge']}")
-    Console().print(metrics_table(report, title=title))
+    console = Console()
+    console.print(f"checkpoint {report['checkpoint']}{step} · {report['pixels']:,} labelled pixels", soft_wrap=True,
+                  markup=False, highlight=False)
+    console.print(metrics_table(report, title=title))
