@@ -163,7 +163,7 @@ def predict(
     out: Annotated[Path, typer.Option(help="Output directory.")],
     checkpoint: Annotated[Optional[Path], typer.Option(help=(
         "Checkpoint directory (default: the newest complete one under runs/, or of the recipe's run "
-        "directory).") )] = None,
+        "directory)."))] = None,
     recipe: Annotated[Optional[Path], typer.Option(help="Recipe (default: the one saved with the checkpoint).")] = None,
     set_: set_option("eval.merge=softmax") = None,
     multiscale: Annotated[bool, typer.Option("--multiscale", help="Use the recipe's eval.scales (and eval.flip).")] = False,
