@@ -21,8 +21,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pytest
-
 from conftest import ROOT, ann_cmd, ann_env, tiny_overrides
 
 README = ROOT / "README.md"
@@ -134,8 +132,7 @@ def _project(tmp: Path) -> Path:
     return tmp
 
 
-@pytest.mark.slow
-def test_readme_commands_run(tmp_path):
+def test_readme_commands_run(tmp_path):  # about 90 s on 2 cores: in the fast suite, so that drift shows at once
     project = _project(tmp_path)
     failures, ran = [], []
     for command in readme_commands(README.read_text()):
