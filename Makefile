@@ -9,7 +9,7 @@ CONSTRAINTS := $(if $(shell command -v nvidia-smi 2>/dev/null),,-c constraints/c
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 
-.PHONY: install test test-fast test-demo demo bench clean
+.PHONY: install test test-fast test-demo test-chaos demo bench clean
 
 install: $(STAMP)
 
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 
 # Everything that runs without a GPU, the real SLURM cluster included (about 15 minutes on 2 cores).
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not gpu and not demo"
+	$(PY) -m pytest -q -m "not gpu and not demo and not chaos"
 
 # The quick subset (plain `pytest`): no SLURM cluster, no multi-minute runs.
 test-fast: $(STAMP)
@@ -30,18 +30,33 @@ test-fast: $(STAMP)
 test-demo: $(STAMP)
 	$(PY) -m pytest -q -m demo
 
+# Kills random workers of a 2-rank run (DDP and DeepSpeed) under CPU load three times; the run must end
+# bitwise equal to an undisturbed one (several minutes each).
+test-chaos: $(STAMP)
+	$(PY) -m pytest -q -m chaos
+
 # Trains ANN and the FCN baseline on the synthetic long-range set (created on first use), evaluates
-# both and prints their mIoU side by side. Runs resume, so a second `make demo` only evaluates.
+# both, prints their mIoU side by side and draws their curves and per-class IoU. Everything it writes
+# is under runs/ and data/synth/ (both ignored by git). Runs resume, so a second `make demo` only evaluates.
 demo: $(STAMP)
 	$(ANN) train recipes/demo.yaml
 	$(ANN) train recipes/demo-fcn.yaml
 	$(ANN) eval recipes/demo.yaml --json runs/demo/metrics.json
 	$(ANN) eval recipes/demo-fcn.yaml --json runs/demo-fcn/metrics.json
-	$(PY) benchmarks/demo_compare.py runs/demo/metrics.json runs/demo-fcn/metrics.json
+	$(PY) benchmarks/demo_compare.py runs/demo/metrics.json runs/demo-fcn/metrics.json --out runs/demo-compare.json
+	$(ANN) plot runs/demo runs/demo-fcn --out runs/demo-curves.png
+	$(ANN) plot runs/demo/metrics.json runs/demo-fcn/metrics.json --out runs/demo-classes.png
 
 bench: $(STAMP)
 	$(PY) benchmarks/cli_startup.py
 	$(ANN) bench attention --json benchmarks/results/attention.json
+
+# On a machine with one CUDA GPU: attention, ANN-R101 training (fp32 vs bf16 + channels_last), slide-eval
+# memory and `pytest -m gpu`, written to benchmarks/results/gpu-<device>.json (under 8 minutes).
+# Without CUDA it says so in one line and exits with 2.
+.PHONY: gpu-check
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) runs data/synth

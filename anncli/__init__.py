@@ -1,2 +1,12 @@
 """ann: train and evaluate the Asymmetric Non-local Network for semantic segmentation."""
 __version__ = "0.1.0"
+__all__ = ["load_model"]
+
+
+def __getattr__(name: str):
+    # `import anncli` stays light: torch is imported only when load_model is first used.
+    if name == "load_model":
+        from anncli.api import load_model
+
+        return load_model
+    raise AttributeError(f"module 'anncli' has no attribute {name!r}")

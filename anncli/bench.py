@@ -8,8 +8,9 @@ under no_grad. Per block and size:
   peak RSS of a child process during one forward above its RSS just before (module and input resident);
 - time_ms: median of `repeats` timed forwards after warm-up (10 by default, 3 on CPU when a forward
   takes over a second).
-The query/key projection is computed once (the official code runs it twice), so the FLOP ratio at
-2048×128×256 is above the reference's 8.8.
+The query/key projection is computed once (the official code runs it twice) and APNB's value path
+pools before its projection (exact algebra), so the FLOP ratio at 2048×128×256 is above the
+reference's 8.8.
 
 JSON (`--json PATH`): {"device", "device_name", "dtype", "channels", "key_channels", "value_channels",
 "anchor_sizes", "torch", "threads", "results": [{"size", "n", "nonlocal": {...}, "apnb": {...},

@@ -5,8 +5,9 @@
                                          rng-rank00000.pt, data-rank00000.json, …, COMPLETE}
 
 A checkpoint is written into a temporary sibling directory, every file is fsynced, the directory is
-renamed into place, and the COMPLETE marker is written last. Only directories with the marker count,
-so a process killed during a write leaves the previous checkpoint in use.
+renamed into place, and the COMPLETE marker, holding every file's SHA-256 (integrity.py), is written last.
+Only directories with the marker count, so a process killed during a write leaves the previous checkpoint
+in use; one damaged later is skipped by `--resume auto` and refused, in one line, everywhere else.
 """
 
 from __future__ import annotations
@@ -19,65 +20,29 @@ from typing import NamedTuple
 
 import torch
 
+from anncli import rundir
 from anncli.errors import UserError
+from anncli.integrity import MARKER as COMPLETE
+from anncli.integrity import DamagedCheckpoint, load_torch, verify, write_marker
 from anncli.recipe import Recipe, recipe_to_yaml
+from anncli.rundir import (  # noqa: F401  (the layout is part of this module's interface)
+    STEP_PREFIX, checkpoint_path, checkpoints_dir, complete_checkpoints, decide_start, is_complete,
+    latest_checkpoint, lock_run_dir, newest_verified, require_checkpoint, resolve_resume,
+)
 
-COMPLETE = "COMPLETE"
-STEP_PREFIX = "step-"
 # Model settings that do not change the weights' meaning, so a checkpoint may be loaded across them.
-_MODEL_KEYS_IGNORED = {"norm", "pretrained", "channels_last"}
+_MODEL_KEYS_IGNORED = {"norm", "pretrained", "channels_last", "attention"}
 
 
 def default_work_dir(recipe: Recipe) -> Path:
     return Path("runs") / recipe.name
 
 
-def checkpoints_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "checkpoints"
-
-
-def checkpoint_path(run_dir: Path, step: int) -> Path:
-    return checkpoints_dir(run_dir) / f"{STEP_PREFIX}{step:06d}"
-
-
-def is_complete(path: Path) -> bool:
-    return (Path(path) / COMPLETE).is_file()
-
-
-def complete_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
-    root = checkpoints_dir(run_dir)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.name.startswith(STEP_PREFIX) and is_complete(p)]
-    return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX) :]))
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    done = complete_checkpoints(run_dir)
-    return done[-1] if done else None
-
-
-def resolve_resume(resume: str, run_dir: Path) -> Path | None:
-    """`auto` → newest complete checkpoint or None; `never` → None; otherwise a checkpoint path."""
-    if resume == "never":
-        return None
-    if resume == "auto":
-        return latest_checkpoint(run_dir)
-    return require_checkpoint(Path(resume))
-
-
-def require_checkpoint(path: Path) -> Path:
-    path = Path(path)
-    if not path.is_dir():
-        raise UserError(f"checkpoint {path}: no such directory")
-    if not is_complete(path):
-        raise UserError(f"checkpoint {path}: incomplete (no {COMPLETE} marker); it was interrupted while saving")
-    return path
-
-
 def read_state(path: Path) -> dict:
-    return json.loads((Path(path) / "state.json").read_text())
+    try:
+        return json.loads((Path(path) / "state.json").read_text())
+    except (OSError, ValueError):
+        raise DamagedCheckpoint(f"checkpoint {path} is damaged: state.json cannot be read") from None
 
 
 def checkpoint_recipe(path: Path) -> Path:
@@ -103,7 +68,7 @@ def check_compatible(path: Path, recipe: Recipe) -> None:
 def load_model_for_inference(path: Path, recipe: Recipe) -> dict:
     path = require_checkpoint(path)
     check_compatible(path, recipe)
-    return torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+    return load_torch(path / "model.pt")
 
 
 # --- writing ---------------------------------------------------------------------------------------
@@ -151,8 +116,7 @@ def finish_save(run_dir: Path, step: int, keep_last: int) -> Path:
     if final.exists():  # an incomplete leftover of an earlier, killed save of this step
         shutil.rmtree(final)
     os.replace(tmp, final)
-    (final / COMPLETE).write_text(f"{step}\n")
-    _fsync_path(final / COMPLETE)
+    write_marker(final, step)
     _fsync_path(final)
     _fsync_path(final.parent)
     prune(run_dir, keep_last)
@@ -218,8 +182,23 @@ class Checkpointer:
         if self._lock is not None:
             self._lock.close()
 
-    def find(self, resume: str) -> Path | None:
-        return resolve_resume(resume, self.run_dir)
+    def find(self, resume: str, fresh: bool = False, init_from: bool = False) -> Path | None:
+        """The checkpoint to continue from (None: step 0). Rank 0 decides, checksums included, and every
+        rank gets its answer, so that ranks seeing different file-system states never load different
+        weights; a refusal reaches every rank as the same one line."""
+        from anncli.distributed import broadcast_object
+
+        answer = None
+        if self.info.is_main:
+            try:
+                found = decide_start(self.run_dir, resume, fresh=fresh, init_from=init_from)
+                answer = ("ok", None if found is None else str(found))
+            except UserError as e:
+                answer = ("error", str(e))
+        kind, value = broadcast_object(answer)
+        if kind == "error":
+            raise UserError(value)
+        return None if value is None else Path(value)
 
     def latest(self) -> Path | None:
         return latest_checkpoint(self.run_dir)
@@ -247,7 +226,7 @@ class Checkpointer:
         barrier()
         return checkpoint_path(self.run_dir, step)
 
-    def load(self, path: Path, engine, stream) -> Resumed:
+    def load(self, path: Path, engine, stream, allow_recipe_change: bool = False) -> Resumed:
         recipe, info = self.recipe, self.info
         check_compatible(path, recipe)
         state = read_state(path)
@@ -258,42 +237,10 @@ class Checkpointer:
                 f"checkpoint {path} was written by {state['world_size']} ranks, this run has {info.world_size}: "
                 "exact resume needs the same world size (use --init-from to start a new run from its weights)"
             )
+        if (Path(path) / "recipe.yaml").is_file():
+            rundir.check_recipe_change(path, (Path(path) / "recipe.yaml").read_text(), recipe_to_yaml(recipe),
+                                       allow=allow_recipe_change, announce=info.is_main)
         engine.load(path)
         stream.load_state_dict(json.loads(_rank_file(path, "data", info.rank, ".json").read_text()))
-        rng = torch.load(_rank_file(path, "rng", info.rank, ".pt"), weights_only=True)
+        rng = load_torch(_rank_file(path, "rng", info.rank, ".pt"))
         return Resumed(step=state["step"], bad_steps_total=state.get("bad_steps_total", 0), rng=rng)
-
-
-def lock_run_dir(run_dir: Path, timeout_s: float):
-    """Hold `<run>/.lock` for this process's lifetime, so that two trainings never share a run directory.
-
-    A run that was just killed may still be saving (its workers got SIGTERM); wait for it up to
-    `timeout_s`, then fail with a line naming the holder. The kernel drops the lock when the holder dies.
-    """
-    import fcntl
-    import time
-
-    path = Path(run_dir) / ".lock"
-    handle = open(path, "a+")
-    deadline = time.monotonic() + timeout_s
-    announced = False
-    while True:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            holder = path.read_text().strip() or "another process"
-            if time.monotonic() >= deadline:
-                handle.close()
-                raise UserError(f"run directory {run_dir} is in use by {holder}; wait for it to finish or "
-                                "pass another --work-dir") from None
-            if not announced:
-                print(f"[ann] run directory {run_dir} is in use by {holder}; waiting up to {timeout_s:.0f} s",
-                      flush=True)
-                announced = True
-            time.sleep(0.5)
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-    handle.flush()
-    return handle

@@ -13,7 +13,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from anncli import cli_tools
 from anncli.cli_options import LAUNCH_OPTIONS, App, RecipeArg, SetOpt, WorkDirOpt, set_option
+from anncli.cli_weights import weights_app
 from anncli.errors import EXIT_USAGE, UserError
 
 app = App(
@@ -32,6 +34,7 @@ app.add_typer(recipe_app, name="recipe")
 app.add_typer(data_app, name="data")
 app.add_typer(model_app, name="model")
 app.add_typer(bench_app, name="bench")
+app.add_typer(weights_app, name="weights")  # anncli/cli_weights.py: `ann weights import|inspect`
 
 def _fail(message: str) -> None:
     typer.echo(f"ann: error: {message}", err=True)
@@ -98,6 +101,10 @@ def train(
     work_dir: WorkDirOpt = None,
     resume: Annotated[str, typer.Option(metavar="auto|never|PATH", help="auto (newest complete checkpoint), never, or a checkpoint path.")] = "auto",
     init_from: Annotated[Optional[Path], typer.Option(help="Load model weights only from this checkpoint.")] = None,
+    init_skip: Annotated[Optional[list[str]], typer.Option(help="With --init-from: leave these out (classifier: fine-tune to another class count).")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Start over; move old checkpoints aside (superseded-<time>/).")] = False,
+    allow_recipe_change: Annotated[bool, typer.Option("--allow-recipe-change",
+                                                      help="Resume across recipe changes that break exactness.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and the launch plan (the exact "
                                                             "torchrun/srun command), then exit.")] = False,
     *,
@@ -108,7 +115,8 @@ def train(
     from anncli.plan import describe_plan
     from anncli.train import TrainOptions, run_training
 
-    opts = TrainOptions(recipe_path=str(recipe), work_dir=work_dir, resume=resume, init_from=init_from)
+    opts = TrainOptions(str(recipe), work_dir, resume, init_from, tuple(init_skip or ()), fresh=fresh,
+                        allow_recipe_change=allow_recipe_change)
     describe = functools.partial(describe_plan, r, opts) if dry_run else None
     _start(launch, functools.partial(run_training, r, opts), describe)
 
@@ -164,6 +172,7 @@ def predict(
     checkpoint: Annotated[Optional[Path], typer.Option(help=(
         "Checkpoint directory (default: the newest complete one under runs/, or of the recipe's run "
         "directory)."))] = None,
+    model: Annotated[Optional[Path], typer.Option(help="An ONNX file from `ann export`, run with onnxruntime on CPU (no torch needed).")] = None,
     recipe: Annotated[Optional[Path], typer.Option(help="Recipe (default: the one saved with the checkpoint).")] = None,
     set_: set_option("eval.merge=softmax") = None,
     multiscale: Annotated[bool, typer.Option("--multiscale", help="Use the recipe's eval.scales (and eval.flip).")] = False,
@@ -173,6 +182,13 @@ def predict(
         "Label ids as trained, or Cityscapes labelIds for the test server."))] = "trainid",
 ) -> None:
     """Segment images: label-id PNG, colour PNG and overlay per image; exit 1 if an image could not be read."""
+    if model is not None:
+        if checkpoint is not None or recipe is not None or set_ or multiscale or flip or fmt != "trainid":
+            _fail("--model runs the exported file as it is: drop --checkpoint, --recipe, --set, --multiscale, --flip and --format")
+        from anncli.onnx_predict import run_onnx_predict
+
+        _run(run_onnx_predict, images, model, out)
+        return
     from anncli.predict import run_predict
     from anncli.runs import choose_run
 
@@ -180,6 +196,12 @@ def predict(
     summary = _run(run_predict, images=images, checkpoint=chosen.checkpoint, out=out, recipe=chosen.recipe,
                    multiscale=multiscale, flip=flip, fmt=fmt)
     raise typer.Exit(1 if summary.failed else 0)
+
+
+# plot, viz and export live in cli_tools.py (torch-free too); registered here, after predict.
+app.command()(cli_tools.plot)
+app.command()(cli_tools.export)
+app.add_typer(cli_tools.viz_app, name="viz")
 
 
 @recipe_app.command("validate")
@@ -200,10 +222,10 @@ def recipe_show(recipe: RecipeArg, set_: SetOpt = None) -> None:
 
 @data_app.command("pack")
 def data_pack(
-    dataset: Annotated[str, typer.Argument(help="cityscapes, ade20k or pascal-context.")],
+    dataset: Annotated[str, typer.Argument(help="cityscapes, ade20k, pascal-context or voc12aug.")],
     root: Annotated[Path, typer.Argument(help="Dataset root in its official layout.")],
     out: Annotated[Path, typer.Argument(help="Output directory for shards and manifest.")],
-    split: Annotated[str, typer.Option(help="Split to pack (cityscapes train|val|test, ade20k training|validation, pascal-context train|val).")],
+    split: Annotated[str, typer.Option(help="Split to pack (cityscapes train|val|test, ade20k training|validation, pascal-context train|val, voc12aug train|val).")],
     max_samples: Annotated[int, typer.Option(min=1, help="Samples per shard at most.")] = 100,
     max_size: Annotated[int, typer.Option(min=1, metavar="BYTES", help="Bytes per shard at most.")] = 1_000_000_000,
     skip_missing: Annotated[bool, typer.Option("--skip-missing", help="Skip images without labels instead of failing.")] = False,

@@ -96,6 +96,15 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def broadcast_object(obj):
+    """Rank 0's picklable `obj` on every rank (one small broadcast); itself in a single process."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 class AllReduceBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics cover the batch of every rank.
 

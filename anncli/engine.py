@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from anncli.checkpoint import save_torch
+from anncli.integrity import load_torch
 from anncli.distributed import DistInfo, all_reduce_sum_, barrier
 from anncli.errors import UserError
 from anncli.plan import lr_at, scaled_lr
@@ -100,8 +101,8 @@ class DDPEngine(_Engine):
             save_torch({"optimizer": self.optimizer.state_dict(), "scaler": scaler}, directory / "optim.pt")
 
     def load(self, directory: Path) -> None:
-        self.module.load_state_dict(torch.load(directory / "model.pt", map_location=self.info.device, weights_only=True))
-        state = torch.load(directory / "optim.pt", map_location=self.info.device, weights_only=True)
+        self.module.load_state_dict(load_torch(directory / "model.pt", map_location=self.info.device))
+        state = load_torch(directory / "optim.pt", map_location=self.info.device)
         if "optimizer" not in state:
             raise UserError(f"checkpoint {directory}: optim.pt holds no DDP optimizer state (saved by another engine?)")
         self.optimizer.load_state_dict(state["optimizer"])

@@ -158,7 +158,8 @@ def load_model(recipe, checkpoint: Path, device: torch.device):
     from anncli.checkpoint import load_model_for_inference
     from anncli.models.ann import build_model
 
-    model = build_model(recipe.model)
+    # The checkpoint holds every weight: no ImageNet backbone file is read (nor needed) to evaluate.
+    model = build_model(recipe.model.model_copy(update={"pretrained": None}))
     model.load_state_dict(load_model_for_inference(Path(checkpoint), recipe))
     return model.to(device).eval()
 

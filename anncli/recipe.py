@@ -24,6 +24,7 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
+    variant: Literal["official", "mmseg"] = "official"  # MendelXu/ANN or mmsegmentation's ANN (models/mmseg.py)
     name: Literal["ann", "fcn", "nonlocal"] = "ann"
     backbone: Literal["resnet50", "resnet101", "small"] = "resnet101"
     num_classes: int = Field(19, ge=1, le=255)
@@ -34,9 +35,21 @@ class ModelConfig(_Section):
     value_channels: int = Field(256, ge=1)
     psp_sizes: list[int] = Field(default_factory=lambda: [1, 3, 6, 8], min_length=1)
     psp_pool: Literal["avg", "max"] = "avg"
+    attention: Literal["explicit", "sdpa"] = "explicit"
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     pretrained: Optional[str] = None
     channels_last: bool = False
+    align_corners: Optional[bool] = None  # logits resize; null: True for official, False for mmseg
+
+    @model_validator(mode="after")
+    def _variant(self) -> "ModelConfig":
+        if self.variant == "mmseg" and (self.name == "fcn" or self.backbone == "small"):
+            raise ValueError("variant mmseg: needs name ann or nonlocal and backbone resnet50 or resnet101")
+        return self
+
+    @property
+    def resolved_align_corners(self) -> bool:
+        return self.variant == "official" if self.align_corners is None else self.align_corners
 
 
 class SynthConfig(_Section):
@@ -50,7 +63,7 @@ class SynthConfig(_Section):
 
 
 class DataConfig(_Section):
-    dataset: Literal["cityscapes", "ade20k", "pascal_context", "synth"] = "cityscapes"
+    dataset: Literal["cityscapes", "ade20k", "pascal_context", "voc12aug", "synth"] = "cityscapes"
     root: str = "data/cityscapes"
     train: str = "cityscapes-train-{000000..000029}.tar"
     val: str = "cityscapes-val-{000000..000004}.tar"
@@ -87,7 +100,7 @@ class AugmentConfig(_Section):
 class LossConfig(_Section):
     ohem: bool = True
     ohem_thresh: float = Field(0.7, gt=0.0, le=1.0)
-    ohem_min_kept: int = Field(100_000, ge=0)
+    ohem_min_kept: int = Field(100_000, ge=1)  # the official code keeps max(1, min_kept); 0 is refused
     aux_weight: float = Field(0.4, ge=0.0)
     class_weights: Optional[list[float]] = None
 

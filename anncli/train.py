@@ -27,6 +27,9 @@ class TrainOptions:
     work_dir: Path | None = None
     resume: str = "auto"
     init_from: Path | None = None
+    init_skip: tuple[str, ...] = ()
+    fresh: bool = False  # move the run's checkpoints and events.jsonl aside and start at step 0
+    allow_recipe_change: bool = False  # resume across recipe changes that break exact resume
 
 
 class StopFlag:
@@ -147,16 +150,16 @@ def _train_step(run: _Run, step: int) -> StepResult:
     A micro-batch whose loss is non-finite on any rank is skipped on every rank and counted;
     `train.max_bad_steps` of them in a row stop the run.
     """
-    import torch
+    from anncli.data.transforms import normalize_batch
 
-    t, info = run.recipe.train, run.info
+    t, info, a = run.recipe.train, run.info, run.recipe.augment
     good = images = skipped = bad_in_row = 0
     while good < t.accum_steps:
         batch = next(run.batches)
-        x = batch["image"].to(info.device, non_blocking=True)
-        if run.recipe.model.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        y = batch["label"].to(info.device, non_blocking=True)
+        # uint8 crops travel to the device; normalising there moves a quarter of the bytes.
+        x = normalize_batch(batch["image"].to(info.device, non_blocking=True), a.mean, a.std, a.bgr,
+                            run.recipe.model.channels_last)
+        y = batch["label"].to(info.device, non_blocking=True).long()
         stats, finite = run.engine.micro_step(x, y, run.criterion, boundary=good + 1 == t.accum_steps)
         images += x.shape[0] * info.world_size
         if finite:
@@ -217,7 +220,7 @@ def _set_up(recipe: Recipe, opts: TrainOptions, info, stop: StopFlag) -> _Run:
     """Open the run directory, build model, engine, data and logs, resume or seed: everything the loop uses."""
     import torch
 
-    from anncli.checkpoint import Checkpointer, default_work_dir, load_model_for_inference, restore_rng
+    from anncli.checkpoint import Checkpointer, default_work_dir, restore_rng
     from anncli.distributed import describe_rank
     from anncli.engine import build_engine
     from anncli.losses import SegLoss
@@ -226,13 +229,12 @@ def _set_up(recipe: Recipe, opts: TrainOptions, info, stop: StopFlag) -> _Run:
     t = recipe.train
     checkpointer = Checkpointer(opts.work_dir or default_work_dir(recipe), recipe, info)
     checkpointer.open()
-    resume_from = checkpointer.find(opts.resume)
-    if resume_from is not None and opts.init_from is not None:
-        raise UserError(f"--init-from {opts.init_from} and resuming from {resume_from} exclude each other; pass --resume never")
+    resume_from = checkpointer.find(opts.resume, fresh=opts.fresh, init_from=opts.init_from is not None)
     urls = _prepare_data(recipe, info)
     model = _build_model(recipe, info)
-    if opts.init_from is not None:
-        model.load_state_dict(load_model_for_inference(opts.init_from, recipe))
+    if opts.init_from is not None and resume_from is None:  # a restarted worker resumes instead
+        from anncli.weights import init_from
+        init_from(model, opts.init_from, recipe, opts.init_skip)
     engine = build_engine(model, recipe, info)
     criterion = SegLoss(recipe.loss, recipe.model.num_classes).to(info.device)
     stream = _build_stream(recipe, urls, info)
@@ -240,7 +242,7 @@ def _set_up(recipe: Recipe, opts: TrainOptions, info, stop: StopFlag) -> _Run:
     print(f"[ann] {describe_rank(info)}; run directory {checkpointer.run_dir}", file=sys.stderr, flush=True)
     resumed = None
     if resume_from is not None:
-        resumed = checkpointer.load(resume_from, engine, stream)
+        resumed = checkpointer.load(resume_from, engine, stream, allow_recipe_change=opts.allow_recipe_change)
         events.write("resume", step=resumed.step, checkpoint=str(resume_from), restart=os.environ.get("SLURM_RESTART_COUNT"))
         if info.is_main:
             print(f"[ann] resumed from {resume_from} at step {resumed.step}", file=sys.stderr, flush=True)
@@ -296,4 +298,5 @@ def _build_stream(recipe: Recipe, urls: list[str], info):
         urls, augment=recipe.augment, batch_size=t.batch_size, seed=t.seed, rank=info.rank,
         world_size=info.world_size, num_workers=recipe.data.num_workers,
         shuffle_buffer=recipe.data.shuffle_buffer, max_skip_fraction=recipe.data.max_skip_fraction,
+        pin_memory=info.device.type == "cuda",
     )

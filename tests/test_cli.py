@@ -21,7 +21,8 @@ print("HEAVY=" + ",".join(heavy))
 
 
 @pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["eval", "--help"], ["data", "pack", "--help"],
-                                  ["recipe", "show", "recipes/demo.yaml"]])
+                                  ["recipe", "show", "recipes/demo.yaml"], ["plot", "--help"], ["export", "--help"],
+                                  ["viz", "attention", "--help"]])
 def test_help_and_recipe_commands_do_not_import_torch(args):
     res = subprocess.run([sys.executable, "-c", PROBE.format(args=args)], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stderr
@@ -30,7 +31,7 @@ def test_help_and_recipe_commands_do_not_import_torch(args):
 
 def test_every_command_has_help():
     for verb in ["train", "eval", "predict", "env", "recipe validate", "recipe show", "data pack", "data synth",
-                 "data inspect", "model summary", "bench attention"]:
+                 "data inspect", "model summary", "bench attention", "plot", "viz attention", "export"]:
         res = subprocess.run([sys.executable, "-m", "anncli", *verb.split(), "--help"], capture_output=True,
                              text=True, cwd=ROOT)
         assert res.returncode == 0 and "Usage" in res.stdout, (verb, res.stderr)

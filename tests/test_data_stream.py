@@ -12,6 +12,7 @@ from anncli.data.manifest import resolve_urls
 from anncli.data.shards import ShardWriter, eval_samples
 from anncli.data.stream import DataError, TrainStream
 from anncli.data.synth import _encode_png, make_sample, write_synth
+from anncli.data.transforms import normalize_batch
 from anncli.errors import UserError
 from anncli.recipe import AugmentConfig
 
@@ -57,8 +58,11 @@ def test_resume_is_exact(synth_root, num_workers):
     resumed.load_state_dict(state)
     tail = _take(resumed, 4)
     assert all(_same(a, b) for a, b in zip(reference, head + tail))
-    assert reference[0]["image"].shape == (3, 3, 24, 40) and reference[0]["image"].dtype == torch.float32
-    assert reference[0]["label"].dtype == torch.int64
+    # uint8 through the loader; the step normalises on the device (float32 NCHW) and takes labels as int64
+    assert reference[0]["image"].shape == (3, 24, 40, 3) and reference[0]["image"].dtype == torch.uint8
+    assert reference[0]["label"].shape == (3, 24, 40) and reference[0]["label"].dtype == torch.uint8
+    on_device = normalize_batch(reference[0]["image"], AUG.mean, AUG.std, AUG.bgr)
+    assert on_device.shape == (3, 3, 24, 40) and on_device.dtype == torch.float32
     assert set(torch.cat([b["label"].unique() for b in reference]).tolist()) <= {0, 1, 2, 3, 4, 255}
     assert resumed.samples_seen == 9 * 3 and resumed.samples_skipped == 0
 

@@ -9,7 +9,7 @@ import torch
 from anncli.data.manifest import read_manifest, resolve_urls
 from anncli.data.shards import eval_samples
 from anncli.data.synth import ensure_synth, make_sample, write_synth
-from anncli.data.transforms import TrainTransform, normalize
+from anncli.data.transforms import TrainTransform, normalize, normalize_batch
 from anncli.recipe import AugmentConfig, SynthConfig
 
 
@@ -119,3 +119,29 @@ def test_base_size_keep_ratio_is_orientation_free(base):
     t = TrainTransform(AugmentConfig(crop=(16, 16), base_size=base, scale=(1, 1), aspect=None))
     img, lbl = t(image, label, np.random.default_rng(0))
     assert img.shape == (3, 16, 16) and lbl.shape == (16, 16)
+
+
+@pytest.mark.parametrize("bgr", [False, True])
+def test_device_normalisation_of_a_uint8_batch_equals_the_cpu_path_bit_for_bit(bgr):
+    rng = np.random.default_rng(0)
+    mean, std = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+    crops = [rng.integers(0, 256, (24, 40, 3), dtype=np.uint8) for _ in range(3)]
+    batch = torch.stack([torch.from_numpy(c) for c in crops])
+    expected = torch.stack([normalize(c, mean, std, bgr) for c in crops])
+    for channels_last in (False, True):
+        out = normalize_batch(batch, mean, std, bgr, channels_last)
+        assert torch.equal(out, expected) and out.dtype == torch.float32
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        assert out.is_contiguous(memory_format=fmt)
+    with pytest.raises(ValueError, match="uint8"):
+        normalize_batch(expected, mean, std)
+
+
+def test_the_loader_tensors_are_the_uint8_crop_of_the_float_path():
+    image, label = make_sample(np.random.default_rng(2), 48, 64)[:2]
+    t = TrainTransform(AugmentConfig(crop=(32, 32), scale=(0.5, 2.0), photometric="mmseg"))
+    img8, lbl8 = t.uint8_tensors(image, label, np.random.default_rng(5))
+    img, lbl = t(image, label, np.random.default_rng(5))
+    assert img8.dtype == lbl8.dtype == torch.uint8 and img8.shape == (32, 32, 3)
+    assert torch.equal(normalize_batch(img8[None], t.cfg.mean, t.cfg.std)[0], img)
+    assert torch.equal(lbl8.long(), lbl)

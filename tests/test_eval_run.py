@@ -237,3 +237,44 @@ def test_missing_synthetic_set_is_created_and_validate_matches(tmp_path):
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     metrics = validate(load_model(recipe, checkpoint, info.device).train(), recipe, info)
     assert metrics["samples"] == 3 and _counts(metrics) == _counts(report)
+
+
+_DAMAGE = {
+    "random bytes": lambda f: f.write_bytes(np.random.default_rng(0).bytes(f.stat().st_size)),
+    "truncated": lambda f: f.write_bytes(f.read_bytes()[: f.stat().st_size // 2]),
+    "empty": lambda f: f.write_bytes(b""),
+    "missing": lambda f: f.unlink(),
+}
+
+
+@pytest.mark.parametrize("damage", _DAMAGE)
+def test_damaged_checkpoint_is_one_line_for_eval_and_predict(setup, tmp_path, damage):
+    import shutil
+
+    run = tmp_path / "run"
+    checkpoint = run / "checkpoints" / setup["checkpoint"].name
+    shutil.copytree(setup["checkpoint"], checkpoint)
+    _DAMAGE[damage](checkpoint / "model.pt")
+    image = tmp_path / "x.png"
+    cv2.imwrite(str(image), np.zeros((24, 32, 3), np.uint8))
+    for args in (["eval", setup["recipe"], "--checkpoint", checkpoint],
+                 ["eval", setup["recipe"], "--work-dir", run],
+                 ["predict", image, "--checkpoint", checkpoint, "--out", tmp_path / "out"]):
+        result = _cli(*args)
+        assert result.exit_code == 2, result.output
+        assert "Traceback" not in result.output and "weights_only" not in result.output
+        last = result.output.strip().splitlines()[-1]
+        assert last.startswith("ann: error: ") and f"checkpoint {checkpoint} is damaged: model.pt" in last
+
+
+def test_evaluation_with_data_workers_leaves_the_global_rng_alone(setup):
+    """In-training validation runs between a checkpoint and the next step: drawing from the global RNG
+    there would make a resumed run (which does not repeat that validation) diverge."""
+    from anncli.data.manifest import resolve_urls
+    from anncli.data.shards import eval_samples
+
+    urls = resolve_urls(str(setup["base"] / "data"), "synth", "val")
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    assert len(list(eval_samples(urls, rank=0, world_size=1, num_workers=2))) == 7
+    assert torch.equal(torch.get_rng_state(), before)

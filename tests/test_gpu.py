@@ -1,4 +1,5 @@
-"""Checks that need CUDA: torch's SyncBatchNorm path, mixed precision on the full model, GPU inference.
+"""Checks that need CUDA: torch's SyncBatchNorm path, mixed precision on the full model, GPU inference,
+pinned uint8 batches normalised on the GPU.
 
 Skipped without a GPU; run with `pytest -m gpu` on a machine that has one.
 """
@@ -55,3 +56,25 @@ def test_slide_equals_whole_when_the_window_covers_the_image_on_gpu():
     slide = infer_logits(model, image, Protocol(scales=(1.0,), flip=False, mode="slide", crop=(257, 385),
                                                 stride=(200, 300)))
     torch.testing.assert_close(whole, slide, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_training_stream_hands_out_pinned_uint8_batches_normalised_on_the_gpu(tmp_path, workers):
+    from anncli.data.shards import resolve_urls
+    from anncli.data.stream import TrainStream
+    from anncli.data.synth import write_synth
+    from anncli.data.transforms import normalize_batch
+    from anncli.recipe import AugmentConfig
+
+    write_synth(tmp_path, train=8, val=4, size=(32, 64), seed=0, max_samples=8, verbose=False)
+    aug = AugmentConfig(crop=(32, 64))
+    stream = TrainStream(resolve_urls(str(tmp_path), "synth", "train"), augment=aug, batch_size=2, seed=0, rank=0,
+                         world_size=1, num_workers=workers, pin_memory=True)
+    it = iter(stream)
+    batch = next(it)
+    it.close()
+    assert batch["image"].dtype == batch["label"].dtype == torch.uint8
+    assert batch["image"].is_pinned() and batch["label"].is_pinned()
+    on_gpu = normalize_batch(batch["image"].cuda(non_blocking=True), aug.mean, aug.std, aug.bgr, channels_last=True)
+    assert on_gpu.is_cuda and on_gpu.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(on_gpu.cpu(), normalize_batch(batch["image"], aug.mean, aug.std, aug.bgr))

@@ -98,10 +98,12 @@ def _wait_for_no_process_using(run: Path, timeout: float = 120) -> None:
         time.sleep(0.2)
 
 
-@pytest.mark.parametrize("nproc,workers", [(1, 0), (1, 2), (2, 0), (2, 2)])
-def test_sigkill_then_restart_is_bitwise_identical(tmp_path, synth_root, nproc, workers):
+@pytest.mark.parametrize("nproc,workers,val_every", [(1, 0, 0), (1, 2, 0), (2, 0, 0), (2, 2, 0), (1, 2, 4), (2, 2, 4)])
+def test_sigkill_then_restart_is_bitwise_identical(tmp_path, synth_root, nproc, workers, val_every):
+    """val_every on the checkpoint steps: validation, with its own data workers, must not draw from the
+    RNG state the checkpoint captured (a resumed run does not repeat that validation)."""
     overrides = tiny_overrides(synth_root, **{"train.iters": 12, "train.checkpoint_every": 4,
-                                              "data.num_workers": workers})
+                                              "data.num_workers": workers, "train.val_every": val_every})
     base = ["train", "recipes/demo.yaml", "--nproc-per-node", nproc, *overrides]
     ref = run_ann(*base, "--work-dir", tmp_path / "ref")
     assert ref.returncode == 0, ref.stderr[-3000:]
@@ -212,3 +214,64 @@ def test_the_optimizer_is_built_with_the_first_lr_of_the_schedule():
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     engine = DDPEngine(torch.nn.Linear(2, 2), recipe, info)
     assert engine.optimizer.param_groups[0]["lr"] == lr_at(0, 0.01, recipe) == pytest.approx(0.001)
+
+
+def test_resume_never_refuses_a_used_run_directory_and_fresh_moves_it_aside(tmp_path, synth_root):
+    run = tmp_path / "run"
+    base = ["train", "recipes/demo.yaml", "--work-dir", run, *tiny_overrides(synth_root)]
+    assert run_ann(*base).returncode == 0
+    before = (run / "checkpoints" / "step-000006" / "model.pt").read_bytes()
+    res = run_ann(*base, "--resume", "never")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert f"newest {run / 'checkpoints' / 'step-000006'}" in last and "--work-dir" in last and "--fresh" in last
+    res = run_ann(*base, "--set", "train.seed=5", "--fresh")  # a new run: any recipe change is fine
+    assert res.returncode == 0, res.stderr[-3000:]
+    [aside] = run.glob("superseded-*")
+    assert (aside / "checkpoints" / "step-000006" / "model.pt").read_bytes() == before
+    assert [e["event"] for e in _events(aside)].count("start") == 1
+    assert [e["event"] for e in _events(run)].count("start") == 1 and not any(e["event"] == "resume" for e in _events(run))
+
+
+def test_resume_from_an_older_checkpoint_then_auto_does_not_jump_back(tmp_path, synth_root):
+    run = tmp_path / "run"
+    base = ["train", "recipes/demo.yaml", "--work-dir", run]
+    assert run_ann(*base, *tiny_overrides(synth_root, **{"train.keep_last": 3})).returncode == 0
+    older = run / "checkpoints" / "step-000003"
+    res = run_ann(*base, "--resume", older, *tiny_overrides(synth_root, **{"train.iters": 4, "train.keep_last": 3}))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [p.name for p in sorted((run / "checkpoints").iterdir())] == ["step-000003", "step-000004"]
+    res = run_ann(*base, *tiny_overrides(synth_root, **{"train.iters": 5, "train.keep_last": 3}))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [e["step"] for e in _events(run) if e["event"] == "resume"] == [3, 4]
+    [aside] = run.glob("superseded-*")
+    assert (aside / "checkpoints" / "step-000006" / "COMPLETE").is_file()
+
+
+def test_damaged_checkpoint_explicit_fails_auto_falls_back(tmp_path, synth_root):
+    run = tmp_path / "run"
+    base = ["train", "recipes/demo.yaml", "--work-dir", run]
+    assert run_ann(*base, *tiny_overrides(synth_root)).returncode == 0
+    newest = run / "checkpoints" / "step-000006"
+    (newest / "model.pt").write_bytes((newest / "model.pt").read_bytes()[:1000])  # truncated
+    res = run_ann(*base, "--resume", newest, *tiny_overrides(synth_root, **{"train.iters": 9}))
+    assert res.returncode == 2 and "Traceback" not in res.stderr and "weights_only" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == f"ann: error: checkpoint {newest} is damaged: model.pt has 1000 " \
+        f"bytes, {json.loads((newest / 'COMPLETE').read_text())['files']['model.pt']['bytes']} were written"
+    res = run_ann(*base, *tiny_overrides(synth_root, **{"train.iters": 9}))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert f"warning: checkpoint {newest} is damaged: model.pt" in res.stderr
+    assert [e["step"] for e in _events(run) if e["event"] == "resume"] == [3]
+
+
+def test_resume_with_a_changed_recipe_prints_it_and_refuses_what_breaks_exactness(tmp_path, synth_root):
+    run = tmp_path / "run"
+    base = ["train", "recipes/demo.yaml", "--work-dir", run]
+    assert run_ann(*base, *tiny_overrides(synth_root)).returncode == 0
+    res = run_ann(*base, *tiny_overrides(synth_root, **{"train.iters": 7, "optim.lr": 0.5, "train.batch_size": 4}))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert "optim.lr: 0.002 -> 0.5" in last and "train.batch_size: 2 -> 4" in last and "--allow-recipe-change" in last
+    res = run_ann(*base, *tiny_overrides(synth_root, **{"train.iters": 7, "optim.lr": 0.004}), "--allow-recipe-change")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "train.iters: 6 -> 7" in res.stderr and "optim.lr: 0.002 -> 0.004 (allowed by --allow-recipe-change)" in res.stderr

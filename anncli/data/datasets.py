@@ -19,6 +19,7 @@ from PIL import Image
 
 from anncli.data.manifest import write_json
 from anncli.data.shards import ShardWriter
+from anncli.data.voc import VOC_CLASSES, VOC_PALETTE, read_sbd_mat, voc12aug_layout
 from anncli.errors import UserError
 from anncli.labels import IGNORE_INDEX
 
@@ -93,13 +94,14 @@ _TABLES = {
     "ade20k": (ADE20K_CLASSES, ADE20K_PALETTE),
     "pascal_context": (PASCAL_CONTEXT_CLASSES, PASCAL_CONTEXT_PALETTE),
     "synth": (SYNTH_CLASSES, SYNTH_PALETTE),
+    "voc12aug": (VOC_CLASSES, VOC_PALETTE),
 }
 
 
 def canonical_name(dataset: str) -> str:
     name = dataset.strip().lower().replace("-", "_")
     if name not in _TABLES:
-        raise UserError(f"unknown dataset {dataset!r}: expected cityscapes, ade20k, pascal-context or synth")
+        raise UserError(f"unknown dataset {dataset!r}: expected cityscapes, ade20k, pascal-context, voc12aug or synth")
     return name
 
 
@@ -123,6 +125,8 @@ def label_lut(dataset: str) -> np.ndarray:
         lut[0], lut[1:151] = IGNORE_INDEX, np.arange(150)
     elif name == "pascal_context":
         lut[0], lut[1:60] = IGNORE_INDEX, np.arange(59)
+    elif name == "voc12aug":
+        lut[:21] = np.arange(21)
     else:
         lut[:5] = np.arange(5)
     return lut
@@ -143,6 +147,8 @@ def encode_label_png(label: np.ndarray) -> bytes:
 
 
 def read_source_label(path: Path) -> np.ndarray:
+    if path.suffix == ".mat":  # SBD
+        return read_sbd_mat(path)
     try:
         with Image.open(path) as im:
             arr = np.array(im) if im.mode in ("L", "P") else None
@@ -281,7 +287,8 @@ def _pascal_context(root: Path, split: str):
     return split, images, labels
 
 
-_LAYOUTS = {"cityscapes": _cityscapes, "ade20k": _ade20k, "pascal_context": _pascal_context}
+_LAYOUTS = {"cityscapes": _cityscapes, "ade20k": _ade20k, "pascal_context": _pascal_context,
+            "voc12aug": voc12aug_layout}
 
 
 def _stderr_console():

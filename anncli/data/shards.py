@@ -183,8 +183,12 @@ def eval_samples(urls: list[str], *, rank: int, world_size: int, num_workers: in
             info = tud.get_worker_info()
             return _eval_iter(mine[info.id :: info.num_workers] if info else mine)
 
+    # A private generator: starting the workers must not draw their seed from the global RNG, which
+    # training checkpoints; in-training validation then leaves the training's random stream untouched.
+    import torch
+
     loader = tud.DataLoader(_Shards(), batch_size=None, num_workers=workers, collate_fn=identity,
-                            worker_init_fn=worker_init)
+                            worker_init_fn=worker_init, generator=torch.Generator().manual_seed(0))
     yield from loader_items(loader)
 
 

@@ -127,7 +127,7 @@ class _BatchMaker:
             except SampleError as e:
                 self.source.fault(f"{url}: sample {key}: {e}")
                 continue
-            img, lbl = self.transform(image, label, _rng(self.key, pos, 2))
+            img, lbl = self.transform.uint8_tensors(image, label, _rng(self.key, pos, 2))
             images.append(img)
             labels.append(lbl)
             keys.append(key)
@@ -137,6 +137,10 @@ class _BatchMaker:
 
 class TrainStream:
     """An endless, seeded, resumable stream of augmented training batches for one rank.
+
+    A batch is {"image": uint8 (B,H,W,3) RGB, "label": uint8 (B,H,W), 255 = ignore, "keys": [...]}, in
+    pinned memory when `pin_memory` (for CUDA); the step converts and normalises on the device
+    (`anncli.data.transforms.normalize_batch`).
 
     Each of the rank's `max(1, num_workers)` streams draws shards with replacement from *all* shards, so
     every rank yields as many batches as asked for, whatever the shard count. Every shard draw, sample pick
@@ -152,12 +156,13 @@ class TrainStream:
     """
 
     def __init__(self, urls: list[str], *, augment, batch_size: int, seed: int, rank: int, world_size: int,
-                 num_workers: int = 0, shuffle_buffer: int = 256, max_skip_fraction: float = 0.01):
+                 num_workers: int = 0, shuffle_buffer: int = 256, max_skip_fraction: float = 0.01,
+                 pin_memory: bool = False):
         if not urls:
             raise UserError("no training shards given")
         self.urls, self.augment, self.batch_size = list(urls), augment, batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.num_workers, self.max_skip = num_workers, max_skip_fraction
+        self.num_workers, self.max_skip, self.pin_memory = num_workers, max_skip_fraction, pin_memory
         self.streams = max(1, num_workers)
         self.open_shards = open_shard_count(shuffle_buffer)
         self._generation = 0
@@ -212,7 +217,10 @@ class TrainStream:
         if self.num_workers == 0:
             maker = self._maker(0)
             while True:
-                yield self._accept(maker.next_batch())
+                batch = maker.next_batch()
+                if self.pin_memory:
+                    batch["image"], batch["label"] = batch["image"].pin_memory(), batch["label"].pin_memory()
+                yield self._accept(batch)
 
         import torch
         import torch.utils.data as tud
@@ -230,6 +238,7 @@ class TrainStream:
         # A private generator: the loader's worker seed must not draw from the global RNG, which the
         # training loop checkpoints (every random decision here comes from explicit per-sample generators).
         loader = tud.DataLoader(_Batches(), batch_size=None, num_workers=self.num_workers, collate_fn=identity,
-                                worker_init_fn=worker_init, generator=torch.Generator().manual_seed(self.seed))
+                                worker_init_fn=worker_init, generator=torch.Generator().manual_seed(self.seed),
+                                pin_memory=self.pin_memory)
         for batch in loader_items(loader):
             yield self._accept(batch)

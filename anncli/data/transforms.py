@@ -1,5 +1,8 @@
 """Training augmentation and normalisation on numpy uint8 images (labels: nearest, uint8, 255 = ignore).
 
+The training stream carries uint8 crops (`TrainTransform.uint8_tensors`); the step normalises them on
+the device (`normalize_batch`). Evaluation and `TrainTransform.__call__` normalise on the CPU (`normalize`).
+
 The training pipeline follows mmseg/ANN: random rescale (optionally with aspect jitter), random crop with
 `cat_max_ratio`, padding (image 0, label 255), horizontal flip, photometric distortion, normalisation.
 The crop is taken first and only the crop is resampled: the source window under the crop is cut out and
@@ -39,6 +42,26 @@ def normalize(image: np.ndarray, mean, std, bgr: bool = False) -> torch.Tensor:
     chw *= scale.reshape(3, 1, 1)
     chw += shift.reshape(3, 1, 1)
     return torch.from_numpy(chw)
+
+
+def normalize_batch(images: torch.Tensor, mean, std, bgr: bool = False, channels_last: bool = False) -> torch.Tensor:
+    """uint8 (B,H,W,3) RGB batch → float32 (B,3,H,W) on the batch's device: (x - mean) / std.
+
+    The training loader carries uint8 crops (a quarter of the bytes through worker shared memory and
+    to the GPU); the step normalises them here, on the device. The arithmetic is `normalize`'s
+    (x·(1/std) + (-mean/std), each step rounded to float32), so both give the same bits. The NHWC batch
+    seen as NCHW is channels_last in memory already; otherwise it is made contiguous.
+    """
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected a uint8 BxHxWx3 batch, got {images.dtype} {tuple(images.shape)}")
+    scale = 1.0 / np.asarray(std, dtype=np.float32)
+    shift = -np.asarray(mean, dtype=np.float32) * scale
+    if bgr:
+        images = images.flip(-1)
+    x = images.permute(0, 3, 1, 2).float()
+    x.mul_(torch.from_numpy(scale).to(x.device).view(1, 3, 1, 1))
+    x.add_(torch.from_numpy(shift).to(x.device).view(1, 3, 1, 1))
+    return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
 def _scale_factors(h: int, w: int, cfg: AugmentConfig, rng: np.random.Generator) -> tuple[float, float]:
@@ -154,6 +177,12 @@ class TrainTransform:
         if rng.random() < cfg.flip:
             img, lbl = cv2.flip(img, 1), cv2.flip(lbl, 1)
         return _photometric(img, cfg, rng), lbl
+
+    def uint8_tensors(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
+        """→ (uint8 tensor [ch,cw,3] RGB, uint8 tensor [ch,cw], 255 = ignore): what the training loader
+        carries; `normalize_batch` finishes the images on the device (labels: `.long()` there)."""
+        img, lbl = self.crop_uint8(image, label, rng)
+        return torch.from_numpy(np.ascontiguousarray(img)), torch.from_numpy(np.ascontiguousarray(lbl))
 
     def __call__(self, image: np.ndarray, label: np.ndarray, rng: np.random.Generator):
         """→ (float32 tensor [3,ch,cw] normalised, int64 tensor [ch,cw] with 255 = ignore)."""

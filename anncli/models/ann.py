@@ -28,15 +28,16 @@ def fcn_head(cin: int, width: int, num_classes: int, dropout: float) -> nn.Seque
     return nn.Sequential(conv3x3_bn_relu(cin, width), nn.Dropout2d(dropout), nn.Conv2d(width, num_classes, 1))
 
 
-def upsample_to(x: torch.Tensor, size) -> torch.Tensor:
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=True)
+def upsample_to(x: torch.Tensor, size, align_corners: bool = True) -> torch.Tensor:
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
 
 
 class SegmentationNet(nn.Module):
     """Backbone, optional AFNB, context conv, optional APNB, classifier and optional aux head."""
 
     def __init__(self, backbone: nn.Module, context: nn.Module, classifier: nn.Module, num_classes: int,
-                 afnb: nn.Module | None = None, apnb: nn.Module | None = None, aux_head: nn.Module | None = None):
+                 afnb: nn.Module | None = None, apnb: nn.Module | None = None, aux_head: nn.Module | None = None,
+                 align_corners: bool = True, aux_first: bool = True):
         super().__init__()
         self.backbone = backbone
         self.afnb = afnb
@@ -46,23 +47,33 @@ class SegmentationNet(nn.Module):
         self.aux_head = aux_head
         self.num_classes = num_classes
         self.aux = aux_head is not None
+        self.align_corners = align_corners
+        self.aux_first = aux_first
 
     def forward(self, x: torch.Tensor):
         size = x.shape[-2:]
         *_, c3, c4 = self.backbone(x)
+        aux = None
+        if self.training and self.aux_head is not None and self.aux_first:
+            aux = self.aux_head(c3)  # the official code runs its aux head first: same dropout draws
         y = c4 if self.afnb is None else self.afnb(c3, c4)
         y = self.context(y)
         if self.apnb is not None:
             y = self.apnb(y)
-        main = upsample_to(self.classifier(y), size)
+        main = upsample_to(self.classifier(y), size, self.align_corners)
         if not self.training:
             return main
-        aux = None if self.aux_head is None else upsample_to(self.aux_head(c3), size)
-        return main, aux
+        if self.aux_head is not None and aux is None:
+            aux = self.aux_head(c3)  # mmseg: decode head, then auxiliary head
+        return main, None if aux is None else upsample_to(aux, size, self.align_corners)
 
 
 def build_model(cfg: ModelConfig) -> SegmentationNet:
     """Build the network of `cfg` with plain BatchNorm2d (callers convert to SyncBN / channels_last)."""
+    if cfg.variant == "mmseg":
+        from anncli.models.mmseg import build_mmseg_model
+
+        return build_mmseg_model(cfg)
     backbone = BACKBONES[cfg.backbone](cfg.output_stride)
     if cfg.pretrained:
         load_backbone_weights(backbone, cfg.pretrained)
@@ -75,7 +86,7 @@ def build_model(cfg: ModelConfig) -> SegmentationNet:
         context = nn.Sequential(conv3x3_bn_relu(c4, width), nn.Dropout2d(cfg.dropout))
         return SegmentationNet(backbone, context, nn.Conv2d(width, k, 1), k, aux_head=aux_head)
     sizes = None if cfg.name == "nonlocal" else cfg.psp_sizes
-    afnb = AFNB(c3, c4, c4, cfg.key_channels, cfg.value_channels, cfg.dropout, sizes, cfg.psp_pool)
-    apnb = APNB(width, width, cfg.key_channels, cfg.value_channels, cfg.dropout, sizes, cfg.psp_pool)
+    afnb = AFNB(c3, c4, c4, cfg.key_channels, cfg.value_channels, cfg.dropout, sizes, cfg.psp_pool, cfg.attention)
+    apnb = APNB(width, width, cfg.key_channels, cfg.value_channels, cfg.dropout, sizes, cfg.psp_pool, cfg.attention)
     return SegmentationNet(backbone, conv3x3_bn_relu(c4, width), nn.Conv2d(width, k, 1), k,
-                           afnb=afnb, apnb=apnb, aux_head=aux_head)
+                           afnb=afnb, apnb=apnb, aux_head=aux_head, align_corners=cfg.resolved_align_corners)

@@ -3,43 +3,141 @@
 Shapes: B batch, N = H*W query positions, S anchors (110 for pyramid sizes 1, 3, 6, 8, or N without
 sampling), Ck key channels, Cv value channels. The similarity and softmax run in float32 with
 autocast off, whatever the input dtype, so that bf16/fp16 training stays stable.
+
+Two exact savings over the literal formulation (both equal to it up to float rounding):
+- the value path pools first and projects only the S anchors (`pool_then_project`);
+- `attention="sdpa"` computes softmax(q·kᵀ/√Ck)·v with torch's `scaled_dot_product_attention`,
+  which never materialises the N×S map (the plain non-local block always keeps its explicit N×N map).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from contextvars import ContextVar
 from typing import Sequence
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from anncli.precision import autocast_off
 
+ATTENTION_IMPLS = ("explicit", "sdpa")
 
-def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+# Both peers run the shared key/query projection twice per forward (query, then key), so in training
+# its BatchNorm running statistics take two momentum-0.1 steps on the same batch statistics:
+# r <- 0.81 r + 0.19 b. Ours computes the projection once; one step at 0.19 is the same update.
+SHARED_BN_MOMENTUM = 1 - (1 - 0.1) ** 2
+
+
+_CAPTURED: ContextVar[list | None] = ContextVar("ann_captured_attention", default=None)
+
+
+@contextlib.contextmanager
+def capture_attention():
+    """Inside the block, every `attend` call appends its softmax weights (B, N, S) to the yielded list."""
+    maps: list[torch.Tensor] = []
+    token = _CAPTURED.set(maps)
+    try:
+        yield maps
+    finally:
+        _CAPTURED.reset(token)
+
+
+def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, impl: str = "explicit") -> torch.Tensor:
     """softmax(q·kᵀ / sqrt(Ck)) · v in float32; query (B,N,Ck), key (B,S,Ck), value (B,S,Cv) -> (B,N,Cv).
 
-    The query is scaled before the product so that only one N×S map is live besides its softmax.
+    `explicit` scales the query before the product so that only one N×S map is live besides its
+    softmax; `sdpa` hands the same product to `F.scaled_dot_product_attention` (one head of width Ck,
+    value width Cv may differ), whose kernels never hold the whole N×S map.
     """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {impl!r}")
     with autocast_off(query.device):
-        q = query.float() * query.shape[-1] ** -0.5
-        sim = torch.softmax(torch.matmul(q, key.float().transpose(1, 2)), dim=-1)
-        out = torch.matmul(sim, value.float())
+        q, k, v = query.float(), key.float(), value.float()
+        captured = _CAPTURED.get()
+        if impl == "sdpa" and captured is None:
+            out = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
+        else:  # explicit, or sdpa while `capture_attention` needs the weights themselves
+            sim = torch.softmax(torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(1, 2)), dim=-1)
+            if captured is not None:
+                captured.append(sim.detach())
+            out = torch.matmul(sim, v)
     return out.to(value.dtype)
 
 
+def pool_then_project(x: torch.Tensor, conv: nn.Conv2d, sampler: nn.Module) -> torch.Tensor:
+    """`sampler(conv(x))` computed as `conv(sampler(x))`: (B,Cin,H,W) -> (B,Cout,S).
+
+    For a 1x1 convolution (a per-position affine map W·x + b) and anchors that are averages of
+    positions, mean(W·x + b) = W·mean(x) + b: projecting the S pooled anchors instead of the N
+    positions saves N·Cin·Cout multiply-adds, forward and backward. Any average-pooling sampler with
+    the (B,C,H,W) -> (B,C,S) contract works (the ANN AnchorSampler, mmseg's PPMConcat).
+    The key path cannot do this: its conv is followed by BN and ReLU, and ReLU does not commute with
+    averaging (nor does train-mode BN, whose statistics are taken over all N positions).
+    """
+    if conv.kernel_size != (1, 1) or conv.groups != 1:
+        raise ValueError("pool_then_project needs a plain 1x1 convolution")
+    anchors = sampler(x)
+    return F.conv1d(anchors, conv.weight.flatten(2), conv.bias)
+
+
+@functools.lru_cache(maxsize=64)
+def _bin_mean_table(length: int, sizes: tuple[int, ...]) -> np.ndarray:
+    """(length, sum(sizes)) float64: column j averages adaptive-pooling bin j (floor/ceil edges, as torch's).
+
+    Cached as numpy, never as a tensor: a tensor made while torch.export traces is a fake one, and a
+    cached fake tensor would break every later eager call.
+    """
+    cols = np.zeros((length, sum(sizes)))
+    j = 0
+    for s in sizes:
+        for i in range(s):
+            start, end = (i * length) // s, -(-(i + 1) * length // s)
+            cols[start:end, j] = 1.0 / (end - start)
+            j += 1
+    return cols
+
+
+def _bin_means(length: int, sizes: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.from_numpy(_bin_mean_table(int(length), sizes)).to(device=device, dtype=dtype)
+
+
 class AnchorSampler(nn.Module):
-    """Pools a map (B,C,H,W) to the concatenated pyramid of `sizes`x`sizes` grids: (B,C,S)."""
+    """Pools a map (B,C,H,W) to the concatenated pyramid of `sizes`x`sizes` grids: (B,C,S).
+
+    Average pooling is separable: every level's bins are the product of row bins and column bins, so
+    one matmul with the (W, Σs) column-bin means and one small one per level with the row-bin means
+    give every level's anchors (torch's adaptive pooling reads the whole map once per level, and on
+    CPU is slower than the 1x1 projection it replaces). `separable=False` runs torch's adaptive pools.
+    """
 
     def __init__(self, sizes: Sequence[int] = (1, 3, 6, 8), mode: str = "avg"):
         super().__init__()
         if mode not in ("avg", "max"):
             raise ValueError(f"pooling mode must be avg or max, got {mode!r}")
         self.sizes = tuple(int(s) for s in sizes)
+        self.mode = mode
         pool = nn.AdaptiveAvgPool2d if mode == "avg" else nn.AdaptiveMaxPool2d
         self.pools = nn.ModuleList(pool(s) for s in self.sizes)
+        self.separable = mode == "avg"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([p(x).flatten(2) for p in self.pools], dim=2)
+        if not (self.separable and self.mode == "avg"):
+            return torch.cat([p(x).flatten(2) for p in self.pools], dim=2)
+        h, w = x.shape[-2:]
+        with autocast_off(x.device):  # averages in the input's precision, at least float32
+            xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
+            rows = _bin_means(h, self.sizes, x.device, xf.dtype)
+            cols = torch.matmul(xf, _bin_means(w, self.sizes, x.device, xf.dtype))  # (B,C,H,Σs)
+            out, j = [], 0
+            for s in self.sizes:
+                grid = torch.matmul(rows[:, j:j + s].t(), cols[..., j:j + s])  # (B,C,s,s)
+                out.append(grid.flatten(2))
+                j += s
+        return torch.cat(out, dim=2).to(x.dtype)
 
 
 def conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
@@ -50,15 +148,23 @@ class AttentionBranch(nn.Module):
     """Projections, (optionally sampled) attention and the zero-initialised output conv W.
 
     With `query_channels=None` query and key share one projection, computed once. With `sizes=None`
-    every key position is an anchor: the plain non-local block.
+    every key position is an anchor: the plain non-local block, which always keeps the explicit N×N
+    map (it is the paper's point of comparison). `pool_first=False` runs the literal value path
+    (project every position, then pool), kept for equivalence tests and before/after benchmarks.
     """
 
     def __init__(self, key_in: int, key_channels: int, value_channels: int, out_channels: int,
                  query_channels: int | None = None, sizes: Sequence[int] | None = (1, 3, 6, 8),
-                 mode: str = "avg"):
+                 mode: str = "avg", attention: str = "explicit"):
         super().__init__()
+        if attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
+        self.impl = "explicit" if sizes is None else attention
+        self.pool_first = True
         self.f_key = conv_bn_relu(key_in, key_channels)
         self.f_query = None if query_channels is None else conv_bn_relu(query_channels, key_channels)
+        if self.f_query is None:
+            self.f_key[1].momentum = SHARED_BN_MOMENTUM
         self.f_value = nn.Conv2d(key_in, value_channels, 1)
         self.sampler = None if sizes is None else AnchorSampler(sizes, mode)
         self.W = nn.Conv2d(value_channels, out_channels, 1)
@@ -68,14 +174,20 @@ class AttentionBranch(nn.Module):
     def _anchors(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(2) if self.sampler is None else self.sampler(x)
 
+    def _values(self, key_feats: torch.Tensor) -> torch.Tensor:
+        if self.pool_first and self.sampler is not None and self.sampler.mode == "avg":
+            return pool_then_project(key_feats, self.f_value, self.sampler)
+        return self._anchors(self.f_value(key_feats))  # max pooling does not commute with the projection
+
     def forward(self, query_feats: torch.Tensor, key_feats: torch.Tensor | None = None) -> torch.Tensor:
         key_feats = query_feats if key_feats is None else key_feats
         b, _, h, w = query_feats.shape
         key_map = self.f_key(key_feats)
         query = key_map if self.f_query is None else self.f_query(query_feats)
         key = self._anchors(key_map)
-        value = self._anchors(self.f_value(key_feats))
-        context = attend(query.flatten(2).transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2))
+        value = self._values(key_feats)
+        context = attend(query.flatten(2).transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                         self.impl)
         return self.W(context.transpose(1, 2).reshape(b, -1, h, w))
 
 
@@ -90,8 +202,9 @@ class APNBAttention(AttentionBranch):
     """The attention branch of APNB alone (no fuse conv), as the paper's efficiency table measures it."""
 
     def __init__(self, in_channels: int, out_channels: int, key_channels: int = 256, value_channels: int = 256,
-                 sizes: Sequence[int] = (1, 3, 6, 8), mode: str = "avg"):
-        super().__init__(in_channels, key_channels, value_channels, out_channels, sizes=sizes, mode=mode)
+                 sizes: Sequence[int] = (1, 3, 6, 8), mode: str = "avg", attention: str = "explicit"):
+        super().__init__(in_channels, key_channels, value_channels, out_channels, sizes=sizes, mode=mode,
+                         attention=attention)
 
 
 class APNB(nn.Module):
@@ -101,10 +214,11 @@ class APNB(nn.Module):
     """
 
     def __init__(self, in_channels: int, out_channels: int, key_channels: int, value_channels: int,
-                 dropout: float = 0.05, sizes: Sequence[int] | None = (1, 3, 6, 8), mode: str = "avg"):
+                 dropout: float = 0.05, sizes: Sequence[int] | None = (1, 3, 6, 8), mode: str = "avg",
+                 attention: str = "explicit"):
         super().__init__()
         self.attention = AttentionBranch(in_channels, key_channels, value_channels, out_channels,
-                                         sizes=sizes, mode=mode)
+                                         sizes=sizes, mode=mode, attention=attention)
         self.fuse = nn.Sequential(
             nn.Conv2d(out_channels + in_channels, out_channels, 1), nn.BatchNorm2d(out_channels),
             nn.ReLU(inplace=True), nn.Dropout2d(dropout),
@@ -122,10 +236,10 @@ class AFNB(nn.Module):
 
     def __init__(self, low_channels: int, high_channels: int, out_channels: int, key_channels: int,
                  value_channels: int, dropout: float = 0.05, sizes: Sequence[int] | None = (1, 3, 6, 8),
-                 mode: str = "avg"):
+                 mode: str = "avg", attention: str = "explicit"):
         super().__init__()
         self.attention = AttentionBranch(low_channels, key_channels, value_channels, out_channels,
-                                         query_channels=high_channels, sizes=sizes, mode=mode)
+                                         query_channels=high_channels, sizes=sizes, mode=mode, attention=attention)
         self.fuse = nn.Sequential(
             nn.Conv2d(out_channels + high_channels, out_channels, 1), nn.BatchNorm2d(out_channels),
             nn.Dropout2d(dropout),

@@ -1,0 +1,117 @@
+"""`ann predict --model FILE.onnx`: segment images with an exported model on onnxruntime (CPU), no torch.
+
+The file is one written by `ann export --format onnx`: its input is RGB 0..255 and its metadata holds
+the class names and palette. A model with a fixed input size gets each image resized to that size
+(bilinear) and its logits resized back; a dynamic one runs each image at its own size. The outputs
+match `ann predict --checkpoint`: <stem>_pred.png (class ids), <stem>_color.png, <stem>_overlay.png.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from anncli.errors import UserError
+
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def expand_images(items) -> list[Path]:
+    """Files, directories (searched recursively) and globs, in order, without repeats."""
+    found: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            matches = sorted(p for p in path.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
+        elif path.is_file():
+            matches = [path]
+        else:
+            matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
+        if not matches:
+            raise UserError(f"{item}: no such image file, or no image matches")
+        found.extend(m for m in matches if m not in found)
+    return found
+
+
+class OnnxSegmenter:
+    """An exported model in an onnxruntime CPU session, with its class names and palette."""
+
+    def __init__(self, path: Path, threads: int = 0):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise UserError("--model needs onnxruntime: pip install 'anncli[export]'") from None
+        if not Path(path).is_file():
+            raise UserError(f"--model {path}: no such file")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise UserError(f"--model {path}: onnxruntime cannot load it ({e.__class__.__name__})") from None
+        meta = self.session.get_modelmeta().custom_metadata_map.get("anncli")
+        if meta is None:
+            raise UserError(f"--model {path}: no anncli metadata; export it with `ann export --format onnx`")
+        self.meta = json.loads(meta)
+        self.palette = np.asarray(self.meta["palette"], dtype=np.uint8)
+        spec = self.session.get_inputs()[0]
+        self.input_name = spec.name
+        h, w = spec.shape[2], spec.shape[3]
+        self.fixed = (h, w) if isinstance(h, int) and isinstance(w, int) else None
+
+    def logits(self, image: np.ndarray) -> np.ndarray:
+        """uint8 HxWx3 RGB -> float32 logits [K, H, W] at the image's size."""
+        import cv2
+
+        height, width = image.shape[:2]
+        x = image if self.fixed is None else cv2.resize(image, self.fixed[::-1], interpolation=cv2.INTER_LINEAR)
+        batch = np.ascontiguousarray(x.transpose(2, 0, 1)[None], dtype=np.float32)
+        out = self.session.run(None, {self.input_name: batch})[0][0]
+        if out.shape[1:] != (height, width):
+            hwk = cv2.resize(np.ascontiguousarray(out.transpose(1, 2, 0)), (width, height),
+                             interpolation=cv2.INTER_LINEAR)
+            out = hwk.reshape(height, width, -1).transpose(2, 0, 1)
+        return out
+
+    def labels(self, image: np.ndarray) -> np.ndarray:
+        return self.logits(image).argmax(axis=0).astype(np.uint8)
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: cannot read the image ({e.__class__.__name__})") from None
+
+
+def write_outputs(out: Path, stem: str, image: np.ndarray, labels: np.ndarray, palette: np.ndarray) -> list[Path]:
+    colour = palette[labels]
+    blend = (0.5 * image.astype(np.float32) + 0.5 * colour.astype(np.float32)).round().astype(np.uint8)
+    paths = [out / f"{stem}_pred.png", out / f"{stem}_color.png", out / f"{stem}_overlay.png"]
+    Image.fromarray(labels, mode="L").save(paths[0])
+    Image.fromarray(colour, mode="RGB").save(paths[1])
+    Image.fromarray(blend, mode="RGB").save(paths[2])
+    return paths
+
+
+def run_onnx_predict(images, model: Path, out: Path) -> list[Path]:
+    """Segment the images into `out` with the ONNX model; returns the written paths."""
+    segmenter = OnnxSegmenter(Path(model))
+    paths = expand_images(images)
+    stems = [p.stem for p in paths]
+    if len(set(stems)) != len(stems):
+        raise UserError(f"two inputs share the name {next(s for s in stems if stems.count(s) > 1)!r}; "
+                        "predict them into different --out directories")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for path in paths:
+        image = read_rgb(path)
+        written += write_outputs(out, path.stem, image, segmenter.labels(image), segmenter.palette)
+    print(f"{len(paths)} image(s) segmented with {model} (onnxruntime CPU) into {out}")
+    return written

@@ -1,0 +1,173 @@
+"""Before/after of the exact attention savings, in one run, interleaved: pool-then-project and SDPA.
+
+Variants (all the same weights and inputs):
+- `before`: the literal value path (1x1 projection of every position, then pooling), torch's adaptive
+  pools and the explicit softmax(q·kᵀ)·v, i.e. the blocks as they were before pool-then-project;
+- `after`: the value path pools first (separable matmul pooling) and projects the 110 anchors,
+  explicit attention;
+- `after_sdpa`: as `after`, with `model.attention: sdpa`.
+
+Part `blocks`: `ann bench attention`'s comparison at 128×256, C = 2048 (eval, no_grad, fp32): the plain
+non-local block against each APNB variant; FLOPs from FlopCounterMode, time per forward.
+Part `network`: ANN-R101 with aux at 257×257, batch 1, one training step (forward, cross-entropy on
+main + 0.4 aux, backward) and one eval forward per variant.
+
+Every round times each variant once, in turn, so a load change on a shared machine hits all of them;
+the JSON keeps every sample, the medians and the ratios. Writes benchmarks/results/attention_fusion.json.
+
+    python benchmarks/attention_fusion.py [--rounds 3] [--net-rounds 6] [--part all|blocks|network]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from anncli.bench import make_block
+from anncli.models.ann import build_model
+from anncli.models.attention import AttentionBranch
+from anncli.recipe import ModelConfig
+
+VARIANTS = {"before": (False, "explicit"), "after": (True, "explicit"), "after_sdpa": (True, "sdpa")}
+
+
+def set_variant(module: nn.Module, variant: str) -> nn.Module:
+    pool_first, impl = VARIANTS[variant]
+    for m in module.modules():
+        if isinstance(m, AttentionBranch) and m.sampler is not None:
+            m.pool_first, m.impl = pool_first, impl
+            m.sampler.separable = pool_first
+    return module
+
+
+def block_flops(name: str, variant: str | None, channels: int, size) -> int:
+    with torch.device("meta"):
+        block = make_block(name, channels).eval()
+        x = torch.empty(1, channels, *size)
+    if variant:
+        set_variant(block, variant)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        block(x)
+    return int(counter.get_total_flops())
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def interleaved(runs: dict, rounds: int, cold: tuple[str, ...] = ()) -> dict:
+    """One warm-up call per entry (except those in `cold`), then `rounds` rounds timing every entry once,
+    in turn (ms)."""
+    for name, fn in runs.items():
+        if name not in cold:
+            fn()
+    samples = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            samples[name].append(1e3 * _timed(fn))
+    return {name: {"median_ms": statistics.median(s), "ms": [round(v, 1) for v in s]} for name, s in samples.items()}
+
+
+def blocks_part(rounds: int, channels: int, size) -> dict:
+    torch.manual_seed(0)
+    x = torch.randn(1, channels, *size)
+    nl = make_block("nonlocal", channels).eval()
+    apnb = make_block("apnb", channels).eval()
+
+    def forward(block, variant=None):
+        def run():
+            if variant:
+                set_variant(block, variant)
+            with torch.no_grad():
+                block(x)
+        return run
+
+    runs = {"nonlocal": forward(nl), **{f"apnb_{v}": forward(apnb, v) for v in VARIANTS}}
+    # The non-local forward at 128x256 is ~1.2 TFLOP (close to a minute on 2 cores): it is not warmed up
+    # (its 4 GiB maps are fresh allocations on every call anyway); the APNB variants are.
+    times = interleaved(runs, rounds, cold=("nonlocal",))
+    flops = {"nonlocal": block_flops("nonlocal", None, channels, size),
+             **{f"apnb_{v}": block_flops("apnb", v, channels, size) for v in VARIANTS}}
+    nl_ms, nl_flops = times["nonlocal"]["median_ms"], flops["nonlocal"]
+    ratios = {v: {"time_nl_over_apnb": round(nl_ms / times[f"apnb_{v}"]["median_ms"], 2),
+                  "flops_nl_over_apnb": round(nl_flops / flops[f"apnb_{v}"], 2)} for v in VARIANTS}
+    return {"size": f"{size[0]}x{size[1]}", "channels": channels, "times": times, "flops": flops,
+            "ratios_nl_over_apnb": ratios}
+
+
+def network_part(rounds: int, size: int, eval_rounds: int) -> dict:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(backbone="resnet101", num_classes=19, norm="bn"))
+    x = torch.randn(1, 3, size, size)
+    y = torch.randint(0, 19, (1, size, size))
+
+    def train_step(variant):
+        def run():
+            set_variant(model, variant).train()
+            main, aux = model(x)
+            (F.cross_entropy(main, y) + 0.4 * F.cross_entropy(aux, y)).backward()
+            model.zero_grad(set_to_none=True)
+        return run
+
+    def eval_forward(variant):
+        def run():
+            set_variant(model, variant).eval()
+            with torch.no_grad():
+                model(x)
+        return run
+
+    train = interleaved({v: train_step(v) for v in VARIANTS}, rounds)
+    out = {"model": "ANN-R101, aux, 19 classes, plain BN", "input": f"1x3x{size}x{size}", "train_step": train,
+           "speedup_over_before": {v: {"train_step": round(train["before"]["median_ms"] / train[v]["median_ms"], 3)}
+                                   for v in VARIANTS}}
+    if eval_rounds:
+        evals = out["eval_forward"] = interleaved({v: eval_forward(v) for v in VARIANTS}, eval_rounds)
+        for v in VARIANTS:
+            out["speedup_over_before"][v]["eval_forward"] = round(evals["before"]["median_ms"] / evals[v]["median_ms"], 3)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--part", choices=("all", "blocks", "network"), default="all")
+    p.add_argument("--rounds", type=int, default=3, help="timed rounds of the block comparison")
+    p.add_argument("--net-rounds", type=int, default=6, help="timed rounds of the network step")
+    p.add_argument("--net-eval-rounds", type=int, default=6, help="timed rounds of the eval forward (0: none)")
+    p.add_argument("--channels", type=int, default=2048)
+    p.add_argument("--size", default="128x256")
+    p.add_argument("--net-size", type=int, default=257)
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "attention_fusion.json")
+    args = p.parse_args()
+    h, w = (int(v) for v in args.size.lower().split("x"))
+    result = {"benchmark": "attention_fusion", "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "cpus": os.cpu_count(), "load_avg_1min_at_start": round(os.getloadavg()[0], 2),
+              "variants": {v: {"pool_first": pf, "attention": impl} for v, (pf, impl) in VARIANTS.items()}}
+    if args.part in ("all", "network"):
+        result["network"] = network_part(args.net_rounds, args.net_size, args.net_eval_rounds)
+        print(json.dumps(result["network"]["speedup_over_before"]), flush=True)
+    if args.part in ("all", "blocks"):
+        result["blocks"] = blocks_part(args.rounds, args.channels, (h, w))
+        print(json.dumps(result["blocks"]["ratios_nl_over_apnb"]), flush=True)
+    result["load_avg_1min_at_end"] = round(os.getloadavg()[0], 2)
+    if result["load_avg_1min_at_start"] > 0.5 * (os.cpu_count() or 1):
+        result["note"] = ("measured on a shared machine (other jobs were running): absolute times are inflated "
+                          "and noisy; the interleaved ratios are the figures to read")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
