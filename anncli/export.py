@@ -74,6 +74,7 @@ def make_shape_free(model: nn.Module) -> None:
     from anncli.models.attention import AnchorSampler
 
     for sampler in (m for m in model.modules() if isinstance(m, AnchorSampler)):
+        sampler.separable = False  # the separable bin matrices are sized at trace time too
         for k, pool in enumerate(sampler.pools):
             if isinstance(pool, nn.AdaptiveAvgPool2d):
                 sampler.pools[k] = ShapeFreeAdaptiveAvgPool(sampler.sizes[k])
