@@ -7,14 +7,13 @@ answers quickly.
 from __future__ import annotations
 
 import functools
-import inspect
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from anncli import cli_tools
-from anncli.cli_options import LAUNCH_OPTIONS, App, RecipeArg, SetOpt, WorkDirOpt, set_option
+from anncli.cli_options import App, RecipeArg, SetOpt, WorkDirOpt, launched, set_option
 from anncli.cli_weights import weights_app
 from anncli.errors import EXIT_USAGE, UserError
 
@@ -55,27 +54,6 @@ def _load(recipe: Path, overrides: Optional[list[str]]):
     return _run(load_recipe, recipe, overrides or [])
 
 
-def _launched(verb: str):
-    """Give a command the launch options (LAUNCH_OPTIONS); it receives them as one `launch` request."""
-
-    def decorate(command):
-        signature = inspect.signature(command, eval_str=True)
-        own = [p for p in signature.parameters.values() if p.name != "launch"]
-
-        @functools.wraps(command)
-        def with_launch_options(**kwargs):
-            from anncli.launch import request_for
-
-            options = {p.name: kwargs.pop(p.name) for p in LAUNCH_OPTIONS}
-            return command(**kwargs, launch=request_for(verb, **options))
-
-        with_launch_options.__signature__ = signature.replace(parameters=own + LAUNCH_OPTIONS)
-        with_launch_options.__annotations__ = {p.name: p.annotation for p in own + LAUNCH_OPTIONS}
-        return with_launch_options
-
-    return decorate
-
-
 def _start(request, in_process, describe=None) -> None:
     """The launch tail of train and eval: plan where the verb runs, then print the plan (`describe`), start
     torchrun/srun and exit with its code, or run `in_process()` here (an int it returns is the exit code)."""
@@ -94,7 +72,7 @@ def _start(request, in_process, describe=None) -> None:
 
 
 @app.command()
-@_launched("train")
+@launched("train")
 def train(
     recipe: RecipeArg,
     set_: SetOpt = None,
@@ -122,7 +100,7 @@ def train(
 
 
 @app.command("eval")
-@_launched("eval")
+@launched("eval")
 def eval_(
     recipe: Annotated[Optional[Path], typer.Argument(help="Recipe YAML (default: the one saved with the checkpoint).")] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help=(

@@ -8,6 +8,7 @@ instead. An option that names its own metavar (`--crop HxW`) keeps it. Torch-fre
 
 from __future__ import annotations
 
+import functools
 import inspect
 from pathlib import Path
 from typing import Annotated, Optional
@@ -111,3 +112,24 @@ LAUNCH_OPTIONS = [
                    "(multi-node).", metavar="HOST:PORT"),
     _launch_option("max_restarts", 0, int, ("--max-restarts",), "Worker-group restarts torchrun may do.", min=0),
 ]
+
+
+def launched(verb: str):
+    """Give a command the launch options (LAUNCH_OPTIONS); it receives them as one `launch` request."""
+
+    def decorate(command):
+        signature = inspect.signature(command, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name != "launch"]
+
+        @functools.wraps(command)
+        def with_launch_options(**kwargs):
+            from anncli.launch import request_for
+
+            options = {p.name: kwargs.pop(p.name) for p in LAUNCH_OPTIONS}
+            return command(**kwargs, launch=request_for(verb, **options))
+
+        with_launch_options.__signature__ = signature.replace(parameters=own + LAUNCH_OPTIONS)
+        with_launch_options.__annotations__ = {p.name: p.annotation for p in own + LAUNCH_OPTIONS}
+        return with_launch_options
+
+    return decorate
