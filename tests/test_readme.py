@@ -4,6 +4,7 @@ Each `ann …`, `make …` and `sbatch …` line of a code block must match one 
 run it as written, run it with --dry-run (full-size recipes: the plan is parsed and built, nothing trains),
 run it on the tiny demo run (evaluation and prediction), or skip it with the reason written next to it.
 A command no rule knows fails the coverage test: add a rule when you add a command to the README.
+The fast tests parse every `ann` line with the real command line (skipped ones too); the slow one runs them.
 
 The commands run in a scratch project directory (recipes/ linked in, data/ and runs/ written there), with
 substitutions that shrink them: small synthetic sets, the demo recipe shrunk by --set overrides, official
@@ -20,6 +21,8 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 
 from conftest import ROOT, ann_cmd, ann_env, tiny_overrides
 
@@ -111,6 +114,41 @@ def test_every_readme_command_has_a_rule():
     assert not unknown, f"README commands no rule of tests/test_readme.py covers (add one): {unknown}"
 
 
+def parse_only(args: list[str]) -> dict:
+    """Parse `ann ARGS` with the real command line, down to the verb, without running it (no torch): a
+    UsageError names what does not parse. Returns the verb's parameters."""
+    import typer
+
+    from anncli.cli import app
+
+    command = typer.main.get_command(app)
+    ctx = command.make_context("ann", list(args))
+    while hasattr(command, "commands"):
+        name, command, rest = command.resolve_command(ctx, [*ctx._protected_args, *ctx.args])
+        ctx = command.make_context(name, rest, parent=ctx)
+    return ctx.params
+
+
+def test_every_readme_ann_command_parses():
+    """Fast, and for the skipped ones too: every option and argument of every README `ann` line exists."""
+    for command in readme_commands(README.read_text()):
+        if command.startswith("ann "):
+            parse_only(shlex.split(command)[1:])
+
+
+def test_parse_only_fails_on_what_the_cli_rejects():
+    assert parse_only(["eval", "--multiscale", "--flip"])["multiscale"] is True
+    assert parse_only(["data", "synth", "out", "--train", "8"])["train"] == 8
+    for bad in (["eval", "--no-such-option"], ["data", "synth", "out", "--train", "-1"], ["no-such-verb"],
+                ["train"]):
+        try:
+            parse_only(bad)
+        except Exception as e:  # typer's usage errors: the command line would exit 2 with their message
+            assert getattr(e, "exit_code", None) == 2, repr(e)
+        else:
+            raise AssertionError(f"ann {' '.join(bad)} parsed")
+
+
 def test_readme_extraction_reads_indented_and_fenced_blocks():
     text = ("Intro `ann env` inline.\n\n    ann eval x.yaml   # comment\n    ls\n    ann weights import a \\\n"
             "        --out b\n\n```\nmake demo\n```\n  ann no\n")
@@ -162,7 +200,8 @@ def _project(tmp: Path) -> Path:
     return tmp
 
 
-def test_readme_commands_run(tmp_path):  # about 90 s on 2 cores: in the fast suite, so that drift shows at once
+@pytest.mark.slow  # about 2 minutes on 2 cores (make demo shrunk, then some 35 commands); the fast tests above parse them
+def test_readme_commands_run(tmp_path):
     project = _project(tmp_path)
     failures, ran = [], []
     for command in readme_commands(README.read_text()):
