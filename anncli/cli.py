@@ -168,8 +168,8 @@ def predict(
     from anncli.predict import run_predict
     from anncli.runs import choose_run
 
-    chosen = _run(choose_run, recipe, checkpoint, None, set_ or [])
     _run(check_outputs, out=out)
+    chosen = _run(choose_run, recipe, checkpoint, None, set_ or [])
     summary = _run_writing(out, run_predict, images=images, checkpoint=chosen.checkpoint, out=out,
                            recipe=chosen.recipe, multiscale=multiscale, flip=flip, fmt=fmt)
     raise typer.Exit(1 if summary.failed else 0)
