@@ -7,7 +7,6 @@ answers quickly.
 from __future__ import annotations
 
 import functools
-import inspect
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -18,10 +17,11 @@ from anncli.cli_common import fail as _fail
 from anncli.cli_common import run as _run
 from anncli.cli_common import run_writing as _run_writing
 from anncli.cli_data import data_app
+from anncli.cli_options import App, RecipeArg, SetOpt, WorkDirOpt, launched, set_option
 from anncli.cli_weights import weights_app
 from anncli.paths import check_outputs, writable_dir
 
-app = typer.Typer(
+app = App(
     name="ann",
     help="Train and evaluate the Asymmetric Non-local Network (ANN, ICCV 2019) for semantic segmentation.",
     no_args_is_help=True,
@@ -29,65 +29,21 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-recipe_app = typer.Typer(help="Check and print recipes.", no_args_is_help=True)
-model_app = typer.Typer(help="Model information.", no_args_is_help=True)
-bench_app = typer.Typer(help="Benchmarks that measure and write JSON.", no_args_is_help=True)
+recipe_app = App(help="Check and print recipes.", no_args_is_help=True)
+model_app = App(help="Model information.", no_args_is_help=True)
+bench_app = App(help="Benchmarks that measure and write JSON.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
 app.add_typer(data_app, name="data")  # anncli/cli_data.py: `ann data pack|synth|inspect`
 app.add_typer(model_app, name="model")
 app.add_typer(bench_app, name="bench")
 app.add_typer(weights_app, name="weights")  # anncli/cli_weights.py: `ann weights import|inspect`
 
-RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML, e.g. recipes/cityscapes.yaml.")]
-SetOpt = Annotated[
-    Optional[list[str]], typer.Option("--set", help="Override a recipe key: --set train.iters=100 (repeatable).")
-]
-WorkDirOpt = Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<recipe name>).")]
-
-
-def _launch_option(name: str, default, kind, flags: tuple[str, ...], help: str, **limits) -> inspect.Parameter:
-    annotation = Annotated[kind, typer.Option(*flags, help=help, **limits)]
-    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
-
-
-LAUNCH_OPTIONS = [
-    _launch_option("nodes", None, Optional[int], ("--nodes",), "Number of nodes (default 1, or the SLURM "
-                   "allocation's).", min=1),
-    _launch_option("nproc_per_node", None, Optional[int], ("--nproc-per-node", "--gpus-per-node"),
-                   "Processes per node (default: visible GPUs, or 1).", min=1),
-    _launch_option("node_rank", None, Optional[int], ("--node-rank",), "This node's rank (default: from rendezvous).",
-                   min=0),
-    _launch_option("rdzv_endpoint", None, Optional[str], ("--rdzv-endpoint",), "HOST:PORT of the c10d rendezvous "
-                   "(multi-node)."),
-    _launch_option("max_restarts", 0, int, ("--max-restarts",), "Worker-group restarts torchrun may do.", min=0),
-]
 
 
 def _load(recipe: Path, overrides: Optional[list[str]]):
     from anncli.recipe import load_recipe
 
     return _run(load_recipe, recipe, overrides or [])
-
-
-def _launched(verb: str):
-    """Give a command the launch options (LAUNCH_OPTIONS); it receives them as one `launch` request."""
-
-    def decorate(command):
-        signature = inspect.signature(command, eval_str=True)
-        own = [p for p in signature.parameters.values() if p.name != "launch"]
-
-        @functools.wraps(command)
-        def with_launch_options(**kwargs):
-            from anncli.launch import request_for
-
-            options = {p.name: kwargs.pop(p.name) for p in LAUNCH_OPTIONS}
-            return command(**kwargs, launch=request_for(verb, **options))
-
-        with_launch_options.__signature__ = signature.replace(parameters=own + LAUNCH_OPTIONS)
-        with_launch_options.__annotations__ = {p.name: p.annotation for p in own + LAUNCH_OPTIONS}
-        return with_launch_options
-
-    return decorate
 
 
 def _start(request, in_process, describe=None, preflight=None, run_dir=None, writes=None) -> None:
@@ -114,12 +70,12 @@ def _start(request, in_process, describe=None, preflight=None, run_dir=None, wri
 
 
 @app.command()
-@_launched("train")
+@launched("train")
 def train(
     recipe: RecipeArg,
     set_: SetOpt = None,
     work_dir: WorkDirOpt = None,
-    resume: Annotated[str, typer.Option(help="auto (newest complete checkpoint), never, or a checkpoint path.")] = "auto",
+    resume: Annotated[str, typer.Option(metavar="auto|never|PATH", help="auto (newest complete checkpoint), never, or a checkpoint path.")] = "auto",
     init_from: Annotated[Optional[Path], typer.Option(help="Load model weights only from this checkpoint.")] = None,
     init_skip: Annotated[Optional[list[str]], typer.Option(help="With --init-from: leave these out (classifier: fine-tune to another class count).")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Start over; move old checkpoints aside (superseded-<time>/).")] = False,
@@ -143,52 +99,67 @@ def train(
 
 
 @app.command("eval")
-@_launched("eval")
+@launched("eval")
 def eval_(
-    recipe: RecipeArg,
-    checkpoint: Annotated[Optional[Path], typer.Option(
-        help="Checkpoint directory (default: the newest complete one of the run directory).")] = None,
-    set_: SetOpt = None,
-    multiscale: Annotated[bool, typer.Option("--multiscale", help="Use the recipe's eval.scales.")] = False,
-    scales: Annotated[Optional[str], typer.Option(help="Comma-separated scales, e.g. 0.75,1,1.25.")] = None,
-    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Add horizontally flipped views.")] = None,
-    mode: Annotated[Optional[str], typer.Option(help="whole or slide.")] = None,
-    crop: Annotated[Optional[str], typer.Option(help="Slide window HxW, e.g. 864x864.")] = None,
-    stride: Annotated[Optional[str], typer.Option(help="Slide stride HxW, e.g. 576x576.")] = None,
-    merge: Annotated[Optional[str], typer.Option(help="logits (sum, official) or softmax (mean, mmseg).")] = None,
+    recipe: Annotated[Optional[Path], typer.Argument(help="Recipe YAML (default: the one saved with the checkpoint).")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help=(
+        "Checkpoint directory (default: the newest complete one of the run directory; with no recipe either, the "
+        "newest under runs/)."))] = None,
+    set_: set_option("data.root=/scratch/cityscapes") = None,
+    multiscale: Annotated[bool, typer.Option("--multiscale", help="Use the recipe's eval.scales (and eval.flip).")] = False,
+    scales: Annotated[Optional[str], typer.Option(metavar="LIST", help=(
+        "Comma-separated scales, e.g. 0.75,1,1.25 (default: 1, or the recipe's eval.scales with --multiscale)."))] = None,
+    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help=(
+        "Add horizontally flipped views (default: off, or the recipe's eval.flip with --multiscale)."))] = None,
+    mode: Annotated[Optional[str], typer.Option(metavar="whole|slide", help=(
+        "Whole-image or sliding-window inference (default: the recipe's eval.mode)."))] = None,
+    crop: Annotated[Optional[str], typer.Option(metavar="HxW", help=(
+        "Slide window, e.g. 864x864 (default: the recipe's eval.crop)."))] = None,
+    stride: Annotated[Optional[str], typer.Option(metavar="HxW", help=(
+        "Slide stride, e.g. 576x576 (default: the recipe's eval.stride)."))] = None,
+    merge: Annotated[Optional[str], typer.Option(metavar="logits|softmax", help=(
+        "Sum the logits (official) or average the softmax (mmseg) of the views (default: the recipe's "
+        "eval.merge)."))] = None,
     split: Annotated[str, typer.Option(help="Data split: val, train, or a shard pattern.")] = "val",
     json_out: Annotated[Optional[Path], typer.Option("--json", help=(
-        "Write every number and the protocol here; {checkpoint} in the path becomes the checkpoint's name, "
-        "e.g. runs/x/eval-{checkpoint}.json."))] = None,
+        "Write every number (fractions, not percent) and the protocol here; {checkpoint} in the path becomes the "
+        "checkpoint's name, e.g. runs/x/eval-{checkpoint}.json."))] = None,
     save_pred: Annotated[Optional[Path], typer.Option(help="Write label-id PNGs of the predictions here.")] = None,
     work_dir: WorkDirOpt = None,
     *,
     launch,
 ) -> None:
     """Evaluate a checkpoint: mIoU per class, single- or multi-scale, with flip and sliding windows."""
-    r = _load(recipe, set_)
     from anncli.evaluate import EvalOptions, run_evaluation
+    from anncli.runs import choose_run
 
-    opts = _run(EvalOptions.from_cli, recipe=r, recipe_path=str(recipe), checkpoint=checkpoint, multiscale=multiscale,
-                scales=scales, flip=flip, mode=mode, crop=crop, stride=stride, merge=merge, split=split,
-                json_out=json_out, save_pred=save_pred, work_dir=work_dir)
+    chosen = _run(choose_run, recipe, checkpoint, work_dir, set_ or [])
+    opts = _run(EvalOptions.from_cli, recipe=chosen.recipe, recipe_path=str(chosen.recipe_path),
+                checkpoint=chosen.checkpoint, multiscale=multiscale, scales=scales, flip=flip, mode=mode, crop=crop,
+                stride=stride, merge=merge, split=split, json_out=json_out, save_pred=save_pred, work_dir=work_dir)
     _run(check_outputs, json_out=opts.json_out, save_pred=opts.save_pred)  # before the work, not after it
-    _start(launch, functools.partial(run_evaluation, r, opts), writes=opts.save_pred or opts.json_out)
+    if checkpoint is None:  # every rank evaluates the checkpoint chosen here, even if a newer one appears
+        launch.argv += ["--checkpoint", str(chosen.checkpoint)]
+    _start(launch, functools.partial(run_evaluation, chosen.recipe, opts), writes=opts.save_pred or opts.json_out)
 
 
 @app.command()
 def predict(
-    images: Annotated[list[str], typer.Argument(help="Image files, directories or globs.")],
+    images: Annotated[list[str], typer.Argument(help="Image files, directories (searched recursively) or globs.")],
     out: Annotated[Path, typer.Option(help="Output directory.")],
-    checkpoint: Annotated[Optional[Path], typer.Option(help="Checkpoint directory.")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help=(
+        "Checkpoint directory (default: the newest complete one under runs/, or of the recipe's run "
+        "directory)."))] = None,
     model: Annotated[Optional[Path], typer.Option(help="An ONNX file from `ann export`, run with onnxruntime on CPU (no torch needed).")] = None,
     recipe: Annotated[Optional[Path], typer.Option(help="Recipe (default: the one saved with the checkpoint).")] = None,
-    set_: SetOpt = None,
-    multiscale: Annotated[bool, typer.Option("--multiscale", help="Use the recipe's eval.scales.")] = False,
-    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help="Add horizontally flipped views.")] = None,
-    fmt: Annotated[str, typer.Option("--format", help="trainid, or cityscapes (labelIds for the test server).")] = "trainid",
+    set_: set_option("eval.merge=softmax") = None,
+    multiscale: Annotated[bool, typer.Option("--multiscale", help="Use the recipe's eval.scales (and eval.flip).")] = False,
+    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help=(
+        "Add horizontally flipped views (default: off, or the recipe's eval.flip with --multiscale)."))] = None,
+    fmt: Annotated[str, typer.Option("--format", metavar="trainid|cityscapes", help=(
+        "Label ids as trained, or Cityscapes labelIds for the test server."))] = "trainid",
 ) -> None:
-    """Segment images: label-id PNG, colour PNG and overlay per image."""
+    """Segment images: label-id PNG, colour PNG and overlay per image; exit 1 if an image could not be read."""
     if model is not None:
         if checkpoint is not None or recipe is not None or set_ or multiscale or flip or fmt != "trainid":
             _fail("--model runs the exported file as it is: drop --checkpoint, --recipe, --set, --multiscale, --flip and --format")
@@ -197,13 +168,14 @@ def predict(
         _run(check_outputs, out=out)
         _run_writing(out, run_onnx_predict, images, model, out)
         return
-    if checkpoint is None:
-        _fail("give --checkpoint DIR (or --model FILE.onnx)")
     from anncli.predict import run_predict
+    from anncli.runs import choose_run
 
     _run(check_outputs, out=out)
-    _run_writing(out, run_predict, images=images, checkpoint=checkpoint, out=out, recipe_path=recipe,
-                 overrides=set_ or [], multiscale=multiscale, flip=flip, fmt=fmt)
+    chosen = _run(choose_run, recipe, checkpoint, None, set_ or [])
+    summary = _run_writing(out, run_predict, images=images, checkpoint=chosen.checkpoint, out=out,
+                           recipe=chosen.recipe, multiscale=multiscale, flip=flip, fmt=fmt)
+    raise typer.Exit(1 if summary.failed else 0)
 
 
 # plot, viz and export live in cli_tools.py (torch-free too); registered here, after predict.
@@ -233,7 +205,8 @@ def model_summary(
     model: Annotated[str, typer.Option(help="ann, fcn or nonlocal.")] = "ann",
     backbone: Annotated[str, typer.Option(help="resnet101, resnet50 or small.")] = "resnet101",
     classes: Annotated[int, typer.Option(min=1, help="Number of classes.")] = 19,
-    input_size: Annotated[Optional[str], typer.Option("--input", help="Input HxW for FLOPs, e.g. 769x769.")] = None,
+    input_size: Annotated[Optional[str], typer.Option("--input", metavar="HxW", help=(
+        "Input size for FLOPs, e.g. 769x769 (default: none, parameters only)."))] = None,
     aux: Annotated[bool, typer.Option("--aux/--no-aux", help="Include the auxiliary head.")] = True,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
@@ -246,7 +219,7 @@ def model_summary(
 
 @bench_app.command("attention")
 def bench_attention(
-    sizes: Annotated[str, typer.Option(help="Feature maps HxW, comma-separated.")] = "96x96,128x128,128x256",
+    sizes: Annotated[str, typer.Option(metavar="HxW,…", help="Feature maps, comma-separated.")] = "96x96,128x128,128x256",
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
     channels: Annotated[int, typer.Option(min=1, help="Input channels (paper: 2048).")] = 2048,

@@ -11,8 +11,9 @@ from typing import Annotated
 import typer
 
 from anncli.cli_common import run as _run
+from anncli.cli_options import App
 
-data_app = typer.Typer(help="Pack, generate and inspect WebDataset shards.", no_args_is_help=True)
+data_app = App(help="Pack, generate and inspect WebDataset shards.", no_args_is_help=True)
 
 
 @data_app.command("pack")
@@ -22,23 +23,23 @@ def data_pack(
     out: Annotated[Path, typer.Argument(help="Output directory for shards and manifest.")],
     split: Annotated[str, typer.Option(help="Split to pack (cityscapes train|val|test, ade20k training|validation, pascal-context train|val, voc12aug train|val).")],
     max_samples: Annotated[int, typer.Option(min=1, help="Samples per shard at most.")] = 100,
-    max_size: Annotated[float, typer.Option(help="Bytes per shard at most.")] = 1e9,
+    max_size: Annotated[int, typer.Option(min=1, metavar="BYTES", help="Bytes per shard at most.")] = 1_000_000_000,
     skip_missing: Annotated[bool, typer.Option("--skip-missing", help="Skip images without labels instead of failing.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the shuffled order of train shards.")] = 0,
 ) -> None:
     """Pack a dataset in its official layout into WebDataset shards with a manifest."""
     from anncli.data.datasets import pack_dataset
 
-    _run(pack_dataset, dataset, root, out, split=split, max_samples=max_samples, max_size=int(max_size),
+    _run(pack_dataset, dataset, root, out, split=split, max_samples=max_samples, max_size=max_size,
          skip_missing=skip_missing, seed=seed)
 
 
 @data_app.command("synth")
 def data_synth(
     out: Annotated[Path, typer.Argument(help="Output directory.")],
-    train: Annotated[int, typer.Option(min=0, help="Training samples.")] = 2048,
+    train: Annotated[int, typer.Option(min=0, help="Training samples (the demo recipe's count).")] = 4096,
     val: Annotated[int, typer.Option(min=0, help="Validation samples.")] = 256,
-    size: Annotated[str, typer.Option(help="Image size HxW.")] = "64x128",
+    size: Annotated[str, typer.Option(metavar="HxW", help="Image size.")] = "64x128",
     seed: Annotated[int, typer.Option(help="Seed; the same seed gives identical bytes.")] = 0,
     max_samples: Annotated[int, typer.Option(min=1, help="Samples per shard at most.")] = 256,
 ) -> None:

@@ -13,8 +13,9 @@ import typer
 from anncli.cli_common import run as _run
 from anncli.cli_common import run_writing as _run_writing
 from anncli.paths import check_outputs
+from anncli.cli_options import App
 
-viz_app = typer.Typer(help="Pictures of what the model does inside.", no_args_is_help=True)
+viz_app = App(help="Pictures of what the model does inside.", no_args_is_help=True)
 SetOpt = Annotated[
     Optional[list[str]], typer.Option("--set", help="Override a recipe key, e.g. --set model.num_classes=5 (repeatable).")
 ]

@@ -13,8 +13,9 @@ import typer
 from anncli.cli_common import run as _run
 from anncli.cli_common import run_writing as _run_writing
 from anncli.paths import writable_dir
+from anncli.cli_options import App
 
-weights_app = typer.Typer(help="Import and inspect checkpoints of the official code and mmsegmentation.",
+weights_app = App(help="Import and inspect checkpoints of the official code and mmsegmentation.",
                           no_args_is_help=True)
 
 

@@ -188,6 +188,7 @@ def _run(recipe, opts: EvalOptions, info) -> dict:
     metrics = metrics_from_confusion(cm, _class_names(recipe, opts.split))
     report = {
         "recipe": recipe.name, "recipe_path": opts.recipe_path, "checkpoint": str(checkpoint),
+        "step": _step(checkpoint), "units": UNITS,
         "dataset": recipe.data.dataset, "split": opts.split, "samples": total, "world_size": info.world_size,
         "protocol": opts.protocol.describe(), **metrics, "seconds": round(time.perf_counter() - start, 3),
     }
@@ -198,11 +199,31 @@ def _run(recipe, opts: EvalOptions, info) -> dict:
     return report
 
 
+# What the JSON's numbers are: the table prints the fractions as percentages.
+UNITS = {"aAcc": "fraction", "mIoU": "fraction", "mAcc": "fraction", "per_class.IoU": "fraction",
+         "per_class.Acc": "fraction", "pixels": "count of labelled pixels", "seconds": "s"}
+
+
+def _step(checkpoint: Path) -> Optional[int]:
+    """The training step of a checkpoint: its state.json, else its step-NNNNNN name."""
+    from anncli.checkpoint import STEP_PREFIX, read_state
+
+    try:
+        return int(read_state(checkpoint)["step"])
+    except (OSError, KeyError, ValueError):
+        name = Path(checkpoint).name
+        return int(name[len(STEP_PREFIX):]) if name.startswith(STEP_PREFIX) and name[len(STEP_PREFIX):].isdigit() else None
+
+
 def _print_report(report: dict) -> None:
     from anncli.report import metrics_table
 
     p = report["protocol"]
     window = f" crop {p['crop']} stride {p['stride']}" if p["mode"] == "slide" else ""
+    step = "" if report["step"] is None else f" (step {report['step']})"
     title = (f"{report['recipe']} · {report['split']} · {report['samples']} images · scales {p['scales']}"
              f"{' + flip' if p['flip'] else ''} · {p['mode']}{window} · merge {p['merge']}")
-    Console().print(metrics_table(report, title=title))
+    console = Console()
+    console.print(f"checkpoint {report['checkpoint']}{step} · {report['pixels']:,} labelled pixels", soft_wrap=True,
+                  markup=False, highlight=False)
+    console.print(metrics_table(report, title=title))

@@ -73,24 +73,34 @@ def plan_split(recipe: Recipe, opts, plan):
 def describe_plan(recipe: Recipe, opts, plan) -> None:
     """Print the resolved recipe and what `ann train` would do with it (`opts`: train.TrainOptions)."""
     from anncli.checkpoint import default_work_dir
+    from anncli.launch import visible_gpus
 
     t = recipe.train
     world = plan.world_size
-    work_dir = opts.work_dir or default_work_dir(recipe)
     split, resume = plan_split(recipe, opts, plan)
     _, how = scaled_lr(recipe, world, split.effective_batch)
-    lines = [
-        recipe_to_yaml(recipe).rstrip(),
-        "---",
-        f"launch:          {plan.kind}",
-        f"world size:      {world} ({plan.nnodes} node(s) x {plan.nproc_per_node} process(es))",
-        f"per-GPU batch:   {split.batch_size} x {split.accum_steps} accumulation step(s)",
-        f"effective batch: {split.effective_batch} (recipe: {recipe.effective_batch})",
-        f"split:           {split.why}" + (f"; resuming {resume}" if resume else ""),
-        f"learning rate:   {how}",
-        f"iterations:      {t.iters} ({recipe.optim.name}, poly {recipe.optim.poly_power}, warm-up {recipe.optim.warmup_iters})",
-        f"engine:          {recipe.engine}" + (f" (ZeRO stage {recipe.deepspeed.zero_stage})" if recipe.engine == "deepspeed" else ""),
-        f"work dir:        {work_dir}",
+    deepspeed = f" (ZeRO stage {recipe.deepspeed.zero_stage})" if recipe.engine == "deepspeed" else ""
+    rows = [
+        ("launch", plan.kind),
+        ("world size", f"{world} ({plan.nnodes} node(s) x {plan.nproc_per_node} process(es))"),
+        (f"{'per-GPU' if visible_gpus() else 'per-process'} batch", f"{split.batch_size} x {split.accum_steps} accumulation step(s)"),
+        ("effective batch", f"{split.effective_batch} (recipe: {recipe.effective_batch})"),
+        ("split", split.why + (f"; resuming {resume}" if resume else "")),
+        ("learning rate", how),
+        ("iterations", f"{t.iters} ({recipe.optim.name}, poly {recipe.optim.poly_power}, warm-up {recipe.optim.warmup_iters})"),
+        ("engine", recipe.engine + deepspeed),
+        ("work dir", str(opts.work_dir or default_work_dir(recipe))),
+        *_plan_rows(plan.lines),
     ]
-    lines += [f"command:         {line}" for line in plan.lines]
-    print("\n".join(lines))
+    print("\n".join([recipe_to_yaml(recipe).rstrip(), "---", *(f"{k + ':':<16} {v}".rstrip() for k, v in rows)]))
+
+
+def _plan_rows(plan_lines: list[str]) -> list[tuple[str, str]]:
+    """The launch plan's lines, each with its own label: where it runs, the command, its environment."""
+    rows = []
+    for i, line in enumerate(plan_lines):
+        if line.startswith("environment: "):
+            rows.append(("environment", line[len("environment: "):]))
+        else:
+            rows.append(("runs" if i == 0 else "command", line))
+    return rows

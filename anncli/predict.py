@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import glob
+import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -94,13 +97,31 @@ def write_prediction(out: Path, stem: str, image: np.ndarray, labels: np.ndarray
     return paths
 
 
+@dataclass
+class PredictSummary:
+    """What `ann predict` did: the files it wrote, the images it could not read (path, why), and how long."""
+    out: Path
+    images: int
+    written: list[Path] = field(default_factory=list)
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def line(self) -> str:
+        done = self.images - len(self.failed)
+        failed = f"; {len(self.failed)} could not be read" if self.failed else ""
+        return f"predicted {done} of {self.images} image(s) into {self.out} in {self.seconds:.1f} s{failed}"
+
+
 def run_predict(images, checkpoint, out, recipe_path=None, overrides=(), multiscale=False, flip=None,
-                fmt="trainid") -> list[Path]:
-    """Segment image files into `out`: label ids, colours and an overlay per image. Returns the paths."""
+                fmt="trainid", recipe=None) -> PredictSummary:
+    """Segment image files into `out`: label ids, colours and an overlay per image. An image that cannot be
+    read is reported on stderr and skipped; the summary lists it. `recipe` (loaded) wins over `recipe_path`."""
     from anncli.checkpoint import checkpoint_recipe
     from anncli.recipe import load_recipe
 
-    recipe = load_recipe(recipe_path or checkpoint_recipe(Path(checkpoint)), list(overrides))
+    start = time.perf_counter()
+    if recipe is None:
+        recipe = load_recipe(recipe_path or checkpoint_recipe(Path(checkpoint)), list(overrides))
     lut = _label_lut(fmt, recipe)
     protocol = resolve_protocol(recipe, multiscale=multiscale, flip=flip)
     paths = expand_images(images)
@@ -112,11 +133,19 @@ def run_predict(images, checkpoint, out, recipe_path=None, overrides=(), multisc
     model = load_model(recipe, Path(checkpoint), device)
     palette, out = class_palette(recipe), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
+    summary = PredictSummary(out=out, images=len(paths))
     with progress("predict", total=len(paths)) as advance:
         for path in paths:
-            image = _read_rgb(path)
+            try:
+                image = _read_rgb(path)
+            except UserError as e:
+                summary.failed.append((path, str(e)))
+                print(f"ann: skipped {e}", file=sys.stderr, flush=True)
+                advance()
+                continue
             labels = predict_labels(model, image, protocol, device).to("cpu", torch.uint8).numpy()
-            written += write_prediction(out, path.stem, image, labels, palette, lut)
+            summary.written += write_prediction(out, path.stem, image, labels, palette, lut)
             advance()
-    return written
+    summary.seconds = time.perf_counter() - start
+    print(summary.line(), flush=True)
+    return summary

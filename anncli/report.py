@@ -161,6 +161,6 @@ def metrics_table(metrics: dict, title: str = "Evaluation") -> Table:
     for row in metrics["per_class"]:
         table.add_row(row["name"], _pct(row["IoU"]), _pct(row["Acc"]), f"{row['pixels']:,}")
     table.add_section()
-    table.add_row("mean", _pct(metrics["mIoU"]), _pct(metrics["mAcc"]), f"{metrics['pixels']:,}", style="bold")
-    table.caption = f"aAcc {_pct(metrics['aAcc'])}  mIoU {_pct(metrics['mIoU'])}  mAcc {_pct(metrics['mAcc'])}"
+    table.add_row("mean", _pct(metrics["mIoU"]), _pct(metrics["mAcc"]), "", style="bold")  # no mean of pixels
+    table.caption = f"aAcc {_pct(metrics['aAcc'])}  mIoU {_pct(metrics['mIoU'])}  mAcc {_pct(metrics['mAcc'])}  (%)"
     return table

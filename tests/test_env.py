@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 from anncli.launch import NETWORK_PREFIXES
 
@@ -34,3 +36,22 @@ def test_env_detects_a_slurm_step():
     assert "launch context: slurm-step" in out
     assert "SLURM_JOB_ID=77" in out and "SLURM_JOB_NODELIST=node[1-2]" in out and "SLURMD_NODENAME=node2" in out
     assert "(none set)" in out  # no NCCL_/GLOO_ variables in this environment
+
+
+def test_env_adds_cpus_threads_libraries_and_the_checkout_commit(tmp_path):
+    from importlib.metadata import version
+
+    out = ann_env(OMP_NUM_THREADS="1")
+    assert f"CPUs: {os.cpu_count()} (usable by this process: " in out
+    assert "torch threads: 1 (OMP_NUM_THREADS=1)" in out
+    for name, dist in (("Pillow", "pillow"), ("typer", "typer"), ("pydantic", "pydantic")):
+        assert f"{name}: {version(dist)}" in out
+    import cv2
+
+    assert re.search(rf"^opencv: {re.escape(cv2.__version__)}", out, re.M), out
+    root = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert re.search(rf"^ann: \S+ \(git {head[:12]}(-dirty)?\)$", out, re.M), out
+    from anncli.env import git_commit
+
+    assert git_commit(tmp_path) is None  # not a checkout: no commit line

@@ -50,9 +50,9 @@ def synth_ckpt(tmp_path_factory):
 def test_three_files_per_image_with_the_palette(synth_ckpt, tmp_path):
     inputs = _images(tmp_path / "in" / "sub", 2) + _images(tmp_path / "other", 1, seed=1)
     (tmp_path / "other" / "img0.png").rename(tmp_path / "other" / "third.png")
-    written = run_predict([str(tmp_path / "in"), str(tmp_path / "other" / "*.png")], synth_ckpt, tmp_path / "out",
+    summary = run_predict([str(tmp_path / "in"), str(tmp_path / "other" / "*.png")], synth_ckpt, tmp_path / "out",
                           multiscale=True)
-    assert len(written) == 9
+    assert len(summary.written) == 9 and summary.images == 3 and not summary.failed
     for stem, source in (("img0", inputs[0]), ("img1", inputs[1]), ("third", tmp_path / "other" / "third.png")):
         ids = np.array(Image.open(tmp_path / "out" / f"{stem}_pred.png"))
         colour = np.array(Image.open(tmp_path / "out" / f"{stem}_color.png"))
@@ -95,9 +95,12 @@ def test_bad_inputs_are_user_errors(synth_ckpt, tmp_path):
         run_predict([str(source)], synth_ckpt, tmp_path / "out", fmt="png")
     with pytest.raises(UserError, match="19-class Cityscapes"):
         run_predict([str(source)], synth_ckpt, tmp_path / "out", fmt="cityscapes")
-    (tmp_path / "in" / "broken.png").write_bytes(b"no image")
-    with pytest.raises(UserError, match="broken.png: cannot read"):
-        run_predict([str(tmp_path / "in" / "broken.png")], synth_ckpt, tmp_path / "out")
+    (tmp_path / "in" / "broken.png").write_bytes(b"no image")  # reported and skipped, the others segmented
+    summary = run_predict([str(tmp_path / "in")], synth_ckpt, tmp_path / "out")
+    [(path, why)] = summary.failed
+    assert path.name == "broken.png" and "broken.png: cannot read" in why
+    assert summary.images == 2 and {p.name for p in summary.written} == {"img0_pred.png", "img0_color.png",
+                                                                          "img0_overlay.png"}
 
 
 def test_cli_predict_exit_codes(synth_ckpt, tmp_path):
