@@ -158,7 +158,8 @@ class Checkpointer:
     """The owner of a training run's directory: its lock, its layout, saving and loading checkpoints.
 
     `save` (every rank calls it: it holds barriers) stages a step: the engine writes model.pt and optim.pt
-    (DeepSpeed: zero.pt), rank 0 state.json, recipe.yaml and the world-free data-stream position; then rank 0 fsyncs, renames, marks COMPLETE and keeps the newest `train.keep_last`.
+    (DeepSpeed: zero.pt), rank 0 state.json, recipe.yaml and the world-free data-stream position (data.json);
+    then rank 0 fsyncs, renames, marks COMPLETE (checksums of every file) and keeps the newest `train.keep_last`.
     `load` checks that a checkpoint fits this run and reads all of it back."""
 
     def __init__(self, run_dir: Path, recipe: Recipe, info):
