@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import glob
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -15,6 +14,7 @@ from PIL import Image
 
 from anncli.errors import UserError
 from anncli.inference import load_model, predict_labels, resolve_protocol
+from anncli.onnx_predict import expand_images  # torch-free, so it lives with the ONNX predictor
 from anncli.report import progress
 
 
@@ -24,25 +24,7 @@ def write_label_png(path: Path, labels: np.ndarray) -> None:
     Image.fromarray(labels.astype(np.uint8), mode="L").save(path)
 
 
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 FORMATS = ("trainid", "cityscapes")
-
-
-def expand_images(items: Iterable[str]) -> list[Path]:
-    """Files, directories (searched recursively) and globs, in order, without repeats."""
-    found: list[Path] = []
-    for item in items:
-        path = Path(item)
-        if path.is_dir():
-            matches = sorted(p for p in path.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
-        elif path.is_file():
-            matches = [path]
-        else:
-            matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
-        if not matches:
-            raise UserError(f"{item}: no such image file, or no image matches")
-        found.extend(m for m in matches if m not in found)
-    return found
 
 
 def class_palette(recipe) -> np.ndarray:
