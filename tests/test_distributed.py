@@ -114,7 +114,7 @@ def test_all_reduce_bn_statistics_are_stable_when_the_mean_dwarfs_the_spread(tmp
 RAISING_RANK = '''
 import signal, sys
 import torch, torch.distributed as dist
-from anncli.data.stream import DataError
+from anncli.data.shards import DataError
 from anncli.distributed import init_distributed, rank_session
 
 signal.signal(signal.SIGTERM, lambda *a: None)  # like training: SIGTERM only sets a flag
