@@ -9,7 +9,7 @@ CONSTRAINTS := $(if $(shell command -v nvidia-smi 2>/dev/null),,-c constraints/c
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 
-.PHONY: install test test-fast test-demo test-chaos demo bench clean
+.PHONY: install test test-fast test-demo test-chaos test-long demo bench clean
 
 install: $(STAMP)
 
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 
 # Everything that runs without a GPU, the real SLURM cluster included (about 15 minutes on 2 cores).
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not gpu and not demo and not chaos"
+	$(PY) -m pytest -q -m "not gpu and not demo and not chaos and not long"
 
 # The quick subset (plain `pytest`): no SLURM cluster, no multi-minute runs.
 test-fast: $(STAMP)
@@ -34,6 +34,11 @@ test-demo: $(STAMP)
 # bitwise equal to an undisturbed one (several minutes each).
 test-chaos: $(STAMP)
 	$(PY) -m pytest -q -m chaos
+
+# The whole ZeRO-0/1/2 state matrix: every stage and optimizer saved on 2 ranks and loaded on 1, 2 and 3,
+# and across stages (test_elastic and test_train cover ZeRO-1/2 resume end to end in `make test`).
+test-long: $(STAMP)
+	$(PY) -m pytest -q -m long
 
 # Trains ANN and the FCN baseline on the synthetic long-range set (created on first use), evaluates
 # both, prints their mIoU side by side and draws their curves and per-class IoU. Everything it writes

@@ -127,6 +127,7 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.slow  # the `runs` fixture: four DeepSpeed launches of 1-3 gloo ranks, minutes on 2 cores
+@pytest.mark.long
 @pytest.mark.parametrize("stage,optim", CONFIGS)
 def test_saved_state_is_complete_and_plain(runs, stage, optim):
     saved = read_full_state(runs / f"z{stage}-{optim}-saved.pt")  # weights_only=True
@@ -144,6 +145,7 @@ def test_saved_state_is_complete_and_plain(runs, stage, optim):
 
 
 @pytest.mark.slow  # the `runs` fixture: four DeepSpeed launches of 1-3 gloo ranks, minutes on 2 cores
+@pytest.mark.long
 @pytest.mark.parametrize("stage,optim", CONFIGS)
 def test_same_world_resume_is_bitwise(runs, stage, optim):
     ref = _flat(torch.load(runs / f"z{stage}-{optim}-reference-2.pt", weights_only=True))
@@ -156,6 +158,7 @@ def test_same_world_resume_is_bitwise(runs, stage, optim):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("world", [1, 3])
 @pytest.mark.parametrize("stage,optim", CONFIGS)
 def test_other_world_resume_is_close(runs, stage, optim, world):
@@ -171,6 +174,7 @@ def test_other_world_resume_is_close(runs, stage, optim, world):
 
 
 @pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.parametrize("saved,stage,optim", CROSS)
 def test_a_state_loads_into_another_zero_stage(runs, saved, stage, optim):
     ref = _flat(torch.load(runs / f"z{saved}-{optim}-reference-2.pt", weights_only=True))
