@@ -126,16 +126,16 @@ class SampleReader:
             try:
                 cursor = self._cursors[slot] = _ShardCursor(self.urls[shard], shard)
             except _READ_ERRORS as e:
-                self._failed(shard, 0, e)
+                self._failed(shard, 0, member, e)
         try:
             sample = cursor.read(member)
         except (_ShardEnded, *_READ_ERRORS) as e:
             self._cursors.pop(slot).close()
-            self._failed(shard, cursor.index, e)
+            self._failed(shard, cursor.index, member, e)
         self._failed_in_row = 0
         return sample
 
-    def _failed(self, shard: int, cut: int, e: Exception):
+    def _failed(self, shard: int, cut: int, member: int, e: Exception):
         """A shard unreadable from sample `cut` on, warned about once; shards failing in a row stop the run."""
         self._cut[shard] = cut
         url, self._failed_in_row = self.urls[shard], (self._failed_in_row + 1 if cut == 0 else 0)
@@ -143,7 +143,7 @@ class SampleReader:
             raise DataError(f"{self._failed_in_row} training shards in a row could not be read; the last, "
                             f"{url}: {e}") from None
         log.warning("training shard %s is cut after %d samples (%s); the rest of it is skipped", url, cut, e)
-        raise _Bad(f"{url}: sample {cut} unreadable: {e}") from None
+        raise _Bad(f"{url}: sample {member} unreadable: {e}") from None
 
     def url_of(self, index: int) -> str:
         return self.urls[int(self.order.locate([index])["shard"][0])]
