@@ -12,11 +12,10 @@ samples it does not need by reading tar headers (a seek past the data for local 
 `pipe:`/http streams), so skipping never decodes. When b·W·num_workers divides the lane count K, each
 lane is read by exactly one reader (rank r's worker w owns the indices ≡ w·b·W + r·b … (mod b·W·workers)),
 so a stream is downloaded once per cycle, plus the head of a shard where a lane starts inside it; otherwise
-readers that share a lane each read it (free for local files, a repeated download for streams).
-Faults: a sample that cannot be read or decoded (also every sample behind the cut of a truncated shard)
-is counted, warned about (once per shard for a cut), and replaced by `order.substitute(index, attempt)`,
-the same on every world size; shards failing in a row before their first sample stop the run (DataError).
-"""
+readers that share a lane each read it (free for local files, a repeated download for streams). Faults:
+a sample that cannot be read or decoded (also every sample behind the cut of a truncated shard) is counted,
+warned about (once per shard for a cut), and replaced by `order.substitute(index, attempt)`, the same on
+every world size; shards failing in a row before their first sample stop the run (DataError)."""
 
 from __future__ import annotations
 
@@ -64,9 +63,9 @@ class _ShardCursor:
             info = self._tar.next()
             if info is None:
                 return None
-            shards.check_member(info.name)
             key, field = _split_name(info.name)
             if info.isreg() and field is not None:
+                shards.check_member(info.name)
                 return info, key, field
 
     def _sample(self, keep: bool) -> tuple[str, dict[str, bytes]]:

@@ -55,20 +55,10 @@ def check_skip_bound(seen: int, skipped: int, max_skip: float, last: str = "") -
         )
 
 
-def unsafe_name(name: str) -> str | None:
-    """Why a tar member name (or sample key) cannot be used as a path inside an output folder; None if it can."""
-    if "\\" in name:
-        return "contains a backslash"
-    if name.startswith("/"):
-        return "is an absolute path"
-    if ".." in name.split("/"):
-        return "has a '..' part"
-    return None
-
-
 def check_member(name: str) -> None:
     """A shard read stops at a member whose name could escape a folder (a crafted or foreign tar)."""
-    why = unsafe_name(name)
+    why = ("contains a backslash" if "\\" in name else "is an absolute path" if name.startswith("/")
+           else "has a '..' part" if ".." in name.split("/") else None)
     if why:
         raise tarfile.ReadError(f"unsafe member name {name!r} ({why})")
 
@@ -106,7 +96,7 @@ class ShardWriter:
         if not key or "." in key or "/" in key or "\\" in key:
             raise UserError(f"sample key {key!r} must be non-empty and free of '.', '/' and '\\'")
         for ext in members:
-            if unsafe_name(f"{key}.{ext}") or "/" in ext:
+            if "/" in ext or "\\" in ext:
                 raise UserError(f"sample {key}: field {ext!r} is not a plain file name")
         size = sum(len(v) for v in members.values())
         if self._tar is None or self._count >= self.max_count or (self._count and self._size + size > self.max_size):
@@ -145,11 +135,12 @@ class PipeStream:
     def __init__(self, command: str):
         self._err = tempfile.TemporaryFile()
         self._proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=self._err)
-        self.closed = False
+        self.closed = self._ended = False
 
     def read(self, n: int = -1) -> bytes:
         data = self._proc.stdout.read(n)
         if not data and n != 0:
+            self._ended = True
             self._check(self._proc.wait())
         return data
 
@@ -160,9 +151,11 @@ class PipeStream:
             raise OSError(f"command exited with status {status}" + (f": {tail}" if tail else " (no stderr)"))
 
     def close(self) -> None:
-        if not self.closed:  # closing early: the command dies of SIGPIPE, which is no fault of its own
+        if not self.closed:  # closed early, the command is stopped: its exit status is no fault of its own
             self.closed = True
             self._proc.stdout.close()
+            if not self._ended:
+                self._proc.kill()
             self._proc.wait()
             self._err.close()
 
