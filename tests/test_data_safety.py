@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from anncli.data.global_stream import GlobalStream
-from anncli.data.manifest import resolve_urls
+from anncli.data.manifest import resolve_urls, shard_counts
 from anncli.data.shards import DataError, ShardWriter, eval_samples, iter_shard
 from anncli.data.synth import _encode_png, make_sample, write_synth
 from anncli.errors import UserError
@@ -178,10 +178,12 @@ def test_a_failing_pipe_source_aborts_in_one_line_with_its_stderr(source, worker
     assert not any(line.strip() == "Unable to locate credentials" for line in err.splitlines())
 
 
-def test_a_failing_pipe_in_evaluation_is_one_line_with_its_stderr():
+def test_a_failing_pipe_in_evaluation_or_counting_is_one_line_with_its_stderr(tmp_path):
     with pytest.raises(UserError, match="Unable to locate credentials") as err:
         list(eval_samples([CREDENTIALS], rank=0, world_size=1))
     assert "\n" not in str(err.value)
+    with pytest.raises(UserError, match="without a manifest: .*Unable to locate credentials"):
+        shard_counts([CREDENTIALS], tmp_path, announce=False)  # a shard no manifest lists is counted first
 
 
 # ---------------------------------------------------------------- re-packing over a longer pack

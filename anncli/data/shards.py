@@ -150,6 +150,12 @@ class PipeStream:
             tail = " / ".join(self._err.read().decode("utf-8", "replace").split("\n")[-4:]).strip(" /")[-300:]
             raise OSError(f"command exited with status {status}" + (f": {tail}" if tail else " (no stderr)"))
 
+    def __enter__(self) -> "PipeStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         if not self.closed:  # closed early, the command is stopped: its exit status is no fault of its own
             self.closed = True
