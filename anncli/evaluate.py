@@ -130,7 +130,7 @@ def _evaluate_split(model, recipe, split: str, protocol: Protocol, info, save_pr
             nonlocal count
             count += 1
             if save_pred is not None:
-                write_label_png(save_pred / f"{sample['key']}.png", pred.to("cpu", torch.uint8).numpy())
+                write_label_png(_inside(save_pred, f"{sample['key']}.png"), pred.to("cpu", torch.uint8).numpy())
             advance()
 
         try:
@@ -145,6 +145,15 @@ def _evaluate_split(model, recipe, split: str, protocol: Protocol, info, save_pr
     if total == 0:
         raise UserError(f"split {split!r}: no samples under {recipe.data.root}")
     return cm, total
+
+
+def _inside(folder: Path, name: str) -> Path:
+    """`folder/name`, refused when it would resolve outside `folder` (a crafted key, a symlink out)."""
+    base = Path(folder).resolve()
+    path = (base / name).resolve()
+    if not path.is_relative_to(base) or path == base:
+        raise UserError(f"--save-pred: sample key {name!r} would write outside {folder}; refused")
+    return path
 
 
 def validate(model, recipe, info, split: Optional[str] = None) -> dict:

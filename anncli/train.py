@@ -188,6 +188,7 @@ def _log(run: _Run, step: int, result: StepResult, lr: float) -> None:
     run.meter.images += result.images
     if step % t.log_every == 0 or step == t.iters:
         record = run.meter.record(result, lr, run.engine.scale(), run.info.device)
+        record["samples_skipped"] = run.stream.samples_skipped  # this rank's unreadable samples so far
         if t.trace_samples:  # collective: every rank logs the same steps
             from anncli.data.order import gather_samples_sha256
 

@@ -12,10 +12,10 @@ samples it does not need by reading tar headers (a seek past the data for local 
 `pipe:`/http streams), so skipping never decodes. When b·W·num_workers divides the lane count K, each
 lane is read by exactly one reader (rank r's worker w owns the indices ≡ w·b·W + r·b … (mod b·W·workers)),
 so a stream is downloaded once per cycle, plus the head of a shard where a lane starts inside it; otherwise
-readers that share a lane each read it (free for local files, a repeated download for streams). Faults: a sample that cannot be read or decoded (also
-every sample behind the cut of a truncated shard) is counted, warned about (once per shard for a cut),
-and replaced by `order.substitute(index, attempt)`, the same substitute on every world size.
-"""
+readers that share a lane each read it (free for local files, a repeated download for streams). Faults:
+a sample that cannot be read or decoded (also every sample behind the cut of a truncated shard) is counted,
+warned about (once per shard for a cut), and replaced by `order.substitute(index, attempt)`, the same on
+every world size; shards failing in a row before their first sample stop the run (DataError)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from anncli.data.shards import DataError, SampleError, check_skip_bound, log
 from anncli.errors import UserError
 
 _MAX_SUBSTITUTES = 100
+_MAX_FAILED_OPENS = 5  # shards in a row failing before their first sample: the source is unreachable
 _READ_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
 decode_sample = shards.decode_sample  # module attribute, so tests can count decodes
 
@@ -49,15 +50,13 @@ class _ShardCursor:
 
     def __init__(self, url: str, shard: int):
         self.url, self.shard, self.index = url, shard, 0
-        if is_remote(url):
-            from webdataset.gopen import gopen  # pipe:, http(s), …
-
-            self._file = gopen(url, "rb")
-            self._tar = tarfile.open(fileobj=self._file, mode="r|")
-        else:
-            self._file = open(url[len("file:"):] if url.startswith("file:") else url, "rb")
-            self._tar = tarfile.open(fileobj=self._file, mode="r:")  # random access: next() seeks past data
-        self._head = self._member()
+        self._file = shards.open_shard(url)
+        try:  # random access for local files: next() seeks past the data
+            self._tar = tarfile.open(fileobj=self._file, mode="r|" if is_remote(url) else "r:")
+            self._head = self._member()
+        except BaseException:
+            self._file.close()
+            raise
 
     def _member(self):
         while True:
@@ -66,6 +65,7 @@ class _ShardCursor:
                 return None
             key, field = _split_name(info.name)
             if info.isreg() and field is not None:
+                shards.check_member(info.name)
                 return info, key, field
 
     def _sample(self, keep: bool) -> tuple[str, dict[str, bytes]]:
@@ -108,6 +108,7 @@ class SampleReader:
         self.urls, self.order = urls, order
         self._cursors: dict[tuple, _ShardCursor] = {}
         self._cut: dict[int, int] = {}  # shard → first sample lost to a cut or read error
+        self._failed_in_row = 0  # shards failing before their first sample, with no good read between
 
     def fetch(self, index: int, slot: tuple | None = None) -> tuple[str, dict[str, bytes]]:
         loc = self.order.locate([index])
@@ -118,19 +119,30 @@ class SampleReader:
         slot = slot or (cycle, lane)
         cursor = self._cursors.get(slot)
         if cursor is None or cursor.shard != shard or cursor.index > member:
-            if cursor is not None:
+            if self._cursors.pop(slot, None) is not None:
                 cursor.close()
             self._drop_old(cycle)
-            cursor = self._cursors[slot] = _ShardCursor(self.urls[shard], shard)
+            try:
+                cursor = self._cursors[slot] = _ShardCursor(self.urls[shard], shard)
+            except _READ_ERRORS as e:
+                self._failed(shard, 0, member, e)
         try:
-            return cursor.read(member)
+            sample = cursor.read(member)
         except (_ShardEnded, *_READ_ERRORS) as e:
-            self._cut[shard] = cursor.index
-            cursor.close()
-            del self._cursors[slot]
-            log.warning("training shard %s is cut after %d samples (%s); the rest of it is skipped",
-                        self.urls[shard], cursor.index, e)
-            raise _Bad(f"{self.urls[shard]}: sample {member} unreadable: {e}") from None
+            self._cursors.pop(slot).close()
+            self._failed(shard, cursor.index, member, e)
+        self._failed_in_row = 0
+        return sample
+
+    def _failed(self, shard: int, cut: int, member: int, e: Exception):
+        """A shard unreadable from sample `cut` on, warned about once; shards failing in a row stop the run."""
+        self._cut[shard] = cut
+        url, self._failed_in_row = self.urls[shard], (self._failed_in_row + 1 if cut == 0 else 0)
+        if self._failed_in_row >= min(_MAX_FAILED_OPENS, len(self.urls)):
+            raise DataError(f"{self._failed_in_row} training shards in a row could not be read; the last, "
+                            f"{url}: {e}") from None
+        log.warning("training shard %s is cut after %d samples (%s); the rest of it is skipped", url, cut, e)
+        raise _Bad(f"{url}: sample {member} unreadable: {e}") from None
 
     def url_of(self, index: int) -> str:
         return self.urls[int(self.order.locate([index])["shard"][0])]

@@ -111,12 +111,9 @@ def _shard_name(url: str) -> str:
 
 def count_samples(url: str) -> int:
     """Samples in one shard, by reading its tar headers only (local files: a seek past each member's data)."""
-    if is_remote(url):
-        from webdataset.gopen import gopen
+    from anncli.data.shards import open_shard  # imported here: shards imports this module
 
-        handle, mode = gopen(url, "rb"), "r|"
-    else:
-        handle, mode = open(url[len("file:"):] if url.startswith("file:") else url, "rb"), "r:"
+    handle, mode = open_shard(url), ("r|" if is_remote(url) else "r:")
     keys, last = 0, None
     with handle, tarfile.open(fileobj=handle, mode=mode) as tar:
         try:

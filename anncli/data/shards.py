@@ -11,10 +11,14 @@ and http(s) URLs all work; members are read as a plain tar stream and grouped by
 
 from __future__ import annotations
 
+import glob
 import io
 import logging
 import os
+import re
+import subprocess
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -51,6 +55,14 @@ def check_skip_bound(seen: int, skipped: int, max_skip: float, last: str = "") -
         )
 
 
+def check_member(name: str) -> None:
+    """A shard read stops at a member whose name could escape a folder (a crafted or foreign tar)."""
+    why = ("contains a backslash" if "\\" in name else "is an absolute path" if name.startswith("/")
+           else "has a '..' part" if ".." in name.split("/") else None)
+    if why:
+        raise tarfile.ReadError(f"unsafe member name {name!r} ({why})")
+
+
 # ---------------------------------------------------------------- writing
 
 
@@ -81,8 +93,11 @@ class ShardWriter:
             self._tar = None
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
-        if "." in key or "/" in key:
-            raise UserError(f"sample key {key!r} must not contain '.' or '/'")
+        if not key or "." in key or "/" in key or "\\" in key:
+            raise UserError(f"sample key {key!r} must be non-empty and free of '.', '/' and '\\'")
+        for ext in members:
+            if "/" in ext or "\\" in ext:
+                raise UserError(f"sample {key}: field {ext!r} is not a plain file name")
         size = sum(len(v) for v in members.values())
         if self._tar is None or self._count >= self.max_count or (self._count and self._size + size > self.max_size):
             self._next()
@@ -96,27 +111,82 @@ class ShardWriter:
         self._size += size
 
     def close(self) -> list[dict]:
+        """Finish the last shard, then remove the shards of an earlier, longer pack under the same prefix
+        (`<prefix>-NNNNNN.tar` numbered past the new ones), which a brace pattern or glob would still read."""
         self._finish()
+        stale = sorted(p for p in (self.out.glob(f"{glob.escape(self.prefix)}-*.tar") if self.out.is_dir() else [])
+                       if re.fullmatch(rf"{re.escape(self.prefix)}-(\d{{6}})\.tar", p.name)
+                       and int(p.name[-10:-4]) >= len(self.shards))
+        for path in stale:
+            path.unlink()
+        if stale:
+            log.warning("removed %d stale shard(s) of an earlier pack from %s: %s", len(stale), self.out,
+                        " ".join(p.name for p in stale))
         return self.shards
 
 
 # ---------------------------------------------------------------- reading
 
 
+class PipeStream:
+    """The stdout of a `pipe:CMD` shard; a failing command (exit status ≠ 0 at the end of its output) raises
+    OSError with the tail of its stderr, which is captured instead of printed on every try."""
+
+    def __init__(self, command: str):
+        self._err = tempfile.TemporaryFile()
+        self._proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=self._err)
+        self.closed = self._ended = False
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._proc.stdout.read(n)
+        if not data and n != 0:
+            self._ended = True
+            self._check(self._proc.wait())
+        return data
+
+    def _check(self, status: int) -> None:
+        if status != 0:
+            self._err.seek(0)
+            tail = " / ".join(self._err.read().decode("utf-8", "replace").split("\n")[-4:]).strip(" /")[-300:]
+            raise OSError(f"command exited with status {status}" + (f": {tail}" if tail else " (no stderr)"))
+
+    def __enter__(self) -> "PipeStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if not self.closed:  # closed early, the command is stopped: its exit status is no fault of its own
+            self.closed = True
+            self._proc.stdout.close()
+            if not self._ended:
+                self._proc.kill()
+            self._proc.wait()
+            self._err.close()
+
+
+def open_shard(url: str):
+    """A binary stream of one shard: a local file, a `pipe:CMD` (PipeStream), or http(s) via webdataset."""
+    if url.startswith("pipe:"):
+        return PipeStream(url[len("pipe:"):])
+    if is_remote(url):
+        from webdataset.gopen import gopen  # http(s), … (imported lazily: it pulls in torch)
+
+        return gopen(url, "rb")
+    return open(url[len("file:"):] if url.startswith("file:") else url, "rb")
+
+
 def iter_shard(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {field: bytes}) of one shard, in order; raises tarfile/OS errors on a broken stream."""
-    if is_remote(url):
-        from webdataset.gopen import gopen  # pipe:, http(s), … (imported lazily: it pulls in torch)
-
-        stream = gopen(url, "rb")
-    else:
-        stream = open(url[len("file:"):] if url.startswith("file:") else url, "rb")
+    stream = open_shard(url)
     try:
         with tarfile.open(fileobj=stream, mode="r|*") as tar:
             key, fields = None, {}
             for info in tar:
                 if not info.isreg():
                     continue
+                check_member(info.name)
                 folder, _, base = info.name.rpartition("/")
                 stem, dot, field = base.partition(".")
                 if not dot:
