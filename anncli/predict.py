@@ -14,7 +14,7 @@ from PIL import Image
 
 from anncli.errors import UserError
 from anncli.inference import load_model, predict_labels, resolve_protocol
-from anncli.onnx_predict import expand_images  # torch-free, so it lives with the ONNX predictor
+from anncli.onnx_predict import expand_images, read_rgb  # torch-free, so they live with the ONNX predictor
 from anncli.report import progress
 
 
@@ -55,14 +55,6 @@ def _label_lut(fmt: str, recipe) -> Optional[np.ndarray]:
     lut = np.zeros(256, dtype=np.uint8)
     lut[:19] = CITYSCAPES_TRAINID_TO_LABELID
     return lut
-
-
-def _read_rgb(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read the image ({e.__class__.__name__})") from None
 
 
 def write_prediction(out: Path, stem: str, image: np.ndarray, labels: np.ndarray, palette: np.ndarray,
@@ -119,7 +111,7 @@ def run_predict(images, checkpoint, out, recipe_path=None, overrides=(), multisc
     with progress("predict", total=len(paths)) as advance:
         for path in paths:
             try:
-                image = _read_rgb(path)
+                image = read_rgb(path)
             except UserError as e:
                 summary.failed.append((path, str(e)))
                 print(f"ann: skipped {e}", file=sys.stderr, flush=True)

@@ -21,13 +21,13 @@ from anncli.data.synth import _encode_png, make_sample, write_synth
 from anncli.errors import UserError
 from anncli import evaluate
 from anncli.evaluate import EvalOptions, run_evaluation
-from anncli.recipe import AugmentConfig
 from conftest import run_ann, tiny_overrides
 from test_data_pack import make_cityscapes
+from test_data_stream import _stream as stream_of  # the same augmentation and seed as the stream tests
+from test_data_stream import _take
 from test_eval_run import write_checkpoint, write_recipe, write_split
 
 ANN = str(Path(sys.executable).with_name("ann"))
-AUG = AugmentConfig(crop=(24, 40), scale=(0.5, 1.5), photometric="mmseg", brightness_delta=32)
 
 
 @pytest.fixture(autouse=True)
@@ -49,15 +49,7 @@ def _raw_shard(path: Path, keys: list[str]) -> str:
 
 
 def _stream(urls, counts, **kw):
-    args = dict(augment=AUG, batch_size=2, effective_batch=2, seed=7, rank=0, world_size=1, num_workers=0, lanes=2)
-    return GlobalStream(urls, counts, **{**args, **kw})
-
-
-def _take(stream, n):
-    it = iter(stream)
-    out = [next(it) for _ in range(n)]
-    it.close()
-    return out
+    return stream_of(urls, counts, **{"batch_size": 2, "effective_batch": 2, "lanes": 2, **kw})
 
 
 # ---------------------------------------------------------------- member names that escape a folder
