@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 	$(PY) -m pip install --quiet $(CONSTRAINTS) -e '.[dev]'
 	touch $@
 
-# Everything that runs without a GPU, the real SLURM cluster included (about 15 minutes on 2 cores).
+# Everything that runs without a GPU, the real SLURM cluster included (about 25 minutes on 2 cores).
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not gpu and not demo and not chaos and not long"
 
