@@ -190,7 +190,8 @@ def _run(recipe, opts: EvalOptions, info) -> dict:
     from anncli.data.synth import prepare_synth
 
     start = time.perf_counter()
-    checkpoint = resolve_checkpoint(recipe, opts.checkpoint, opts.work_dir)
+    # from_cli already chose and verified it; load_model verifies the files it reads once more.
+    checkpoint = opts.checkpoint or resolve_checkpoint(recipe, None, opts.work_dir)
     prepare_synth(recipe.data, info.is_main)
     model = load_model(recipe, checkpoint, info.device)
     cm, total = _evaluate_split(model, recipe, opts.split, opts.protocol, info, opts.save_pred, info.is_main)
