@@ -1,10 +1,13 @@
-"""Before/after of the exact attention savings, in one run, interleaved: pool-then-project and SDPA.
+"""Before/after of the exact attention savings, in one run, interleaved: pool-then-project, the output
+fold and SDPA.
 
 Variants (all the same weights and inputs):
-- `before`: the literal value path (1x1 projection of every position, then pooling), torch's adaptive
-  pools and the explicit softmax(q·kᵀ)·v, i.e. the blocks as they were before pool-then-project;
-- `after`: the value path pools first (separable matmul pooling) and projects the 110 anchors,
-  explicit attention;
+- `before`: the literal blocks (1x1 value projection of every position, then torch's adaptive pools;
+  explicit softmax(q·kᵀ)·v; W on every attended vector, then the fuse conv over the concat), i.e. the
+  official code's formulation and the blocks as they were before these savings;
+- `after_pool`: the value path pools first (separable matmul pooling) and projects the 110 anchors;
+- `after`: also the output fold (W, and the fuse conv's columns that read it, applied to the 110 anchor
+  values before attending), explicit attention: the default;
 - `after_sdpa`: as `after`, with `model.attention: sdpa`.
 
 Part `blocks`: `ann bench attention`'s comparison at 128×256, C = 2048 (eval, no_grad, fp32): the plain
@@ -37,14 +40,15 @@ from anncli.models.ann import build_model
 from anncli.models.attention import AttentionBranch
 from anncli.recipe import ModelConfig
 
-VARIANTS = {"before": (False, "explicit"), "after": (True, "explicit"), "after_sdpa": (True, "sdpa")}
+VARIANTS = {"before": (False, False, "explicit"), "after_pool": (True, False, "explicit"),
+            "after": (True, True, "explicit"), "after_sdpa": (True, True, "sdpa")}
 
 
 def set_variant(module: nn.Module, variant: str) -> nn.Module:
-    pool_first, impl = VARIANTS[variant]
+    pool_first, fold_output, impl = VARIANTS[variant]
     for m in module.modules():
         if isinstance(m, AttentionBranch) and m.sampler is not None:
-            m.pool_first, m.impl = pool_first, impl
+            m.pool_first, m.fold_output, m.impl = pool_first, fold_output, impl
             m.sampler.separable = pool_first
     return module
 
@@ -153,7 +157,8 @@ def main() -> None:
     h, w = (int(v) for v in args.size.lower().split("x"))
     result = {"benchmark": "attention_fusion", "torch": torch.__version__, "threads": torch.get_num_threads(),
               "cpus": os.cpu_count(), "load_avg_1min_at_start": round(os.getloadavg()[0], 2),
-              "variants": {v: {"pool_first": pf, "attention": impl} for v, (pf, impl) in VARIANTS.items()}}
+              "variants": {v: {"pool_first": pf, "fold_output": fold, "attention": impl}
+                           for v, (pf, fold, impl) in VARIANTS.items()}}
     if args.part in ("all", "network"):
         result["network"] = network_part(args.net_rounds, args.net_size, args.net_eval_rounds)
         print(json.dumps(result["network"]["speedup_over_before"]), flush=True)

@@ -1,4 +1,5 @@
-"""Exact savings in APNB/AFNB: pool-then-project on the value path and scaled_dot_product_attention.
+"""Exact savings in APNB/AFNB: pool-then-project on the value path, the output conv (and the fuse conv's
+columns that read it) folded before the attention, and scaled_dot_product_attention.
 
 Both must give the literal formulation's result up to float rounding (1e-5 relative), in eval and in
 train mode (gradients too), and the whole network must still reproduce the official code's outputs.
@@ -12,7 +13,8 @@ import torch
 from torch import nn
 
 from anncli.models.ann import build_model
-from anncli.models.attention import AFNB, APNB, AnchorSampler, AttentionBranch, NonLocalBlock, attend, pool_then_project
+from anncli.models.attention import (AFNB, APNB, AnchorSampler, APNBAttention, AttentionBranch, NonLocalBlock, attend,
+                                     pool_then_project, set_literal)
 from anncli.recipe import ModelConfig, Recipe, RecipeError, load_recipe
 
 torch.set_num_threads(1)
@@ -36,14 +38,13 @@ def _randomize_output_convs(module: nn.Module) -> None:
         nn.init.normal_(m.W.bias, std=0.1)
 
 
-def _set(module: nn.Module, pool_first: bool | None = None, impl: str | None = None) -> nn.Module:
+def _set(module: nn.Module, pool_first: bool = True, fold_output: bool = True) -> nn.Module:
+    """Each saving on or off alone; both off is `set_literal`."""
+    set_literal(module, literal=False)
     for m in _branches(module):
-        if pool_first is not None:
-            m.pool_first = pool_first
-            if m.sampler is not None:
-                m.sampler.separable = pool_first and m.sampler.mode == "avg"
-        if impl is not None and m.sampler is not None:
-            m.impl = impl
+        m.pool_first, m.fold_output = pool_first, fold_output
+        if m.sampler is not None:
+            m.sampler.separable = pool_first and m.sampler.mode == "avg"
     return module
 
 
@@ -63,13 +64,15 @@ def test_pool_then_project_equals_project_then_pool():
         pool_then_project(x, nn.Conv2d(48, 20, 3, padding=1), sampler)
 
 
+@pytest.mark.parametrize("savings", [(True, False), (False, True), (True, True)], ids=["pool", "fold", "both"])
 @pytest.mark.parametrize("mode", ["train", "eval"])
-def test_fused_value_path_matches_the_literal_one_for_apnb_and_afnb(mode):
+def test_exact_savings_match_the_literal_blocks(mode, savings):
     torch.manual_seed(0)
     low, high = torch.randn(2, 24, 13, 21), torch.randn(2, 32, 13, 21)
-    for block, args in ((APNB(32, 32, 8, 12), (high,)), (AFNB(24, 32, 32, 8, 12), (low, high))):
+    for make, args in ((lambda: APNB(32, 32, 8, 12), (high,)), (lambda: AFNB(24, 40, 32, 8, 12), (low, torch.randn(2, 40, 13, 21))),
+                       (lambda: APNBAttention(32, 48, 8, 12), (high,))):
+        block, literal = _set(make(), *savings), set_literal(make())
         _randomize_output_convs(block)
-        literal = _set(APNB(32, 32, 8, 12) if isinstance(block, APNB) else AFNB(24, 32, 32, 8, 12), pool_first=False)
         literal.load_state_dict(block.state_dict())
         block.train(mode == "train"), literal.train(mode == "train")
         torch.manual_seed(1)
@@ -87,20 +90,41 @@ def test_fused_value_path_matches_the_literal_one_for_apnb_and_afnb(mode):
             assert (p.grad - q.grad).abs().max() <= 1e-4 * q.grad.abs().max() + 1e-5 * largest, name
 
 
+def test_folded_output_map_includes_the_callers_linear_map():
+    torch.manual_seed(0)
+    branch = AttentionBranch(16, 8, 12, 20, sizes=(1, 3)).eval()
+    _randomize_output_convs(branch)
+    x, after = torch.randn(2, 16, 9, 11), torch.randn(7, 20)
+    with torch.no_grad():
+        folded = branch(x, after=after)
+        literal = set_literal(branch)(x, after=after)
+        assert folded.shape == (2, 7, 9, 11) and _close(folded, literal)
+        assert _close(literal, torch.einsum("oc,bchw->bohw", after, set_literal(branch)(x)))
+
+
+def test_non_local_block_never_folds():
+    block = APNB(16, 16, 8, 8, sizes=None).eval()
+    assert not block.attention.folds_output and not NonLocalBlock(16, 16).folds_output
+    x = torch.randn(1, 16, 6, 6)
+    with torch.no_grad():
+        assert torch.equal(block(x), set_literal(block)(x))
+
+
 def test_max_pooled_anchors_keep_the_literal_order():
     torch.manual_seed(0)
     x = torch.randn(1, 16, 12, 12)
     branch = AttentionBranch(16, 8, 12, 16, mode="max").eval()
     _randomize_output_convs(branch)
     with torch.no_grad():
-        fused = branch(x)
-        literal = _set(branch, pool_first=False)(x)
-    assert torch.equal(fused, literal)  # max pooling never takes the pool-first path
+        pool_first = _set(branch, pool_first=True, fold_output=False)(x)
+        literal = set_literal(branch)(x)
+        assert torch.equal(pool_first, literal)  # max pooling never takes the pool-first path
+        assert _close(_set(branch)(x), literal)  # the output fold holds for any anchors
 
 
 def test_sdpa_matches_the_explicit_softmax():
     torch.manual_seed(0)
-    q, k, v = torch.randn(2, 300, 16), torch.randn(2, 110, 16), torch.randn(2, 110, 24)  # value width differs
+    q, k, v = torch.randn(2, 300, 16), torch.randn(2, 110, 16), torch.randn(2, 24, 110)  # value width differs
     assert _close(attend(q, k, v, "sdpa"), attend(q, k, v, "explicit"))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), "sdpa")
@@ -174,14 +198,14 @@ def _to_ann(name: str) -> str:
     return name.replace(".f_key.1.0.", ".f_key.1.").replace(".f_query.1.0.", ".f_query.1.")
 
 
-@pytest.mark.parametrize("impl,pool_first", [("explicit", True), ("sdpa", True), ("explicit", False)])
-def test_official_outputs_are_reproduced(impl, pool_first):
+@pytest.mark.parametrize("impl,literal", [("explicit", False), ("sdpa", False), ("explicit", True)])
+def test_official_outputs_are_reproduced(impl, literal):
     fixture = torch.load(FIXTURE, weights_only=True)
     official = _official_weights(fixture)
     state = {_to_ann(k): v for k, v in official.items() if k not in fixture["aliases"]}
     model = build_model(ModelConfig(backbone="resnet50", num_classes=19, attention=impl))
     model.load_state_dict(state)
-    _set(model, pool_first=pool_first)
+    set_literal(model, literal)
     model.eval()
     model.training = True  # eval-mode layers, but the top level returns (main, aux)
     with torch.no_grad():

@@ -20,18 +20,19 @@ def conv_flops(c: int, n: int) -> int:
 def test_flops_follow_the_layer_shapes(h, w):
     c, n, s = 16, h * w, 110
     assert count_flops("nonlocal", c, (h, w)) == conv_flops(c, n) + 2 * n * n * (CK + CV)
-    # APNB pools before its value projection: f_value runs on the s anchors, not the n positions;
-    # pooling is two matmuls: (W, 18) column-bin means, then (s, H) row-bin means per level
-    value_saved = 2 * (n - s) * c * CV
+    # APNB pools before its value projection and maps the s anchor values to the output (W) before
+    # attending: f_value and W run on the s anchors, the attention averages c-wide values; pooling is two
+    # matmuls: (W, 18) column-bin means, then (s, H) row-bin means per level
     pool = lambda ch: 2 * ch * (n * 18 + h * s)  # noqa: E731
-    assert count_flops("apnb", c, (h, w)) == (conv_flops(c, n) - value_saved + 2 * n * s * (CK + CV)
-                                              + pool(CK) + pool(c))
+    assert count_flops("apnb", c, (h, w)) == (2 * n * c * CK + 2 * s * c * CV + 2 * s * CV * c
+                                              + 2 * n * s * (CK + c) + pool(CK) + pool(c))
 
 
 def test_paper_sizes_give_the_expected_flop_ratio():
     ratio = count_flops("nonlocal", 2048, (128, 256)) / count_flops("apnb", 2048, (128, 256))
     assert ratio > 8.8  # query/key computed once, so above the reference's 8.8 (which counts it twice)
     assert ratio > 15  # and the value path projects 110 anchors instead of 32768 positions
+    assert ratio > 22  # and W maps those 110 anchors, not the 32768 attended vectors
 
 
 def test_bad_options_are_user_errors():

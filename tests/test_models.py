@@ -101,16 +101,18 @@ def test_apnb_with_identity_sampling_equals_the_non_local_block():
 
 def test_attention_matches_an_explicit_per_position_softmax():
     torch.manual_seed(0)
-    q, k, v = torch.randn(1, 5, 4), torch.randn(1, 3, 4), torch.randn(1, 3, 2)
+    q, k, v = torch.randn(1, 5, 4), torch.randn(1, 3, 4), torch.randn(1, 2, 3)  # v channels first
     out = attend(q, k, v)
+    assert out.shape == (1, 2, 5) and out.is_contiguous()
     for i in range(5):
         weights = torch.softmax(torch.stack([(q[0, i] * k[0, j]).sum() / 2.0 for j in range(3)]), 0)
-        assert torch.allclose(out[0, i], (weights[:, None] * v[0]).sum(0), atol=1e-6)
+        assert torch.allclose(out[0, :, i], (weights[None, :] * v[0]).sum(1), atol=1e-6)
 
 
 def test_attention_similarity_runs_in_float32_under_autocast():
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 64, 32).bfloat16() * 8 for _ in range(3))
+    v = v.transpose(1, 2).contiguous()  # (B, Cv, S)
     reference = attend(q.float(), k.float(), v.float()).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = attend(q, k, v)

@@ -17,6 +17,7 @@ import yaml
 
 from anncli import load_model
 from anncli.models.ann import build_model, upsample_to
+from anncli.models.attention import set_literal
 from anncli.recipe import ModelConfig
 from conftest import run_ann, tiny_overrides
 
@@ -95,17 +96,6 @@ def test_parameter_counts_match_mmseg_and_the_fixture_key_lists():
         assert sum(b.numel() for b in ours.buffers()) == buffers
 
 
-def literal_first(model) -> None:
-    """Switch every attention block to the literal value path: 1x1 projection at full size, then pooling."""
-    from anncli.models.attention import AttentionBranch
-
-    for m in model.modules():
-        if isinstance(m, AttentionBranch):
-            m.pool_first = False
-            if m.sampler is not None:
-                m.sampler.separable = False
-
-
 @pytest.mark.parametrize("fmt", ["official", "mmseg"])
 def test_imported_weights_reproduce_the_peer_outputs(imported, fmt):
     fx = fixture(fmt)
@@ -127,9 +117,10 @@ def test_imported_weights_reproduce_the_peer_outputs(imported, fmt):
     diff = (main - fx["outputs"]["main"]).abs().max().item()
     assert diff <= 1e-4
     if fmt == "official":
-        # With the literal value path (project, then pool) the ported network is the official code bit for
-        # bit; the default pool-first path differs from it by float rounding only (checked above).
-        literal_first(model)
+        # Computed literally (project, then pool; W, then the fuse concat) the ported network is the
+        # official code bit for bit; the default exact savings differ from it by float rounding only
+        # (checked above).
+        set_literal(model)
         torch.set_num_threads(1)
         try:
             with torch.no_grad():

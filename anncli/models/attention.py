@@ -4,8 +4,11 @@ Shapes: B batch, N = H*W query positions, S anchors (110 for pyramid sizes 1, 3,
 sampling), Ck key channels, Cv value channels. The similarity and softmax run in float32 with
 autocast off, whatever the input dtype, so that bf16/fp16 training stays stable.
 
-Two exact savings over the literal formulation (both equal to it up to float rounding):
+Exact savings over the literal formulation (all equal to it up to float rounding):
 - the value path pools first and projects only the S anchors (`pool_then_project`);
+- the output conv W (and the fuse conv's columns that read W's output) is applied to the S anchor
+  values before attending instead of to the N attended vectors (`AttentionBranch.fold_output`):
+  softmax rows sum to 1, so P·(V·Wᵀ + b) = (P·V)·Wᵀ + b;
 - `attention="sdpa"` computes softmax(q·kᵀ/√Ck)·v with torch's `scaled_dot_product_attention`,
   which never materialises the N×S map (the plain non-local block always keeps its explicit N×N map).
 """
@@ -47,11 +50,13 @@ def capture_attention():
 
 
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, impl: str = "explicit") -> torch.Tensor:
-    """softmax(q·kᵀ / sqrt(Ck)) · v in float32; query (B,N,Ck), key (B,S,Ck), value (B,S,Cv) -> (B,N,Cv).
+    """softmax(q·kᵀ / sqrt(Ck)) · v in float32; query (B,N,Ck), key (B,S,Ck), value (B,Cv,S) -> (B,Cv,N).
 
-    `explicit` scales the query before the product so that only one N×S map is live besides its
-    softmax; `sdpa` hands the same product to `F.scaled_dot_product_attention` (one head of width Ck,
-    value width Cv may differ), whose kernels never hold the whole N×S map.
+    Values come and results go channels first, contiguous, as the convolutions around read and write
+    them (a channels-last view handed on makes the next convs and their weight gradients reorder).
+    `explicit` scales the S keys (not the N queries) before the product, so that only one N×S map is
+    live besides its softmax; `sdpa` hands the same product to `F.scaled_dot_product_attention` (one
+    head of width Ck, value width Cv may differ), whose kernels never hold the whole N×S map.
     """
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {impl!r}")
@@ -59,12 +64,13 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, impl: st
         q, k, v = query.float(), key.float(), value.float()
         captured = _CAPTURED.get()
         if impl == "sdpa" and captured is None:
-            out = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
+            out = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.transpose(1, 2).unsqueeze(1))
+            out = out.squeeze(1).transpose(1, 2).contiguous()
         else:  # explicit, or sdpa while `capture_attention` needs the weights themselves
-            sim = torch.softmax(torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(1, 2)), dim=-1)
+            sim = torch.softmax(torch.matmul(q, (k * k.shape[-1] ** -0.5).transpose(1, 2)), dim=-1)
             if captured is not None:
                 captured.append(sim.detach())
-            out = torch.matmul(sim, v)
+            out = torch.matmul(v, sim.transpose(1, 2))
     return out.to(value.dtype)
 
 
@@ -151,6 +157,12 @@ class AttentionBranch(nn.Module):
     every key position is an anchor: the plain non-local block, which always keeps the explicit N×N
     map (it is the paper's point of comparison). `pool_first=False` runs the literal value path
     (project every position, then pool), kept for equivalence tests and before/after benchmarks.
+
+    `fold_output` (with anchors only) moves the output conv W before the attention: the S anchor values
+    are mapped to the output width and the attention averages those, N·S·Cout multiply-adds instead of
+    N·S·Cv + N·Cv·Cout. A caller whose next step is a linear map of this branch's output passes its
+    matrix as `after` (C, Cout), and it is folded in too. The plain non-local block (S = N) never folds:
+    there it would cost more, and its explicit N×N map is the point of comparison.
     """
 
     def __init__(self, key_in: int, key_channels: int, value_channels: int, out_channels: int,
@@ -161,6 +173,7 @@ class AttentionBranch(nn.Module):
             raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
         self.impl = "explicit" if sizes is None else attention
         self.pool_first = True
+        self.fold_output = True
         self.f_key = conv_bn_relu(key_in, key_channels)
         self.f_query = None if query_channels is None else conv_bn_relu(query_channels, key_channels)
         if self.f_query is None:
@@ -179,16 +192,49 @@ class AttentionBranch(nn.Module):
             return pool_then_project(key_feats, self.f_value, self.sampler)
         return self._anchors(self.f_value(key_feats))  # max pooling does not commute with the projection
 
-    def forward(self, query_feats: torch.Tensor, key_feats: torch.Tensor | None = None) -> torch.Tensor:
+    @property
+    def folds_output(self) -> bool:
+        return self.fold_output and self.sampler is not None
+
+    def forward(self, query_feats: torch.Tensor, key_feats: torch.Tensor | None = None,
+                after: torch.Tensor | None = None) -> torch.Tensor:
+        """W(attention) for queries from `query_feats` and keys/values from `key_feats` (default: the same),
+        followed by the bias-free 1x1 map `after` (C, Cout) when given."""
         key_feats = query_feats if key_feats is None else key_feats
         b, _, h, w = query_feats.shape
         key_map = self.f_key(key_feats)
         query = key_map if self.f_query is None else self.f_query(query_feats)
-        key = self._anchors(key_map)
-        value = self._values(key_feats)
-        context = attend(query.flatten(2).transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                         self.impl)
-        return self.W(context.transpose(1, 2).reshape(b, -1, h, w))
+        query, key = query.flatten(2).transpose(1, 2), self._anchors(key_map).transpose(1, 2)
+        value = self._values(key_feats)  # (B, Cv, S)
+        if self.folds_output:  # map the S anchor values to the output, then attend
+            value = F.conv1d(value, self.W.weight.flatten(2), self.W.bias)
+            if after is not None:
+                value = torch.matmul(after, value)
+            return attend(query, key, value, self.impl).view(b, -1, h, w)
+        out = self.W(attend(query, key, value, self.impl).view(b, -1, h, w))
+        return out if after is None else F.conv2d(out, after[:, :, None, None])
+
+
+def fuse_concat(conv: nn.Conv2d, branch: AttentionBranch, rest: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+    """`conv(cat[branch(*inputs), rest])` for a 1x1 conv, with the conv's columns that read the branch
+    folded into the branch's output map (`AttentionBranch.fold_output`); the literal concat otherwise."""
+    if not branch.folds_output:
+        return conv(torch.cat([branch(*inputs), rest], dim=1))
+    split = branch.W.out_channels
+    # split (not two slices): its backward writes the weight gradient once, with no zero-filled copies
+    on_branch, on_rest = conv.weight.split([split, conv.in_channels - split], dim=1)
+    return branch(*inputs, after=on_branch.flatten(1)) + F.conv2d(rest, on_rest, conv.bias)
+
+
+def set_literal(module: nn.Module, literal: bool = True) -> nn.Module:
+    """Every attention branch in `module` computed literally (project every position, adaptive pools,
+    attend, then W and the fuse concat), as the official code does, or with the exact savings (default)."""
+    for m in module.modules():
+        if isinstance(m, AttentionBranch):
+            m.pool_first = m.fold_output = not literal
+            if m.sampler is not None:
+                m.sampler.separable = not literal and m.sampler.mode == "avg"
+    return module
 
 
 class NonLocalBlock(AttentionBranch):
@@ -225,7 +271,7 @@ class APNB(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fuse(torch.cat([self.attention(x), x], dim=1))
+        return self.fuse[1:](fuse_concat(self.fuse[0], self.attention, x, x))
 
 
 class AFNB(nn.Module):
@@ -246,5 +292,5 @@ class AFNB(nn.Module):
         )
 
     def forward(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
-        return self.fuse(torch.cat([self.attention(high, low), high], dim=1))
+        return self.fuse[1:](fuse_concat(self.fuse[0], self.attention, high, high, low))
 
