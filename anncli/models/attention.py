@@ -52,8 +52,10 @@ def capture_attention():
 def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, impl: str = "explicit") -> torch.Tensor:
     """softmax(q·kᵀ / sqrt(Ck)) · v in float32; query (B,N,Ck), key (B,S,Ck), value (B,Cv,S) -> (B,Cv,N).
 
-    Values come and results go channels first, contiguous, as the convolutions around read and write
-    them (a channels-last view handed on makes the next convs and their weight gradients reorder).
+    Values come and results go channels first, as the convolutions around read and write them. With
+    few anchors the result is made contiguous by the product itself (v·simᵀ); with S = N (the plain
+    non-local block) BLAS reads the N×N map transposed ~7% slower, so sim·vᵀ is computed and handed on
+    as a transposed view, as is sdpa's result (a transpose copy costs more than the convs lose on it).
     `explicit` scales the S keys (not the N queries) before the product, so that only one N×S map is
     live besides its softmax; `sdpa` hands the same product to `F.scaled_dot_product_attention` (one
     head of width Ck, value width Cv may differ), whose kernels never hold the whole N×S map.
@@ -65,12 +67,15 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, impl: st
         captured = _CAPTURED.get()
         if impl == "sdpa" and captured is None:
             out = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.transpose(1, 2).unsqueeze(1))
-            out = out.squeeze(1).transpose(1, 2).contiguous()
+            out = out.squeeze(1).transpose(1, 2)
         else:  # explicit, or sdpa while `capture_attention` needs the weights themselves
             sim = torch.softmax(torch.matmul(q, (k * k.shape[-1] ** -0.5).transpose(1, 2)), dim=-1)
             if captured is not None:
                 captured.append(sim.detach())
-            out = torch.matmul(v, sim.transpose(1, 2))
+            if sim.shape[-1] <= v.shape[1]:  # few anchors
+                out = torch.matmul(v, sim.transpose(1, 2))
+            else:
+                out = torch.matmul(sim, v.transpose(1, 2)).transpose(1, 2)
     return out.to(value.dtype)
 
 
@@ -223,7 +228,8 @@ def fuse_concat(conv: nn.Conv2d, branch: AttentionBranch, rest: torch.Tensor, *i
     split = branch.W.out_channels
     # split (not two slices): its backward writes the weight gradient once, with no zero-filled copies
     on_branch, on_rest = conv.weight.split([split, conv.in_channels - split], dim=1)
-    return branch(*inputs, after=on_branch.flatten(1)) + F.conv2d(rest, on_rest, conv.bias)
+    # the contiguous conv output first: the sum takes its layout whatever the branch hands back
+    return F.conv2d(rest, on_rest, conv.bias) + branch(*inputs, after=on_branch.flatten(1))
 
 
 def set_literal(module: nn.Module, literal: bool = True) -> nn.Module:
