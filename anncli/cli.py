@@ -136,7 +136,7 @@ def eval_(
     chosen = _run(choose_run, recipe, checkpoint, work_dir, set_ or [])
     opts = _run(EvalOptions.from_cli, recipe=chosen.recipe, recipe_path=str(chosen.recipe_path),
                 checkpoint=chosen.checkpoint, multiscale=multiscale, scales=scales, flip=flip, mode=mode, crop=crop,
-                stride=stride, merge=merge, split=split, json_out=json_out, save_pred=save_pred, work_dir=work_dir)
+                stride=stride, merge=merge, split=split, json_out=json_out, save_pred=save_pred)
     _run(check_outputs, json_out=opts.json_out, save_pred=opts.save_pred)  # before the work, not after it
     if checkpoint is None:  # every rank evaluates the checkpoint chosen here, even if a newer one appears
         launch.argv += ["--checkpoint", str(chosen.checkpoint)]

@@ -26,25 +26,23 @@ from anncli.metrics import confusion_matrix, json_safe, metrics_from_confusion
 @dataclass(frozen=True)
 class EvalOptions:
     protocol: Protocol
-    checkpoint: Optional[Path] = None  # None: the newest complete checkpoint of the run directory
+    checkpoint: Path  # complete and verified: runs.choose_run picks it once, every rank evaluates it
     split: str = "val"
     json_out: Optional[Path] = None
     save_pred: Optional[Path] = None
-    work_dir: Optional[Path] = None
     recipe_path: Optional[str] = None
 
     @classmethod
     def from_cli(cls, recipe, recipe_path, checkpoint, multiscale, scales, flip, mode, crop, stride, merge, split,
-                 json_out, save_pred, work_dir) -> "EvalOptions":
+                 json_out, save_pred) -> "EvalOptions":
         protocol = resolve_protocol(recipe, multiscale=multiscale, scales=scales, flip=flip, mode=mode, crop=crop,
                                     stride=stride, merge=merge)
         if not split or not split.strip():
             raise UserError("--split: empty")
-        checkpoint = resolve_checkpoint(recipe, checkpoint, work_dir)
         if json_out is not None:
             json_out = Path(str(json_out).replace("{checkpoint}", checkpoint.name))
-        return cls(protocol=protocol, checkpoint=checkpoint, split=split, json_out=json_out, save_pred=save_pred,
-                   work_dir=work_dir, recipe_path=recipe_path)
+        return cls(protocol=protocol, checkpoint=Path(checkpoint), split=split, json_out=json_out,
+                   save_pred=save_pred, recipe_path=recipe_path)
 
 
 def evaluate_model(model, samples: Iterable[dict], protocol: Protocol, num_classes: int, device: torch.device,
@@ -163,20 +161,6 @@ def validate(model, recipe, info, split: Optional[str] = None) -> dict:
     return {**metrics_from_confusion(cm, _class_names(recipe, split)), "samples": total}
 
 
-def resolve_checkpoint(recipe, checkpoint: Optional[Path], work_dir: Optional[Path]) -> Path:
-    """The checkpoint to evaluate: the given one (it must be complete), else the newest complete one of the
-    run directory (`work_dir`, default runs/<recipe name>)."""
-    from anncli.checkpoint import default_work_dir, latest_checkpoint, require_checkpoint
-
-    if checkpoint is not None:
-        return require_checkpoint(Path(checkpoint))
-    run_dir = Path(work_dir) if work_dir else default_work_dir(recipe)
-    found = latest_checkpoint(run_dir)
-    if found is None:
-        raise UserError(f"no complete checkpoint under {run_dir}/checkpoints; pass --checkpoint PATH")
-    return found
-
-
 def run_evaluation(recipe, opts: EvalOptions) -> dict:
     """Evaluate a checkpoint on a split; rank 0 prints the table and writes the JSON. Returns the report."""
     from anncli import distributed
@@ -190,8 +174,7 @@ def _run(recipe, opts: EvalOptions, info) -> dict:
     from anncli.data.synth import prepare_synth
 
     start = time.perf_counter()
-    # from_cli already chose and verified it; load_model verifies the files it reads once more.
-    checkpoint = opts.checkpoint or resolve_checkpoint(recipe, None, opts.work_dir)
+    checkpoint = opts.checkpoint  # load_model verifies the files it reads
     prepare_synth(recipe.data, info.is_main)
     model = load_model(recipe, checkpoint, info.device)
     cm, total = _evaluate_split(model, recipe, opts.split, opts.protocol, info, opts.save_pred, info.is_main)

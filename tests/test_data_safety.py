@@ -118,7 +118,7 @@ def test_eval_save_pred_with_a_crafted_shard_writes_nothing_outside(tmp_path):
     from anncli.recipe import load_recipe
 
     opts = EvalOptions.from_cli(load_recipe(recipe), str(recipe), checkpoint, False, None, None, None, None, None,
-                                None, "val", None, tmp_path / "out" / "pred", None)
+                                None, "val", None, tmp_path / "out" / "pred")
     with pytest.raises(UserError, match="unsafe member name"):
         run_evaluation(load_recipe(recipe), opts)
     assert not list(tmp_path.rglob("escape*")) and not list(tmp_path.parent.glob("escape*"))

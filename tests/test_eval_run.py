@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from anncli.errors import UserError
 from anncli.evaluate import EvalOptions, run_evaluation
+from anncli.runs import choose_run
 from anncli.recipe import load_recipe
 
 CLASSES = ["bg", "red", "green", "blue", "grey"]
@@ -107,7 +108,7 @@ def _expected_names() -> list[str]:
 def _options(setup, **cli) -> EvalOptions:
     args = dict(recipe_path=str(setup["recipe"]), checkpoint=setup["checkpoint"], multiscale=False, scales=None,
                 flip=None, mode=None, crop=None, stride=None, merge=None, split="val", json_out=None,
-                save_pred=None, work_dir=None)
+                save_pred=None)
     args.update(cli)
     return EvalOptions.from_cli(load_recipe(setup["recipe"]), **args)
 
@@ -135,7 +136,9 @@ def test_single_process_report_json_and_predictions(setup, tmp_path):
 
 
 def test_default_checkpoint_is_the_newest_complete_one(setup):
-    opts = _options(setup, checkpoint=None, work_dir=setup["base"] / "run")
+    chosen = choose_run(setup["recipe"], None, setup["base"] / "run")
+    assert chosen.checkpoint == setup["checkpoint"]
+    opts = _options(setup, checkpoint=chosen.checkpoint)
     assert run_evaluation(load_recipe(setup["recipe"]), opts)["checkpoint"] == str(setup["checkpoint"])
 
 
@@ -165,7 +168,7 @@ def _rank_worker(recipe_path: str, checkpoint: str, split: str):
     torch.set_num_threads(1)
     opts = EvalOptions.from_cli(load_recipe(recipe_path), recipe_path=recipe_path, checkpoint=Path(checkpoint),
                                 multiscale=True, scales=None, flip=None, mode=None, crop=None, stride=None,
-                                merge=None, split=split, json_out=None, save_pred=None, work_dir=None)
+                                merge=None, split=split, json_out=None, save_pred=None)
     try:
         return run_evaluation(load_recipe(recipe_path), opts)
     except UserError as e:
@@ -231,7 +234,7 @@ def test_missing_synthetic_set_is_created_and_validate_matches(tmp_path):
     recipe = load_recipe(recipe_path)
     opts = EvalOptions.from_cli(recipe, recipe_path=str(recipe_path), checkpoint=checkpoint, multiscale=False,
                                 scales=None, flip=None, mode=None, crop=None, stride=None, merge=None, split="val",
-                                json_out=None, save_pred=None, work_dir=None)
+                                json_out=None, save_pred=None)
     report = run_evaluation(recipe, opts)
     assert report["samples"] == 3 and (tmp_path / "synth" / "synth-val.json").is_file()
     info = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
