@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +26,20 @@ def ann_cmd(*args) -> list[str]:
 def run_ann(*args, timeout=600, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(ann_cmd(*args), capture_output=True, text=True, cwd=ROOT, env=ann_env(), timeout=timeout,
                           **kwargs)
+
+
+def start_until_checkpoint(cmd: list, run: Path, step: int, log: Path, timeout: float = 600) -> subprocess.Popen:
+    """Start `cmd` in a process group of its own (stderr to `log`, a file: nobody reads a pipe once the test
+    moves on) and return it once checkpoint `step` of the run directory `run` is complete."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ann_env(), stdout=subprocess.DEVNULL, stderr=open(log, "w"),
+                            start_new_session=True)
+    marker = run / "checkpoints" / f"step-{step:06d}" / "COMPLETE"
+    deadline = time.time() + timeout
+    while not marker.exists():
+        assert proc.poll() is None, f"training ended early: {log.read_text()[-3000:]}"
+        assert time.time() < deadline, f"no checkpoint {step} after {timeout} s: {log.read_text()[-3000:]}"
+        time.sleep(0.05)
+    return proc
 
 
 def tiny_overrides(data_root: Path, **changes) -> list[str]:

@@ -9,15 +9,13 @@ different split sums the same numbers in another order.
 import json
 import os
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
 from anncli.errors import EXIT_PREEMPTED
-from conftest import ROOT, ann_cmd, ann_env, run_ann, tiny_overrides
+from conftest import ann_cmd, run_ann, start_until_checkpoint, tiny_overrides
 
 # SGD, not the demo's AdamW: Adam divides by the gradient's magnitude, so the conv biases that batch norm
 # makes irrelevant (zero true gradient) take full-size steps on float noise, which differs with the split
@@ -42,15 +40,7 @@ def _steps(run: Path) -> dict[int, dict]:
 
 def _run_until_checkpoint(args: list, run: Path, step: int, sig: int) -> int:
     """Train until checkpoint `step` is complete, then send `sig` (SIGKILL: the whole process group)."""
-    log = run.parent / f"{run.name}-{step}.log"
-    proc = subprocess.Popen(ann_cmd(*args), cwd=ROOT, env=ann_env(), stdout=subprocess.DEVNULL,
-                            stderr=open(log, "w"), start_new_session=True)
-    marker = run / "checkpoints" / f"step-{step:06d}" / "COMPLETE"
-    deadline = time.time() + 600
-    while not marker.exists():
-        assert proc.poll() is None, f"training ended early: {log.read_text()[-3000:]}"
-        assert time.time() < deadline
-        time.sleep(0.05)
+    proc = start_until_checkpoint(ann_cmd(*args), run, step, run.parent / f"{run.name}-{step}.log")
     if sig == signal.SIGKILL:
         os.killpg(proc.pid, sig)
     else:

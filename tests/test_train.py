@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from anncli.errors import EXIT_PREEMPTED
-from conftest import ROOT, ann_cmd, ann_env, run_ann, tiny_overrides
+from conftest import ROOT, ann_cmd, ann_env, run_ann, start_until_checkpoint, tiny_overrides
 
 
 def _events(run_dir: Path) -> list[dict]:
@@ -65,15 +65,7 @@ def test_resume_refuses_a_different_model(tmp_path, synth_root):
 
 def _train_until_killed(cmd: list[str], run: Path, after_step: int, sig: int) -> int:
     """Start training, wait until the checkpoint of `after_step` is complete, then send `sig`."""
-    log = run.parent / f"{run.name}.log"  # a file, not a pipe: nobody reads a pipe once the test moves on
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ann_env(), stdout=subprocess.DEVNULL, stderr=open(log, "w"),
-                            start_new_session=True)
-    marker = run / "checkpoints" / f"step-{after_step:06d}" / "COMPLETE"
-    deadline = time.time() + 300
-    while not marker.exists():
-        assert proc.poll() is None, f"training ended early: {log.read_text()[-2000:]}"
-        assert time.time() < deadline
-        time.sleep(0.05)
+    proc = start_until_checkpoint(cmd, run, after_step, run.parent / f"{run.name}.log", timeout=300)
     time.sleep(random.uniform(0.0, 0.3))  # somewhere in the steps after the checkpoint
     os.killpg(proc.pid, sig)
     proc.wait(timeout=120)
