@@ -203,6 +203,8 @@ def recipe_show(recipe: RecipeArg, set_: SetOpt = None) -> None:
 @model_app.command("summary")
 def model_summary(
     model: Annotated[str, typer.Option(help="ann, fcn or nonlocal.")] = "ann",
+    variant: Annotated[str, typer.Option(help=(
+        "official (the paper's code) or mmseg (mmsegmentation's ANN: ResNetV1c, its heads)."))] = "official",
     backbone: Annotated[str, typer.Option(help="resnet101, resnet50 or small.")] = "resnet101",
     classes: Annotated[int, typer.Option(min=1, help="Number of classes.")] = 19,
     input_size: Annotated[Optional[str], typer.Option("--input", metavar="HxW", help=(
@@ -214,7 +216,7 @@ def model_summary(
     from anncli.summary import print_summary
 
     _run(print_summary, model=model, backbone=backbone, classes=classes, input_size=input_size, aux=aux,
-         as_json=json_out)
+         as_json=json_out, variant=variant)
 
 
 @bench_app.command("attention")

@@ -34,29 +34,34 @@ def module_params(model: nn.Module) -> dict[str, int]:
             if getattr(model, attr, None) is not None}
 
 
-def summarize(model: str, backbone: str, classes: int, input_size: str | None, aux: bool) -> dict:
+def summarize(model: str, backbone: str, classes: int, input_size: str | None, aux: bool,
+              variant: str = "official") -> dict:
     size = parse_hw(input_size, "--input", "769x769") if input_size is not None else None
     try:
-        cfg = ModelConfig(name=model, backbone=backbone, num_classes=classes, aux=aux)
+        cfg = ModelConfig(name=model, backbone=backbone, num_classes=classes, aux=aux, variant=variant)
     except ValidationError as e:
         first = e.errors()[0]
+        if not first["loc"]:  # a check across options (mmseg has no fcn and no small backbone)
+            raise UserError(f"--{first['msg'].removeprefix('Value error, ')}") from None
         option = {"name": "model", "num_classes": "classes"}.get(str(first["loc"][0]), first["loc"][0])
         raise UserError(f"--{option}: {first['msg']} (got {first.get('input')!r})") from None
     with torch.device("meta"):
         net = build_model(cfg)
     modules = module_params(net)
-    return {"model": model, "backbone": backbone, "classes": classes, "aux": aux,
+    return {"model": model, "variant": variant, "backbone": backbone, "classes": classes, "aux": aux,
             "input": None if size is None else f"{size[0]}x{size[1]}",
             "params": count_params(net), "modules": modules,
             "flops": None if size is None else count_forward_flops(net, torch.empty(1, 3, *size, device="meta"))}
 
 
-def print_summary(model: str, backbone: str, classes: int, input_size: str | None, aux: bool, as_json: bool) -> dict:
-    result = summarize(model, backbone, classes, input_size, aux)
+def print_summary(model: str, backbone: str, classes: int, input_size: str | None, aux: bool, as_json: bool,
+                  variant: str = "official") -> dict:
+    result = summarize(model, backbone, classes, input_size, aux, variant)
     if as_json:
         print(json.dumps(result, indent=2))
         return result
-    table = Table(title=f"{model} / {backbone}, {classes} classes{' + aux' if aux else ''}")
+    shown = model if variant == "official" else f"{model} ({variant})"
+    table = Table(title=f"{shown} / {backbone}, {classes} classes{' + aux' if aux else ''}")
     table.add_column("module")
     table.add_column("params", justify="right")
     table.add_column("share", justify="right")

@@ -97,6 +97,22 @@ def test_parameter_counts_match_mmseg_and_the_fixture_key_lists():
 
 
 @pytest.mark.parametrize("fmt", ["official", "mmseg"])
+def test_model_summary_counts_each_variant_as_its_peer_does(fmt):
+    fx = fixture(fmt)
+    peer = sum(math.prod(s) for n, s in fx["keys"] if not n.endswith(BN_STATS) and n not in fx["aliases"])
+    result = run_ann("model", "summary", "--variant", fmt, "--backbone", "resnet50", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["variant"] == fmt and report["params"] == peer
+
+
+def test_model_summary_refuses_a_variant_it_cannot_build():
+    result = run_ann("model", "summary", "--variant", "mmseg", "--backbone", "small")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "--variant mmseg" in result.stderr and "resnet50" in result.stderr
+
+
+@pytest.mark.parametrize("fmt", ["official", "mmseg"])
 def test_imported_weights_reproduce_the_peer_outputs(imported, fmt):
     fx = fixture(fmt)
     model = load_model(imported[fmt])
