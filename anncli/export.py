@@ -71,7 +71,7 @@ class ShapeFreeAdaptiveAvgPool(nn.Module):
 
 def make_shape_free(model: nn.Module) -> None:
     """Swap every anchor sampler's average pools for ShapeFreeAdaptiveAvgPool (same numbers)."""
-    from anncli.models.attention import AnchorSampler
+    from anncli.models.anchors import AnchorSampler
 
     for sampler in (m for m in model.modules() if isinstance(m, AnchorSampler)):
         sampler.separable = False  # the separable bin matrices are sized at trace time too

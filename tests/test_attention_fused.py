@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from anncli.models.ann import build_model
-from anncli.models.attention import (AFNB, APNB, AnchorSampler, APNBAttention, AttentionBranch, NonLocalBlock, attend,
-                                     pool_then_project, set_literal)
+from anncli.models.anchors import AnchorSampler, pool_then_project
+from anncli.models.attention import AFNB, APNB, APNBAttention, AttentionBranch, NonLocalBlock, attend, set_literal
 from anncli.recipe import ModelConfig, Recipe, RecipeError, load_recipe
 
 torch.set_num_threads(1)
@@ -96,15 +97,45 @@ def test_folded_output_map_includes_the_callers_linear_map():
     _randomize_output_convs(branch)
     x, after = torch.randn(2, 16, 9, 11), torch.randn(7, 20)
     with torch.no_grad():
-        folded = branch(x, after=after)
+        folded = _set(branch)(x, after=after)
         literal = set_literal(branch)(x, after=after)
         assert folded.shape == (2, 7, 9, 11) and _close(folded, literal)
         assert _close(literal, torch.einsum("oc,bchw->bohw", after, set_literal(branch)(x)))
 
 
+def _forward_flops(block: nn.Module, *args: torch.Tensor) -> int:
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        block(*args)
+    return counter.get_total_flops()
+
+
+@pytest.mark.parametrize("value_channels", [16, 64])
+@pytest.mark.parametrize("size", [(4, 8), (8, 16), (33, 33), (64, 128)])
+def test_each_saving_is_taken_only_where_it_costs_less(size, value_channels):
+    """By default a block takes the cheapest of the exact forms for its input: at a few positions (N < 110
+    anchors) projecting the anchors costs more than the literal path, and mapping the anchors to the
+    output pays only where W widens the values less than the attention would narrow them."""
+    torch.manual_seed(0)
+    high, low = torch.randn(1, 64, *size), torch.randn(1, 32, *size)
+    cv = value_channels
+    for make, args in ((lambda: APNB(64, 64, 16, cv), (high,)), (lambda: AFNB(32, 64, 64, 16, cv), (low, high)),
+                       (lambda: APNBAttention(64, 64, 16, cv), (high,))):
+        chosen = _forward_flops(make().eval(), *args)
+        forms = []
+        for pool_first in (False, True):
+            for fold_output in (False, True):
+                block = make().eval()
+                for m in _branches(block):  # the same (separable) pooling as the default: only the order differs
+                    m.pool_first, m.fold_output = pool_first, fold_output
+                forms.append(_forward_flops(block, *args))
+        assert chosen == min(forms)
+        assert chosen < max(forms)
+
+
 def test_non_local_block_never_folds():
     block = APNB(16, 16, 8, 8, sizes=None).eval()
-    assert not block.attention.folds_output and not NonLocalBlock(16, 16).folds_output
+    assert not block.attention.folds(36, 16) and not NonLocalBlock(16, 16).folds(36)
     x = torch.randn(1, 16, 6, 6)
     with torch.no_grad():
         assert torch.equal(block(x), set_literal(block)(x))

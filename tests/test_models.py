@@ -9,7 +9,8 @@ from torch import nn
 
 from anncli.errors import UserError
 from anncli.models.ann import build_model
-from anncli.models.attention import AFNB, APNB, AnchorSampler, AttentionBranch, NonLocalBlock, attend
+from anncli.models.anchors import AnchorSampler
+from anncli.models.attention import AFNB, APNB, AttentionBranch, NonLocalBlock, attend
 from anncli.models.resnet import load_backbone_weights, small_basic_resnet
 from anncli.recipe import ModelConfig
 

@@ -4,8 +4,9 @@ Shapes: B batch, N = H*W query positions, S anchors (110 for pyramid sizes 1, 3,
 sampling), Ck key channels, Cv value channels. The similarity and softmax run in float32 with
 autocast off, whatever the input dtype, so that bf16/fp16 training stays stable.
 
-Exact savings over the literal formulation (all equal to it up to float rounding):
-- the value path pools first and projects only the S anchors (`pool_then_project`);
+Exact savings over the literal formulation (all equal to it up to float rounding), each taken when
+the input's shape makes it cheaper:
+- the value path pools first and projects only the S anchors (`anchors.pool_then_project`);
 - the output conv W (and the fuse conv's columns that read W's output) is applied to the S anchor
   values before attending instead of to the N attended vectors (`AttentionBranch.fold_output`):
   softmax rows sum to 1, so P·(V·Wᵀ + b) = (P·V)·Wᵀ + b;
@@ -16,15 +17,14 @@ Exact savings over the literal formulation (all equal to it up to float rounding
 from __future__ import annotations
 
 import contextlib
-import functools
 from contextvars import ContextVar
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from anncli.models.anchors import AnchorSampler, pool_then_project
 from anncli.precision import autocast_off
 
 ATTENTION_IMPLS = ("explicit", "sdpa")
@@ -79,78 +79,6 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, impl: st
     return out.to(value.dtype)
 
 
-def pool_then_project(x: torch.Tensor, conv: nn.Conv2d, sampler: nn.Module) -> torch.Tensor:
-    """`sampler(conv(x))` computed as `conv(sampler(x))`: (B,Cin,H,W) -> (B,Cout,S).
-
-    For a 1x1 convolution (a per-position affine map W·x + b) and anchors that are averages of
-    positions, mean(W·x + b) = W·mean(x) + b: projecting the S pooled anchors instead of the N
-    positions saves N·Cin·Cout multiply-adds, forward and backward. Any average-pooling sampler with
-    the (B,C,H,W) -> (B,C,S) contract works (the ANN AnchorSampler, mmseg's PPMConcat).
-    The key path cannot do this: its conv is followed by BN and ReLU, and ReLU does not commute with
-    averaging (nor does train-mode BN, whose statistics are taken over all N positions).
-    """
-    if conv.kernel_size != (1, 1) or conv.groups != 1:
-        raise ValueError("pool_then_project needs a plain 1x1 convolution")
-    anchors = sampler(x)
-    return F.conv1d(anchors, conv.weight.flatten(2), conv.bias)
-
-
-@functools.lru_cache(maxsize=64)
-def _bin_mean_table(length: int, sizes: tuple[int, ...]) -> np.ndarray:
-    """(length, sum(sizes)) float64: column j averages adaptive-pooling bin j (floor/ceil edges, as torch's).
-
-    Cached as numpy, never as a tensor: a tensor made while torch.export traces is a fake one, and a
-    cached fake tensor would break every later eager call.
-    """
-    cols = np.zeros((length, sum(sizes)))
-    j = 0
-    for s in sizes:
-        for i in range(s):
-            start, end = (i * length) // s, -(-(i + 1) * length // s)
-            cols[start:end, j] = 1.0 / (end - start)
-            j += 1
-    return cols
-
-
-def _bin_means(length: int, sizes: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return torch.from_numpy(_bin_mean_table(int(length), sizes)).to(device=device, dtype=dtype)
-
-
-class AnchorSampler(nn.Module):
-    """Pools a map (B,C,H,W) to the concatenated pyramid of `sizes`x`sizes` grids: (B,C,S).
-
-    Average pooling is separable: every level's bins are the product of row bins and column bins, so
-    one matmul with the (W, Σs) column-bin means and one small one per level with the row-bin means
-    give every level's anchors (torch's adaptive pooling reads the whole map once per level, and on
-    CPU is slower than the 1x1 projection it replaces). `separable=False` runs torch's adaptive pools.
-    """
-
-    def __init__(self, sizes: Sequence[int] = (1, 3, 6, 8), mode: str = "avg"):
-        super().__init__()
-        if mode not in ("avg", "max"):
-            raise ValueError(f"pooling mode must be avg or max, got {mode!r}")
-        self.sizes = tuple(int(s) for s in sizes)
-        self.mode = mode
-        pool = nn.AdaptiveAvgPool2d if mode == "avg" else nn.AdaptiveMaxPool2d
-        self.pools = nn.ModuleList(pool(s) for s in self.sizes)
-        self.separable = mode == "avg"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.separable and self.mode == "avg"):
-            return torch.cat([p(x).flatten(2) for p in self.pools], dim=2)
-        h, w = x.shape[-2:]
-        with autocast_off(x.device):  # averages in the input's precision, at least float32
-            xf = x if x.dtype in (torch.float32, torch.float64) else x.float()
-            rows = _bin_means(h, self.sizes, x.device, xf.dtype)
-            cols = torch.matmul(xf, _bin_means(w, self.sizes, x.device, xf.dtype))  # (B,C,H,Σs)
-            out, j = [], 0
-            for s in self.sizes:
-                grid = torch.matmul(rows[:, j:j + s].t(), cols[..., j:j + s])  # (B,C,s,s)
-                out.append(grid.flatten(2))
-                j += s
-        return torch.cat(out, dim=2).to(x.dtype)
-
-
 def conv_bn_relu(cin: int, cout: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
@@ -160,14 +88,14 @@ class AttentionBranch(nn.Module):
 
     With `query_channels=None` query and key share one projection, computed once. With `sizes=None`
     every key position is an anchor: the plain non-local block, which always keeps the explicit N×N
-    map (it is the paper's point of comparison). `pool_first=False` runs the literal value path
-    (project every position, then pool), kept for equivalence tests and before/after benchmarks.
+    map (it is the paper's point of comparison).
 
-    `fold_output` (with anchors only) moves the output conv W before the attention: the S anchor values
-    are mapped to the output width and the attention averages those, N·S·Cout multiply-adds instead of
-    N·S·Cv + N·Cv·Cout. A caller whose next step is a linear map of this branch's output passes its
-    matrix as `after` (C, Cout), and it is folded in too. The plain non-local block (S = N) never folds:
-    there it would cost more, and its explicit N×N map is the point of comparison.
+    Two exact savings, each taken when it costs fewer multiply-adds for the input's N (None, the
+    default), always (True: equivalence tests, benchmarks) or never (False: the literal formulation):
+    `pool_first` projects the S pooled anchors instead of the N positions (average pooling only);
+    `fold_output` moves the output conv W before the attention, so that it maps S anchor values instead
+    of N attended vectors. A caller whose next step is a linear map of this branch's output passes its
+    matrix as `after` (C, Cout), and it is folded in too. The plain non-local block (S = N) never folds.
     """
 
     def __init__(self, key_in: int, key_channels: int, value_channels: int, out_channels: int,
@@ -177,8 +105,8 @@ class AttentionBranch(nn.Module):
         if attention not in ATTENTION_IMPLS:
             raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {attention!r}")
         self.impl = "explicit" if sizes is None else attention
-        self.pool_first = True
-        self.fold_output = True
+        self.pool_first: bool | None = None
+        self.fold_output: bool | None = None
         self.f_key = conv_bn_relu(key_in, key_channels)
         self.f_query = None if query_channels is None else conv_bn_relu(query_channels, key_channels)
         if self.f_query is None:
@@ -192,14 +120,30 @@ class AttentionBranch(nn.Module):
     def _anchors(self, x: torch.Tensor) -> torch.Tensor:
         return x.flatten(2) if self.sampler is None else self.sampler(x)
 
-    def _values(self, key_feats: torch.Tensor) -> torch.Tensor:
-        if self.pool_first and self.sampler is not None and self.sampler.mode == "avg":
-            return pool_then_project(key_feats, self.f_value, self.sampler)
-        return self._anchors(self.f_value(key_feats))  # max pooling does not commute with the projection
+    def pools_first(self, h: int, w: int) -> bool:
+        if self.sampler is None or self.sampler.mode != "avg":
+            return False  # max pooling does not commute with the projection
+        if self.pool_first is not None:
+            return self.pool_first
+        cin, cv = self.f_value.in_channels, self.f_value.out_channels
+        pool = self.sampler.macs_per_channel(h, w)  # pooling Cin channels instead of Cv
+        return pool * cin + self.sampler.count * cin * cv < h * w * cin * cv + pool * cv
 
-    @property
-    def folds_output(self) -> bool:
-        return self.fold_output and self.sampler is not None
+    def folds(self, n: int, after_rows: int | None = None) -> bool:
+        """Whether W (and a following linear map of `after_rows` outputs) runs on the S anchor values."""
+        if self.sampler is None:
+            return False
+        if self.fold_output is not None:
+            return self.fold_output
+        s, cv, cout = self.sampler.count, self.W.in_channels, self.W.out_channels
+        c = cout if after_rows is None else after_rows
+        extra_fold, extra_literal = (0, 0) if after_rows is None else (s * cout * c, n * cout * c)
+        return s * cv * cout + extra_fold + n * s * c < n * s * cv + n * cv * cout + extra_literal
+
+    def _values(self, key_feats: torch.Tensor) -> torch.Tensor:
+        if self.pools_first(*key_feats.shape[-2:]):
+            return pool_then_project(key_feats, self.f_value, self.sampler)
+        return self._anchors(self.f_value(key_feats))
 
     def forward(self, query_feats: torch.Tensor, key_feats: torch.Tensor | None = None,
                 after: torch.Tensor | None = None) -> torch.Tensor:
@@ -211,7 +155,7 @@ class AttentionBranch(nn.Module):
         query = key_map if self.f_query is None else self.f_query(query_feats)
         query, key = query.flatten(2).transpose(1, 2), self._anchors(key_map).transpose(1, 2)
         value = self._values(key_feats)  # (B, Cv, S)
-        if self.folds_output:  # map the S anchor values to the output, then attend
+        if self.folds(h * w, None if after is None else after.shape[0]):  # W on the anchors, then attend
             value = F.conv1d(value, self.W.weight.flatten(2), self.W.bias)
             if after is not None:
                 value = torch.matmul(after, value)
@@ -222,8 +166,8 @@ class AttentionBranch(nn.Module):
 
 def fuse_concat(conv: nn.Conv2d, branch: AttentionBranch, rest: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
     """`conv(cat[branch(*inputs), rest])` for a 1x1 conv, with the conv's columns that read the branch
-    folded into the branch's output map (`AttentionBranch.fold_output`); the literal concat otherwise."""
-    if not branch.folds_output:
+    folded into the branch's output map when it folds (`AttentionBranch.folds`); the literal concat otherwise."""
+    if not branch.folds(rest.shape[-2] * rest.shape[-1], conv.out_channels):
         return conv(torch.cat([branch(*inputs), rest], dim=1))
     split = branch.W.out_channels
     # split (not two slices): its backward writes the weight gradient once, with no zero-filled copies
@@ -234,10 +178,11 @@ def fuse_concat(conv: nn.Conv2d, branch: AttentionBranch, rest: torch.Tensor, *i
 
 def set_literal(module: nn.Module, literal: bool = True) -> nn.Module:
     """Every attention branch in `module` computed literally (project every position, adaptive pools,
-    attend, then W and the fuse concat), as the official code does, or with the exact savings (default)."""
+    attend, then W and the fuse concat), as the official code does, or with the exact savings where
+    they pay (the default)."""
     for m in module.modules():
         if isinstance(m, AttentionBranch):
-            m.pool_first = m.fold_output = not literal
+            m.pool_first = m.fold_output = False if literal else None
             if m.sampler is not None:
                 m.sampler.separable = not literal and m.sampler.mode == "avg"
     return module
