@@ -58,12 +58,24 @@ def _stream(urls, counts, **kw):
 @pytest.mark.parametrize("bad", ["../../x", "/tmp/ann-abs/x", "a\\..\\x", "ok/../../x"])
 def test_reading_refuses_members_that_escape_a_folder(tmp_path, bad):
     url = _raw_shard(tmp_path / "crafted-val-000000.tar", ["s0", bad, "s2"])
+    read = []
     with pytest.raises(tarfile.ReadError, match="unsafe member name"):
-        list(iter_shard(url))
+        read.extend(key for key, _ in iter_shard(url))
+    assert read == ["s0"]  # the whole sample before it, nothing from it on
     with pytest.raises(UserError) as err:  # evaluation: one line naming the shard and the member
         list(eval_samples([url], rank=0, world_size=1))
     line = str(err.value)
     assert url in line and repr(f"{bad}.img.png") in line and "\n" not in line
+
+
+def test_inspect_reports_an_escaping_member_as_a_problem(tmp_path):
+    url = _raw_shard(tmp_path / "crafted-val-000000.tar", ["s0", "s1", "../../x", "s3"])
+    res = run_ann("data", "inspect", url, "--json")
+    assert res.returncode == 1, res.stderr
+    report = json.loads(res.stdout)
+    assert report["samples"] == 2 and not report["ok"]
+    (problem,) = report["problems"]
+    assert problem.startswith(f"{url}: shard unreadable after 2 samples: unsafe member name '../../x.img.png'")
 
 
 def test_training_counts_an_escaping_member_as_a_fault(tmp_path, caplog):
@@ -72,7 +84,8 @@ def test_training_counts_an_escaping_member_as_a_fault(tmp_path, caplog):
     stream = _stream(urls, [8, 4], max_skip_fraction=0.9)
     with caplog.at_level(logging.WARNING, logger="anncli.data"):
         keys = [k for b in _take(stream, 12) for k in b["keys"]]
-    assert "c0" in keys and not any(".." in k for k in keys) and "c3" not in keys
+    # the samples before the crafted member are whole and read; none after it
+    assert {"c0", "c1"} <= set(keys) and not any(".." in k for k in keys) and "c3" not in keys
     assert stream.samples_skipped >= 2
     cut = [r.getMessage() for r in caplog.records if "crafted-train-000000.tar is cut" in r.getMessage()]
     assert len(cut) == 1 and "unsafe member name '../../x.img.png'" in cut[0]

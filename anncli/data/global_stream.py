@@ -65,7 +65,6 @@ class _ShardCursor:
                 return None
             key, field = _split_name(info.name)
             if info.isreg() and field is not None:
-                shards.check_member(info.name)
                 return info, key, field
 
     def _sample(self, keep: bool) -> tuple[str, dict[str, bytes]]:
@@ -74,6 +73,7 @@ class _ShardCursor:
         key, fields = self._head[1], {}
         while self._head is not None and self._head[1] == key:
             info, _, field = self._head
+            shards.check_member(info.name)  # checked here, not on look-ahead: the sample before is whole
             if keep:
                 data = self._tar.extractfile(info).read()
                 if len(data) != info.size:

@@ -186,15 +186,15 @@ def iter_shard(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
             for info in tar:
                 if not info.isreg():
                     continue
-                check_member(info.name)
                 folder, _, base = info.name.rpartition("/")
                 stem, dot, field = base.partition(".")
+                k = f"{folder}/{stem}" if folder else stem
+                if dot and k != key and key is not None:  # the previous sample is whole: hand it out first
+                    yield key, fields
+                    key, fields = None, {}
+                check_member(info.name)
                 if not dot:
                     continue
-                k = f"{folder}/{stem}" if folder else stem
-                if k != key and key is not None:
-                    yield key, fields
-                    fields = {}
                 key = k
                 data = tar.extractfile(info).read()
                 if len(data) != info.size:  # a stream read stops quietly at a cut; the header knows better
