@@ -121,6 +121,7 @@ class AttentionBranch(nn.Module):
         return x.flatten(2) if self.sampler is None else self.sampler(x)
 
     def pools_first(self, h: int, w: int) -> bool:
+        """Whether the value conv runs on the S pooled anchors of an h×w map instead of every position."""
         if self.sampler is None or self.sampler.mode != "avg":
             return False  # max pooling does not commute with the projection
         if self.pool_first is not None:
