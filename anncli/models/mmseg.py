@@ -57,12 +57,8 @@ class ResNetV1c(DilatedResNet):
         # state-dict order as mmseg writes it: stem first
         self._modules = OrderedDict([("stem", self._modules.pop("stem"))] + list(self._modules.items()))
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.maxpool(self.stem(x))
-        c1 = self.layer1(x)
-        c2 = self.layer2(c1)
-        c3 = self.layer3(c2)
-        return [c1, c2, c3, self.layer4(c3)]
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.stem(x)
 
 
 def _mmseg_attention(block: nn.Module) -> nn.Module:

@@ -122,8 +122,11 @@ class DilatedResNet(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def _stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.prefix(x)
+
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self.maxpool(self.prefix(x))
+        x = self.maxpool(self._stem(x))
         c1 = self.layer1(x)
         c2 = self.layer2(c1)
         c3 = self.layer3(c2)
