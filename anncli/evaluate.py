@@ -39,9 +39,10 @@ class EvalOptions:
                                     stride=stride, merge=merge)
         if not split or not split.strip():
             raise UserError("--split: empty")
+        checkpoint = Path(checkpoint)
         if json_out is not None:
             json_out = Path(str(json_out).replace("{checkpoint}", checkpoint.name))
-        return cls(protocol=protocol, checkpoint=Path(checkpoint), split=split, json_out=json_out,
+        return cls(protocol=protocol, checkpoint=checkpoint, split=split, json_out=json_out,
                    save_pred=save_pred, recipe_path=recipe_path)
 
 

@@ -1,4 +1,4 @@
-"""Pyramid anchor sampling, APNB, AFNB and the plain non-local block they are compared with.
+"""Anchor attention, APNB, AFNB and the plain non-local block they are compared with.
 
 Shapes: B batch, N = H*W query positions, S anchors (110 for pyramid sizes 1, 3, 6, 8, or N without
 sampling), Ck key channels, Cv value channels. The similarity and softmax run in float32 with
