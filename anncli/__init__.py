@@ -1,5 +1,6 @@
 """ann: train and evaluate the Asymmetric Non-local Network for semantic segmentation."""
-__version__ = "0.1.0"
+from anncli.version import __version__  # noqa: F401  (`anncli.__version__`)
+
 __all__ = ["load_model"]
 
 

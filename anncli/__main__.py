@@ -1,3 +1,3 @@
-from anncli.cli import main
+from anncli.cli.main import main
 
 main()

@@ -18,8 +18,8 @@ def load_model(checkpoint: str | Path, device: str = "cpu"):
     """
     import torch
 
-    from anncli.checkpoint import checkpoint_recipe
-    from anncli.inference import load_model as load_checkpoint_model
+    from anncli.runs.checkpoint import checkpoint_recipe
+    from anncli.eval.inference import load_model as load_checkpoint_model
     from anncli.recipe import load_recipe
 
     path = Path(checkpoint)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from anncli.bench import ANCHOR_SIZES, KEY_CHANNELS, VALUE_CHANNELS, make_block
+from anncli.interop.bench import ANCHOR_SIZES, KEY_CHANNELS, VALUE_CHANNELS, make_block
 from anncli.models.ann import build_model
 from anncli.models.attention import AttentionBranch
 from anncli.recipe import ModelConfig

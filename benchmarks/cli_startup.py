@@ -27,7 +27,7 @@ def _seconds(argv: list[str], repeats: int = 5) -> float:
 def main() -> None:
     help_s = _seconds([sys.executable, "-m", "anncli", "--help"])
     torch_s = _seconds([sys.executable, "-c", "import torch"])
-    probe = "import sys; from anncli.cli import app\ntry: app(['--help'])\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
+    probe = "import sys; from anncli.cli.main import app\ntry: app(['--help'])\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
     loads_torch = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     result = {"ann_help_s": round(help_s, 3), "import_torch_s": round(torch_s, 3),
               "ratio_help_over_torch": round(help_s / torch_s, 3), "help_imports_torch": loads_torch.endswith("True")}

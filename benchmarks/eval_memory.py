@@ -83,7 +83,7 @@ class WindowBudget:
 def run_one(cfg: dict) -> dict:
     import torch
 
-    from anncli.inference import Protocol, infer_logits
+    from anncli.eval.inference import Protocol, infer_logits
     from anncli.models.ann import build_model
     from anncli.recipe import ModelConfig
 

@@ -2,7 +2,7 @@
 
 The network is the dilated ResNet-50 ANN (output stride 8, 19 classes, random weights: latency does not
 depend on them) behind the same input normalisation `ann export` puts in the graph. It is exported
-with `anncli.export.export_onnx` (static 1x3x512x1024), then both run on the same random image with the
+with `anncli.interop.export.export_onnx` (static 1x3x512x1024), then both run on the same random image with the
 same number of threads. The timed forwards alternate (eager, onnxruntime, onnxruntime, eager, ...), so
 a machine shared with other jobs slows both alike; the ratio of the medians is the figure to read.
 
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 def build():
     import torch
 
-    from anncli.export import Exported
+    from anncli.interop.export import Exported
     from anncli.models.ann import build_model
     from anncli.recipe import load_recipe
 
@@ -57,7 +57,7 @@ def main() -> int:
     import onnxruntime as ort
     import torch
 
-    from anncli.export import export_onnx
+    from anncli.interop.export import export_onnx
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -48,7 +48,7 @@ def device_slug(name: str) -> str:
 
 
 def attention_part(cfg: dict, device: str) -> dict:
-    from anncli.bench import run_attention_bench
+    from anncli.interop.bench import run_attention_bench
 
     report = run_attention_bench(cfg["sizes"], device, "float32", cfg["channels"], cfg["repeats"], None)
     (entry,) = report["results"]

@@ -239,9 +239,9 @@ def measure_training(backbone: str, num_classes: int, crop: tuple[int, int], bat
     """img/s, peak memory and FLOPs/image of the training step (DDPEngine, one process) on random tensors."""
     import torch
 
-    from anncli.distributed import DistInfo
-    from anncli.engine import DDPEngine
-    from anncli.losses import SegLoss
+    from anncli.cluster.distributed import DistInfo
+    from anncli.train.engine import DDPEngine
+    from anncli.train.losses import SegLoss
     from anncli.models.ann import build_model
 
     recipe = bench_recipe(backbone, num_classes, precision, channels_last, batch)

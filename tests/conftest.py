@@ -10,6 +10,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Tests are grouped in folders named like the package's wings; a test module may reuse another's data
+# builders by module name (`from test_eval_run import write_checkpoint`), whichever folder it lives in.
+for _folder in sorted(p for p in Path(__file__).parent.iterdir() if p.is_dir() and any(p.glob("test_*.py"))):
+    if str(_folder) not in sys.path:
+        sys.path.append(str(_folder))
+
 
 def ann_env(**extra) -> dict:
     env = dict(os.environ)

@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 
 def test_syncbn_on_cuda_is_torchs_sync_batchnorm():
-    from anncli.distributed import convert_sync_batchnorm
+    from anncli.cluster.distributed import convert_sync_batchnorm
     from anncli.models.ann import build_model
 
     model = convert_sync_batchnorm(build_model(Recipe(name="g").model), torch.device("cuda"))
@@ -24,9 +24,9 @@ def test_syncbn_on_cuda_is_torchs_sync_batchnorm():
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_full_model_trains_in_mixed_precision_with_finite_losses(precision):
-    from anncli.distributed import init_distributed
-    from anncli.engine import DDPEngine
-    from anncli.losses import SegLoss
+    from anncli.cluster.distributed import init_distributed
+    from anncli.train.engine import DDPEngine
+    from anncli.train.losses import SegLoss
     from anncli.models.ann import build_model
 
     recipe = Recipe(name="g", train={"precision": precision, "batch_size": 2},
@@ -46,7 +46,7 @@ def test_full_model_trains_in_mixed_precision_with_finite_losses(precision):
 
 
 def test_slide_equals_whole_when_the_window_covers_the_image_on_gpu():
-    from anncli.inference import Protocol, infer_logits
+    from anncli.eval.inference import Protocol, infer_logits
     from anncli.models.ann import build_model
 
     torch.manual_seed(0)
@@ -61,7 +61,8 @@ def test_slide_equals_whole_when_the_window_covers_the_image_on_gpu():
 @pytest.mark.parametrize("workers", [0, 1])
 def test_training_stream_hands_out_pinned_uint8_batches_normalised_on_the_gpu(tmp_path, workers):
     from anncli.data.global_stream import GlobalStream
-    from anncli.data.manifest import resolve_urls, shard_counts
+    from anncli.data.counts import shard_counts
+    from anncli.data.manifest import resolve_urls
     from anncli.data.synth import write_synth
     from anncli.data.transforms import normalize_batch
     from anncli.recipe import AugmentConfig

@@ -48,9 +48,9 @@ RULES = [
     Rule(r"make demo\b", "skip", "its `ann` lines run shrunk before the README's (the scratch project's runs); "
          "tests/test_demo.py checks the full demo"),
     Rule(r"make test\b", "skip", "runs this test suite itself"),
-    Rule(r"sbatch ", "skip", "needs a SLURM cluster; tests/test_slurm.py submits the templates to a real one"),
+    Rule(r"sbatch ", "skip", "needs a SLURM cluster; tests/cluster/test_slurm.py submits the templates to a real one"),
     Rule(r"ann weights ", "skip", "needs the published checkpoints (downloads of hundreds of MB); "
-         "tests/test_weights.py imports the committed fixtures of both formats"),
+         "tests/interop/test_weights.py imports the committed fixtures of both formats"),
     Rule(r"ann eval recipes/ann_r\d+-d8\S* --checkpoint ckpt/", "skip",
          "evaluates weights that `ann weights import` (skipped) wrote, on Cityscapes"),
     Rule(r"ann train recipes/(?!demo)", "dry-run",
@@ -119,7 +119,7 @@ def parse_only(args: list[str]) -> dict:
     UsageError names what does not parse. Returns the verb's parameters."""
     import typer
 
-    from anncli.cli import app
+    from anncli.cli.main import app
 
     command = typer.main.get_command(app)
     ctx = command.make_context("ann", list(args))

@@ -135,7 +135,7 @@ def ensure_synth(root: str, cfg) -> bool:
 
 def prepare_synth(data, is_main: bool) -> None:
     """Create the recipe's synthetic set on rank 0 when it asks for one that is missing; every rank waits."""
-    from anncli.distributed import barrier
+    from anncli.cluster.distributed import barrier
 
     if data.synth is not None and is_main:
         ensure_synth(data.root, data.synth)

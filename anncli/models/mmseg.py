@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from anncli.models.attention import AFNB, APNB
-from anncli.models.resnet import Bottleneck, DilatedResNet, conv3x3
+from anncli.models.resnet import Bottleneck, DilatedResNet, conv3x3, load_backbone_weights
+from anncli.models.segmentor import SegmentationNet
 from anncli.recipe import ModelConfig
 
 STEM = (32, 32, 64)
@@ -74,9 +75,6 @@ def _mmseg_attention(block: nn.Module) -> nn.Module:
 
 def build_mmseg_model(cfg: ModelConfig):
     """ResNetV1c-D8 + mmseg ANNHead (+ FCNHead aux) as a SegmentationNet with mmseg's resize rule."""
-    from anncli.models.ann import SegmentationNet
-    from anncli.models.resnet import load_backbone_weights
-
     if cfg.backbone not in DEPTHS:
         raise ValueError(f"the mmseg variant has backbones {sorted(DEPTHS)}, not {cfg.backbone!r}")
     backbone = ResNetV1c(DEPTHS[cfg.backbone], cfg.output_stride)

@@ -1,0 +1,62 @@
+"""`ann data pack|synth|inspect`: the Typer sub-app of anncli/cli/main.py, kept apart so cli.py stays short.
+
+Parses only; the work is in anncli/data/ (imported inside the commands, so `ann --help` needs no torch).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from anncli.cli.common import run as _run
+from anncli.cli.options import App
+
+data_app = App(help="Pack, generate and inspect WebDataset shards.", no_args_is_help=True)
+
+
+@data_app.command("pack")
+def data_pack(
+    dataset: Annotated[str, typer.Argument(help="cityscapes, ade20k, pascal-context or voc12aug.")],
+    root: Annotated[Path, typer.Argument(help="Dataset root in its official layout.")],
+    out: Annotated[Path, typer.Argument(help="Output directory for shards and manifest.")],
+    split: Annotated[str, typer.Option(help="Split to pack (cityscapes train|val|test, ade20k training|validation, pascal-context train|val, voc12aug train|val).")],
+    max_samples: Annotated[int, typer.Option(min=1, help="Samples per shard at most.")] = 100,
+    max_size: Annotated[int, typer.Option(min=1, metavar="BYTES", help="Bytes per shard at most.")] = 1_000_000_000,
+    skip_missing: Annotated[bool, typer.Option("--skip-missing", help="Skip images without labels instead of failing.")] = False,
+    seed: Annotated[int, typer.Option(help="Seed of the shuffled order of train shards.")] = 0,
+) -> None:
+    """Pack a dataset in its official layout into WebDataset shards with a manifest."""
+    from anncli.data.datasets import pack_dataset
+
+    _run(pack_dataset, dataset, root, out, split=split, max_samples=max_samples, max_size=max_size,
+         skip_missing=skip_missing, seed=seed)
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Argument(help="Output directory.")],
+    train: Annotated[int, typer.Option(min=0, help="Training samples (the demo recipe's count).")] = 4096,
+    val: Annotated[int, typer.Option(min=0, help="Validation samples.")] = 256,
+    size: Annotated[str, typer.Option(metavar="HxW", help="Image size.")] = "64x128",
+    seed: Annotated[int, typer.Option(help="Seed; the same seed gives identical bytes.")] = 0,
+    max_samples: Annotated[int, typer.Option(min=1, help="Samples per shard at most.")] = 256,
+) -> None:
+    """Write the synthetic long-range dataset (a distant key decides the class of grey squares)."""
+    from anncli.data.synth import write_synth
+
+    _run(write_synth, out, train=train, val=val, size=size, seed=seed, max_samples=max_samples)
+
+
+@data_app.command("inspect")
+def data_inspect(
+    shards: Annotated[str, typer.Argument(help="Shard path, brace pattern, or manifest JSON.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Counts, image sizes and per-class pixel histogram of shards; exit code 1 when it finds problems."""
+    from anncli.data.inspect import inspect_shards
+
+    report = _run(inspect_shards, shards, as_json=json_out)
+    if not report["ok"]:
+        raise typer.Exit(1)

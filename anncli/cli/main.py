@@ -1,0 +1,254 @@
+"""The `ann` command line: parses, loads the recipe, calls one function per verb. No logic here.
+
+Imports of torch and of the modules that use it stay inside the commands, so that `ann --help`
+answers quickly.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from anncli.cli import tools as cli_tools
+from anncli.cli.common import fail as _fail
+from anncli.cli.common import run as _run
+from anncli.cli.common import run_writing as _run_writing
+from anncli.cli.data import data_app
+from anncli.cli.options import App, RecipeArg, SetOpt, WorkDirOpt, launched, set_option
+from anncli.cli.weights import weights_app
+from anncli.paths import check_outputs, writable_dir
+
+app = App(
+    name="ann",
+    help="Train and evaluate the Asymmetric Non-local Network (ANN, ICCV 2019) for semantic segmentation.",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+recipe_app = App(help="Check and print recipes.", no_args_is_help=True)
+model_app = App(help="Model information.", no_args_is_help=True)
+bench_app = App(help="Benchmarks that measure and write JSON.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+app.add_typer(data_app, name="data")  # anncli/cli/data.py: `ann data pack|synth|inspect`
+app.add_typer(model_app, name="model")
+app.add_typer(bench_app, name="bench")
+app.add_typer(weights_app, name="weights")  # anncli/cli/weights.py: `ann weights import|inspect`
+
+
+
+def _load(recipe: Path, overrides: Optional[list[str]]):
+    from anncli.recipe import load_recipe
+
+    return _run(load_recipe, recipe, overrides or [])
+
+
+def _start(request, in_process, describe=None, preflight=None, run_dir=None, writes=None) -> None:
+    """The launch tail of train and eval: plan where the verb runs, then print the plan (`describe`), start
+    torchrun/srun (after `preflight(plan)`, which may refuse) and exit with its code, or run `in_process()`
+    here (an int it returns is the exit code). `run_dir` (train's) is made and checked before the work and
+    named after a Ctrl-C; a full or read-only disk under `writes` (or `run_dir`) during the work is one line."""
+    from anncli.cluster import launch
+
+    plan = _run(launch.plan_launch, request)
+    if describe is not None:
+        _run(describe, plan)
+        return
+    if plan.command is not None and preflight is not None:
+        _run(preflight, plan)
+    if run_dir is not None:
+        run_dir = _run(writable_dir, run_dir, "--work-dir")
+    if plan.command is not None:
+        from anncli.cluster.supervisor import execute
+        from anncli.runs.checkpoint import interrupted_note
+
+        note = None if run_dir is None else (lambda: interrupted_note(Path(run_dir)))
+        raise typer.Exit(execute(plan, checkpoint_note=note))
+    code = _run_writing(writes or run_dir, in_process)
+    raise typer.Exit(code if isinstance(code, int) else 0)
+
+
+@app.command()
+@launched("train")
+def train(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    work_dir: WorkDirOpt = None,
+    resume: Annotated[str, typer.Option(metavar="auto|never|PATH", help="auto (newest complete checkpoint), never, or a checkpoint path.")] = "auto",
+    init_from: Annotated[Optional[Path], typer.Option(help="Load model weights only from this checkpoint.")] = None,
+    init_skip: Annotated[Optional[list[str]], typer.Option(help="With --init-from: leave these out (classifier: fine-tune to another class count).")] = None,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Start over; move old checkpoints aside (superseded-<time>/).")] = False,
+    allow_recipe_change: Annotated[bool, typer.Option("--allow-recipe-change",
+                                                      help="Resume across recipe changes that break exactness.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and the launch plan (the exact "
+                                                            "torchrun/srun command), then exit.")] = False,
+    *,
+    launch,
+) -> None:
+    """Train a recipe: in this process, under torchrun, or across SLURM nodes."""
+    r = _load(recipe, set_)
+    from anncli.train.plan import describe_plan, plan_split
+    from anncli.train.loop import TrainOptions, run_training
+
+    opts = TrainOptions(str(recipe), work_dir, resume, init_from, tuple(init_skip or ()), fresh=fresh,
+                        allow_recipe_change=allow_recipe_change)
+    describe = functools.partial(describe_plan, r, opts) if dry_run else None
+    _start(launch, functools.partial(run_training, r, opts), describe, functools.partial(plan_split, r, opts),
+           run_dir=work_dir or Path("runs") / r.name)
+
+
+@app.command("eval")
+@launched("eval")
+def eval_(
+    recipe: Annotated[Optional[Path], typer.Argument(help="Recipe YAML (default: the one saved with the checkpoint).")] = None,
+    checkpoint: Annotated[Optional[Path], typer.Option(help=(
+        "Checkpoint directory (default: the newest complete one of the run directory; with no recipe either, the "
+        "newest under runs/)."))] = None,
+    set_: set_option("data.root=/scratch/cityscapes") = None,
+    multiscale: Annotated[bool, typer.Option("--multiscale", help="Use the recipe's eval.scales (and eval.flip).")] = False,
+    scales: Annotated[Optional[str], typer.Option(metavar="LIST", help=(
+        "Comma-separated scales, e.g. 0.75,1,1.25 (default: 1, or the recipe's eval.scales with --multiscale)."))] = None,
+    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help=(
+        "Add horizontally flipped views (default: off, or the recipe's eval.flip with --multiscale)."))] = None,
+    mode: Annotated[Optional[str], typer.Option(metavar="whole|slide", help=(
+        "Whole-image or sliding-window inference (default: the recipe's eval.mode)."))] = None,
+    crop: Annotated[Optional[str], typer.Option(metavar="HxW", help=(
+        "Slide window, e.g. 864x864 (default: the recipe's eval.crop)."))] = None,
+    stride: Annotated[Optional[str], typer.Option(metavar="HxW", help=(
+        "Slide stride, e.g. 576x576 (default: the recipe's eval.stride)."))] = None,
+    merge: Annotated[Optional[str], typer.Option(metavar="logits|softmax", help=(
+        "Sum the logits (official) or average the softmax (mmseg) of the views (default: the recipe's "
+        "eval.merge)."))] = None,
+    split: Annotated[str, typer.Option(help="Data split: val, train, or a shard pattern.")] = "val",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help=(
+        "Write every number (fractions, not percent) and the protocol here; {checkpoint} in the path becomes the "
+        "checkpoint's name, e.g. runs/x/eval-{checkpoint}.json."))] = None,
+    save_pred: Annotated[Optional[Path], typer.Option(help="Write label-id PNGs of the predictions here.")] = None,
+    work_dir: WorkDirOpt = None,
+    *,
+    launch,
+) -> None:
+    """Evaluate a checkpoint: mIoU per class, single- or multi-scale, with flip and sliding windows."""
+    from anncli.eval.evaluate import EvalOptions, run_evaluation
+    from anncli.runs.choose import choose_run
+
+    chosen = _run(choose_run, recipe, checkpoint, work_dir, set_ or [])
+    opts = _run(EvalOptions.from_cli, recipe=chosen.recipe, recipe_path=str(chosen.recipe_path),
+                checkpoint=chosen.checkpoint, multiscale=multiscale, scales=scales, flip=flip, mode=mode, crop=crop,
+                stride=stride, merge=merge, split=split, json_out=json_out, save_pred=save_pred)
+    _run(check_outputs, json_out=opts.json_out, save_pred=opts.save_pred)  # before the work, not after it
+    if checkpoint is None:  # every rank evaluates the checkpoint chosen here, even if a newer one appears
+        launch.argv += ["--checkpoint", str(chosen.checkpoint)]
+    _start(launch, functools.partial(run_evaluation, chosen.recipe, opts), writes=opts.save_pred or opts.json_out)
+
+
+@app.command()
+def predict(
+    images: Annotated[list[str], typer.Argument(help="Image files, directories (searched recursively) or globs.")],
+    out: Annotated[Path, typer.Option(help="Output directory.")],
+    checkpoint: Annotated[Optional[Path], typer.Option(help=(
+        "Checkpoint directory (default: the newest complete one under runs/, or of the recipe's run "
+        "directory)."))] = None,
+    model: Annotated[Optional[Path], typer.Option(help="An ONNX file from `ann export`, run with onnxruntime on CPU (no torch needed).")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(help="Recipe (default: the one saved with the checkpoint).")] = None,
+    set_: set_option("eval.merge=softmax") = None,
+    multiscale: Annotated[bool, typer.Option("--multiscale", help="Use the recipe's eval.scales (and eval.flip).")] = False,
+    flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help=(
+        "Add horizontally flipped views (default: off, or the recipe's eval.flip with --multiscale)."))] = None,
+    fmt: Annotated[str, typer.Option("--format", metavar="trainid|cityscapes", help=(
+        "Label ids as trained, or Cityscapes labelIds for the test server."))] = "trainid",
+) -> None:
+    """Segment images: label-id PNG, colour PNG and overlay per image; exit 1 if an image could not be read."""
+    if model is not None:
+        if checkpoint is not None or recipe is not None or set_ or multiscale or flip or fmt != "trainid":
+            _fail("--model runs the exported file as it is: drop --checkpoint, --recipe, --set, --multiscale, --flip and --format")
+        from anncli.eval.onnx_predict import run_onnx_predict
+
+        _run(check_outputs, out=out)
+        _run_writing(out, run_onnx_predict, images, model, out)
+        return
+    from anncli.eval.predict import run_predict
+    from anncli.runs.choose import choose_run
+
+    _run(check_outputs, out=out)
+    chosen = _run(choose_run, recipe, checkpoint, None, set_ or [])
+    summary = _run_writing(out, run_predict, images=images, checkpoint=chosen.checkpoint, out=out,
+                           recipe=chosen.recipe, multiscale=multiscale, flip=flip, fmt=fmt)
+    raise typer.Exit(1 if summary.failed else 0)
+
+
+# plot, viz and export live in cli_tools.py (torch-free too); registered here, after predict.
+app.command()(cli_tools.plot)
+app.command()(cli_tools.export)
+app.add_typer(cli_tools.viz_app, name="viz")
+
+
+@recipe_app.command("validate")
+def recipe_validate(recipes: Annotated[list[Path], typer.Argument(help="Recipe files.")], set_: SetOpt = None) -> None:
+    """Check recipes against the schema; exit 2 on the first problem."""
+    for path in recipes:
+        r = _load(path, set_)
+        typer.echo(f"{path}: ok ({r.name})")
+
+
+@recipe_app.command("show")
+def recipe_show(recipe: RecipeArg, set_: SetOpt = None) -> None:
+    """Print the resolved recipe, overrides and defaults applied."""
+    from anncli.recipe import recipe_to_yaml
+
+    typer.echo(recipe_to_yaml(_load(recipe, set_)), nl=False)
+
+
+@model_app.command("summary")
+def model_summary(
+    model: Annotated[str, typer.Option(help="ann, fcn or nonlocal.")] = "ann",
+    variant: Annotated[str, typer.Option(help=(
+        "official (the paper's code) or mmseg (mmsegmentation's ANN: ResNetV1c, its heads)."))] = "official",
+    backbone: Annotated[str, typer.Option(help="resnet101, resnet50 or small.")] = "resnet101",
+    classes: Annotated[int, typer.Option(min=1, help="Number of classes.")] = 19,
+    input_size: Annotated[Optional[str], typer.Option("--input", metavar="HxW", help=(
+        "Input size for FLOPs, e.g. 769x769 (default: none, parameters only)."))] = None,
+    aux: Annotated[bool, typer.Option("--aux/--no-aux", help="Include the auxiliary head.")] = True,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Parameters per module and FLOPs, the way mmseg's get_flops does."""
+    from anncli.interop.summary import print_summary
+
+    _run(print_summary, model=model, backbone=backbone, classes=classes, input_size=input_size, aux=aux,
+         as_json=json_out, variant=variant)
+
+
+@bench_app.command("attention")
+def bench_attention(
+    sizes: Annotated[str, typer.Option(metavar="HxW,…", help="Feature maps, comma-separated.")] = "96x96,128x128,128x256",
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
+    channels: Annotated[int, typer.Option(min=1, help="Input channels (paper: 2048).")] = 2048,
+    repeats: Annotated[Optional[int], typer.Option(min=1, help="Timed forwards (default 10, or 3 for slow CPU sizes).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write results JSON here.")] = None,
+) -> None:
+    """APNB vs plain non-local block: FLOPs, peak memory, time (the paper's efficiency table)."""
+    _run(check_outputs, json_out=json_out)
+    from anncli.interop.bench import run_attention_bench
+
+    _run(run_attention_bench, sizes=sizes, device=device, dtype=dtype, channels=channels, repeats=repeats,
+         json_out=json_out)
+
+
+@app.command("env")
+def env() -> None:
+    """Versions, GPUs, SLURM and NCCL/GLOO settings: the block to paste into a bug report."""
+    from anncli.cluster.env import print_env
+
+    print_env()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

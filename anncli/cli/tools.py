@@ -1,0 +1,64 @@
+"""The `ann plot`, `ann viz attention` and `ann export` commands (registered by cli.py): parse, call one function.
+
+Like cli.py, nothing here imports torch at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from anncli.cli.common import run as _run
+from anncli.cli.common import run_writing as _run_writing
+from anncli.paths import check_outputs
+from anncli.cli.options import App
+
+viz_app = App(help="Pictures of what the model does inside.", no_args_is_help=True)
+SetOpt = Annotated[
+    Optional[list[str]], typer.Option("--set", help="Override a recipe key, e.g. --set model.num_classes=5 (repeatable).")
+]
+
+
+def plot(
+    inputs: Annotated[list[Path], typer.Argument(help="Run directories (curves) or `ann eval --json` files (per-class IoU bars).")],
+    out: Annotated[Path, typer.Option(help="Picture to write (.png, .pdf, .svg).")],
+) -> None:
+    """Training curves of runs overlaid (loss, aux loss, LR, img/s, val mIoU), or per-class IoU bars."""
+    from anncli.interop.plot import run_plot
+
+    _run(check_outputs, out_file=out)
+    _run_writing(out, run_plot, inputs, out)
+
+
+@viz_app.command("attention")
+def viz_attention(
+    image: Annotated[Path, typer.Argument(help="An image file.")],
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint directory.")],
+    pixel: Annotated[str, typer.Option(help="The query pixel Y,X, e.g. 32,100.")],
+    out: Annotated[Path, typer.Option(help="Picture to write.")] = Path("attn.png"),
+    recipe: Annotated[Optional[Path], typer.Option(help="Recipe (default: the one saved with the checkpoint).")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Where one pixel looks: APNB and AFNB anchor weights (scales 1, 3, 6, 8) mapped onto the image."""
+    from anncli.interop.viz import run_viz_attention
+
+    _run(check_outputs, out_file=out)
+    _run_writing(out, run_viz_attention, checkpoint, image, pixel, out, recipe_path=recipe, overrides=set_ or [])
+
+
+def export(
+    checkpoint: Annotated[Path, typer.Option(help="Checkpoint directory.")],
+    out: Annotated[Path, typer.Option(help="File to write, e.g. model.onnx or model.pt.")],
+    fmt: Annotated[str, typer.Option("--format", help="onnx or torchscript.")] = "onnx",
+    size: Annotated[Optional[str], typer.Option(help="Input HxW (default: the recipe's training crop).")] = None,
+    dynamic: Annotated[bool, typer.Option("--dynamic", help="ONNX: batch, height and width left free.")] = False,
+    recipe: Annotated[Optional[Path], typer.Option(help="Recipe (default: the one saved with the checkpoint).")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Export a checkpoint to ONNX or TorchScript, checked against the eager model (max abs diff <= 1e-3)."""
+    from anncli.interop.export import run_export
+
+    _run(check_outputs, out_file=out)
+    _run_writing(out, run_export, checkpoint, fmt, out, size=size, dynamic=dynamic, recipe_path=recipe, overrides=set_ or [])

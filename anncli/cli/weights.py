@@ -1,0 +1,42 @@
+"""`ann weights import|inspect`: the Typer sub-app of anncli/cli/main.py, kept apart so cli.py stays short.
+
+Parses only; the work is in anncli/interop/weights.py (imported inside the commands, so `ann --help` needs no torch).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from anncli.cli.common import run as _run
+from anncli.cli.common import run_writing as _run_writing
+from anncli.paths import writable_dir
+from anncli.cli.options import App
+
+weights_app = App(help="Import and inspect checkpoints of the official code and mmsegmentation.",
+                          no_args_is_help=True)
+
+
+@weights_app.command("import")
+def weights_import(
+    fmt: Annotated[str, typer.Argument(metavar="{official|mmseg}", help="Who saved the file: official (MendelXu/ANN) or mmseg.")],
+    src: Annotated[Path, typer.Argument(help="The checkpoint file as the peer saved it.")],
+    out: Annotated[Path, typer.Option(help="Checkpoint directory to write.")],
+    recipe: Annotated[Optional[Path], typer.Option(help="Recipe to save with it (default: the variant's settings).")] = None,
+    classes: Annotated[Optional[int], typer.Option(min=1, help="Expected class count, checked against the classifier.")] = None,
+) -> None:
+    """Write an ann checkpoint directory from an official or mmseg ANN checkpoint."""
+    from anncli.interop.weights import import_checkpoint
+
+    _run(writable_dir, out.parent, "--out")  # the directory itself is written whole, by a rename
+    _run_writing(out, import_checkpoint, fmt, src, out, recipe_path=recipe, classes=classes)
+
+
+@weights_app.command("inspect")
+def weights_inspect(src: Annotated[Path, typer.Argument(help="Weights file: official, mmseg, or an ImageNet backbone.")]) -> None:
+    """Print the detected format, network, classes and parameter count of a weights file."""
+    from anncli.interop.weights import inspect
+
+    _run(inspect, src)

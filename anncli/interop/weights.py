@@ -1,0 +1,289 @@
+"""Weights from other tools: official MendelXu/ANN and mmsegmentation ANN checkpoints into `ann`.
+
+- `detect`: the format of a loaded state dict (official, mmseg, or an ImageNet backbone of either);
+- `to_ann`: peer key names -> this package's names (shared query/key aliases checked and dropped);
+- `import_checkpoint`: a normal checkpoint directory (model.pt, state.json, recipe.yaml, COMPLETE);
+- `inspect`: format, network, classes and parameter count of a file;
+- `init_from`: `ann train --init-from DIR [--init-skip classifier]`.
+Files are read with `torch.load(weights_only=True)` only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import torch
+
+from anncli.errors import UserError
+from anncli.recipe import AugmentConfig, LossConfig, ModelConfig, Recipe, load_recipe
+
+FORMATS = ("official", "mmseg")
+SKIPPABLE = ("classifier",)
+# (peer prefix, ann prefix); None = a second name of a shared projection, checked equal and dropped.
+_ATT = [("f_key.0.", "f_key.0."), ("f_key.1.0.", "f_key.1."), ("f_query.0.", "f_query.0."),
+        ("f_query.1.0.", "f_query.1."), ("f_value.", "f_value."), ("W.", "W.")]
+OFFICIAL = [("backbone.", "backbone."), *[("fusion.stages.0." + a, "afnb.attention." + b) for a, b in _ATT],
+            ("fusion.conv_bn_dropout.0.", "afnb.fuse.0."), ("fusion.conv_bn_dropout.1.", "afnb.fuse.1."),
+            ("context.0.", "context.0."), ("context.1.0.", "context.1."), ("context.2.stages.0.f_query.", None),
+            *[("context.2.stages.0." + a, "apnb.attention." + b) for a, b in _ATT if "query" not in a],
+            ("context.2.conv_bn_dropout.0.", "apnb.fuse.0."), ("context.2.conv_bn_dropout.1.0.", "apnb.fuse.1."),
+            ("cls.", "classifier."), ("dsn.0.", "aux_head.0.0."), ("dsn.1.0.", "aux_head.0.1."),
+            ("dsn.3.", "aux_head.2.")]
+_PROJ = [("key_project.conv.", "f_key.0."), ("key_project.bn.", "f_key.1."), ("query_project.conv.", "f_query.0."),
+         ("query_project.bn.", "f_query.1."), ("value_project.", "f_value."), ("out_project.", "W.")]
+MMSEG = [("backbone.", "backbone."), *[("decode_head.fusion.stages.0." + a, "afnb.attention." + b) for a, b in _PROJ],
+         ("decode_head.fusion.bottleneck.conv.", "afnb.fuse.0."), ("decode_head.fusion.bottleneck.bn.", "afnb.fuse.1."),
+         ("decode_head.bottleneck.conv.", "context.1."), ("decode_head.bottleneck.bn.", "context.2."),
+         ("decode_head.context.stages.0.query_project.", None),
+         *[("decode_head.context.stages.0." + a, "apnb.attention." + b) for a, b in _PROJ if "query" not in a],
+         ("decode_head.context.bottleneck.conv.", "apnb.fuse.0."), ("decode_head.context.bottleneck.bn.", "apnb.fuse.1."),
+         ("decode_head.conv_seg.", "classifier.1."), ("auxiliary_head.convs.0.conv.", "aux_head.0.0."),
+         ("auxiliary_head.convs.0.bn.", "aux_head.0.1."), ("auxiliary_head.conv_seg.", "aux_head.2.")]
+RULES = {"official": OFFICIAL, "mmseg": MMSEG}
+CLASSIFIER = {"official": "cls.weight", "mmseg": "decode_head.conv_seg.weight"}
+AUX = {"official": "dsn.", "mmseg": "auxiliary_head."}
+IGNORED = ("data_preprocessor.",)  # mmseg 1.x normalisation buffers: the recipe holds mean/std
+DEPTHS = {6: "resnet50", 23: "resnet101"}
+# Normalisation each variant's weights were trained with (official: BGR Caffe mean; mmseg: RGB ImageNet).
+NORMALISATION = {"official": dict(bgr=True, mean=(102.9801, 115.9465, 122.7717), std=(1.0, 1.0, 1.0)),
+                 "mmseg": dict(bgr=False, mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375))}
+
+
+def short_list(names: list[str], limit: int = 3) -> str:
+    return ", ".join(names[:limit]) + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
+
+
+def read_state_dict(src: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a peer file, wrappers (`state_dict`, `model`) and the DataParallel prefix removed."""
+    src = Path(src)
+    if not src.is_file():
+        raise UserError(f"{src}: file not found")
+    try:
+        obj = torch.load(src, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - an unreadable file is the user's input
+        raise UserError(f"{src}: not a weights-only torch checkpoint ({type(e).__name__}); "
+                        "files that need full unpickling are never loaded") from None
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{src}: holds no state dict of tensors (expected {{'state_dict': {{name: tensor}}}})")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return {k: v for k, v in obj.items() if not k.startswith(IGNORED)}
+
+
+def detect(state: dict[str, torch.Tensor]) -> str:
+    """official | mmseg | official-backbone | mmseg-backbone, or a UserError."""
+    if any(k.startswith("decode_head.") for k in state):
+        return "mmseg"
+    if any(k.startswith(("fusion.stages.", "cls.", "dsn.")) for k in state):
+        return "official"
+    if "stem.0.weight" in state or "backbone.stem.0.weight" in state:
+        return "mmseg-backbone"
+    if any(k.endswith("conv1.weight") and k.count(".") <= 2 and "layer" not in k for k in state):
+        return "official-backbone"
+    raise UserError(f"unknown checkpoint layout (first keys: {short_list(sorted(state))})")
+
+
+def depth_of(state: dict[str, torch.Tensor], prefix: str = "backbone.") -> str:
+    blocks = {int(m.group(1)) for k in state if (m := re.match(re.escape(prefix) + r"layer3\.(\d+)\.", k))}
+    if len(blocks) not in DEPTHS:
+        raise UserError(f"backbone with {len(blocks)} blocks in layer3: expected 6 (ResNet-50) or 23 (ResNet-101)")
+    return DEPTHS[len(blocks)]
+
+
+def _rename(name: str, rules) -> tuple[bool, str | None]:
+    for peer, ours in rules:
+        if name.startswith(peer):
+            return True, None if ours is None else ours + name[len(peer):]
+    return False, None
+
+
+def to_ann(state: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
+    """Peer names -> ann names; an unmapped key or a shared projection that differs is a UserError."""
+    rules = RULES[fmt]
+    out, unmapped, aliases = {}, [], {}
+    for name, value in state.items():
+        known, ours = _rename(name, rules)
+        if not known:
+            unmapped.append(name)
+        elif ours is None:
+            aliases[name] = value
+        else:
+            out[ours] = value
+    if unmapped:
+        raise UserError(f"{fmt} checkpoint: unmapped keys: {short_list(unmapped)}")
+    shared = "f_query" if fmt == "official" else "query_project"
+    for name, value in aliases.items():
+        twin = name.replace(shared, "f_key" if fmt == "official" else "key_project")
+        known, ours = _rename(twin, rules)
+        if ours not in out or out[ours].shape != value.shape or not torch.equal(out[ours], value):
+            raise UserError(f"{fmt} checkpoint: {name} should equal the shared projection {twin}")
+    return out
+
+
+def model_config_of(state: dict[str, torch.Tensor], fmt: str, base: ModelConfig | None = None) -> ModelConfig:
+    """The recipe's model section (or defaults) with variant, depth, classes and aux read from the tensors."""
+    if CLASSIFIER[fmt] not in state:
+        raise UserError(f"{fmt} checkpoint: missing keys: {CLASSIFIER[fmt]}")
+    fields = dict(variant=fmt, backbone=depth_of(state), num_classes=int(state[CLASSIFIER[fmt]].shape[0]),
+                  aux=any(k.startswith(AUX[fmt]) for k in state), pretrained=None, name="ann")
+    if base is None:
+        base = ModelConfig(dropout=0.1 if fmt == "mmseg" else 0.05)
+    return base.model_copy(update=fields)
+
+
+def check_keys(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], what: str) -> None:
+    """Missing, unexpected or mis-shaped keys against `own` become one UserError line."""
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k} {list(state[k].shape)} vs {list(v.shape)}" for k, v in own.items()
+             if k in state and state[k].shape != v.shape]
+    parts = [f"{label}: {short_list(names)}" for label, names in
+             (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", wrong)) if names]
+    if parts:
+        raise UserError(f"{what}: " + "; ".join(parts))
+
+
+def default_recipe(fmt: str, model: ModelConfig) -> Recipe:
+    """A self-contained recipe for an import without --recipe: the variant's normalisation and loss."""
+    loss = LossConfig() if fmt == "official" else LossConfig(ohem=False)
+    name = f"imported-{fmt}-{model.backbone}-{model.num_classes}cls"
+    return Recipe(name=name, model=model, augment=AugmentConfig(**NORMALISATION[fmt]), loss=loss)
+
+
+def _with_model(base: Recipe, model: ModelConfig) -> Recipe:
+    """`base` holding the file's model; class weights of another class count are dropped."""
+    weights = base.loss.class_weights
+    loss = base.loss
+    if weights is not None and len(weights) != model.num_classes:
+        loss = loss.model_copy(update={"class_weights": None})
+    return base.model_copy(update={"model": model, "loss": loss})
+
+
+def _write_dir(out: Path, state: dict[str, torch.Tensor], recipe: Recipe, source: dict) -> Path:
+    from anncli.runs import checkpoint as ck
+    from anncli.runs.integrity import write_marker
+    from anncli.recipe import recipe_to_yaml
+
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out {out}: exists and is not empty")
+    tmp = out.parent / f".tmp-{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    ck.save_torch(state, tmp / "model.pt")
+    ck.save_json({"step": 0, "recipe": recipe.name, "engine": recipe.engine, "world_size": 1,
+                  "model": recipe.model.model_dump(mode="json"), "imported_from": source}, tmp / "state.json")
+    (tmp / "recipe.yaml").write_text(recipe_to_yaml(recipe))
+    if out.exists():
+        out.rmdir()
+    os.replace(tmp, out)
+    write_marker(out, step=0)  # checksums of model.pt, state.json and recipe.yaml, like any checkpoint
+    return out
+
+
+def import_checkpoint(fmt: str, src: Path, out: Path, recipe_path: Path | None = None,
+                      classes: int | None = None) -> Path:
+    """`ann weights import`: a peer checkpoint -> an `ann` checkpoint directory; prints one summary line."""
+    from anncli.models.ann import build_model
+
+    if fmt not in FORMATS:
+        raise UserError(f"format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    state = read_state_dict(src)
+    found = detect(state)
+    if found != fmt:
+        raise UserError(f"{src}: looks like a {found} checkpoint, not {fmt}")
+    base = load_recipe(recipe_path) if recipe_path is not None else None
+    if base is not None and base.model.variant != fmt:
+        raise UserError(f"--recipe {recipe_path}: model.variant is {base.model.variant}, the file is a {fmt} checkpoint")
+    model_cfg = model_config_of(state, fmt, None if base is None else base.model)
+    if classes is not None and classes != model_cfg.num_classes:
+        raise UserError(f"--classes {classes}: the checkpoint's classifier has {model_cfg.num_classes} classes")
+    recipe = default_recipe(fmt, model_cfg) if base is None else _with_model(base, model_cfg)
+    mapped = to_ann(state, fmt)
+    with torch.device("meta"):
+        net = build_model(recipe.model)
+    for key in net.state_dict():  # files from before BN counted its batches
+        if key.endswith("num_batches_tracked") and key not in mapped:
+            mapped[key] = torch.tensor(0)
+    check_keys(net.state_dict(), mapped, f"{fmt} checkpoint {src}")
+    ordered = {k: mapped[k] for k in net.state_dict()}
+    _write_dir(Path(out), ordered, recipe, {"format": fmt, "path": str(src)})
+    params = sum(p.numel() for p in net.parameters())
+    print(f"[ann] imported {fmt} {recipe.model.backbone}, {recipe.model.num_classes} classes, "
+          f"{params:,} parameters -> {out} (recipe {recipe.name})")
+    return Path(out)
+
+
+def _count(state: dict[str, torch.Tensor], fmt: str) -> int:
+    """Parameters of a peer file: no BN statistics, no second names of shared projections, no fc."""
+    stats = ("running_mean", "running_var", "num_batches_tracked")
+    aliases = {"official": "context.2.stages.0.f_query.", "mmseg": "decode_head.context.stages.0.query_project."}
+    skip = aliases.get(fmt)
+    return sum(v.numel() for k, v in state.items()
+               if not k.endswith(stats) and not (skip and k.startswith(skip)) and not k.startswith("fc."))
+
+
+def inspect(src: Path) -> dict:
+    """`ann weights inspect`: prints and returns format, network, classes, parameters."""
+    state = read_state_dict(src)
+    fmt = detect(state)
+    if fmt in FORMATS:
+        cfg = model_config_of(state, fmt)
+        net = f"ANN {cfg.backbone} ({'ResNetV1c-D8 + mmseg ANNHead' if fmt == 'mmseg' else 'deep-stem D8 + official head'})"
+        info = {"format": fmt, "network": net, "classes": cfg.num_classes, "aux": cfg.aux,
+                "variant": fmt, "params": _count(state, fmt)}
+    else:
+        prefix = "backbone." if any(k.startswith("backbone.") for k in state) else ""
+        depth = depth_of(state, prefix)
+        kind = "ResNetV1c (mmseg variant)" if fmt == "mmseg-backbone" else "deep-stem ResNet (official variant)"
+        info = {"format": fmt, "network": f"ImageNet {depth} {kind}", "classes": None, "aux": False,
+                "variant": fmt.split("-")[0], "params": _count(state, fmt)}
+    for key in ("format", "network", "classes", "aux", "params"):
+        value = info[key]
+        print(f"{key + ':':10}{value:,}" if key == "params" else f"{key + ':':10}{'-' if value is None else value}")
+    return info
+
+
+def init_from(model: torch.nn.Module, path: Path, recipe: Recipe, skip: tuple[str, ...] | list[str] = ()) -> None:
+    """`ann train --init-from DIR [--init-skip classifier]`: weights only, optionally without the classifiers."""
+    from anncli.runs import checkpoint as ck
+    from anncli.runs.integrity import load_torch
+
+    bad = [s for s in skip if s not in SKIPPABLE]
+    if bad:
+        raise UserError(f"--init-skip {bad[0]}: expected one of {', '.join(SKIPPABLE)}")
+    path = ck.require_checkpoint(Path(path))
+    if not skip:
+        model.load_state_dict(ck.load_model_for_inference(path, recipe))
+        return
+    saved = ck.read_state(path).get("model", {}).get("num_classes", recipe.model.num_classes)
+    ck.check_compatible(path, recipe.model_copy(update={"model": recipe.model.model_copy(update={"num_classes": saved})}))
+    full = load_torch(path / "model.pt")
+    heads = classifier_keys(model)
+    dropped = [k for k in full if k in heads]
+    state = {k: v for k, v in full.items() if k not in heads}
+    own = {k: v for k, v in model.state_dict().items() if k not in heads}
+    check_keys(own, state, f"--init-from {path}")
+    model.load_state_dict(state, strict=False)
+    shown = ", ".join(f"{k} {list(full[k].shape)}" for k in dropped)
+    print(f"[ann] --init-from {path}: loaded {len(state)} tensors, skipped the classifiers ({shown}); "
+          f"they start from fresh initialisation for {recipe.model.num_classes} classes", flush=True)
+
+
+def classifier_keys(model: torch.nn.Module) -> set[str]:
+    """State-dict names of the last 1x1 conv of the main classifier and of the aux head."""
+    names = set()
+    for attr in ("classifier", "aux_head"):
+        head = getattr(model, attr, None)
+        if head is None:
+            continue
+        last = head if isinstance(head, torch.nn.Conv2d) else list(head.children())[-1]
+        prefix = next(n for n, m in model.named_modules() if m is last)
+        names.update(f"{prefix}.{p}" for p, _ in last.named_parameters())
+    return names

@@ -1,0 +1,300 @@
+"""The training loop: iteration-based, exact resume, preemption-safe, elastic.
+
+Everything that decides what the next step computes (weights, optimizer and scaler state, the step, the
+data position in the world-size-free global sample order) is saved in a checkpoint, and the dropout RNG is
+reseeded every step from (seed, step, rank), so a resumed run continues bit for bit where an uninterrupted
+one would have been. On another world size it keeps the effective batch (plan.run_split) and the samples
+of every step; only float sums change. `_set_up` builds a run once; `_loop` runs it.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import functools
+import os
+import signal
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple
+
+from anncli.errors import EXIT_PREEMPTED, UserError
+from anncli.train.plan import lr_at, run_split, scaled_lr
+from anncli.recipe import Recipe
+
+
+@dataclass
+class TrainOptions:
+    recipe_path: str
+    work_dir: Path | None = None
+    resume: str = "auto"
+    init_from: Path | None = None
+    init_skip: tuple[str, ...] = ()
+    fresh: bool = False  # move the run's checkpoints and events.jsonl aside and start at step 0
+    allow_recipe_change: bool = False  # resume across recipe changes that break exact resume
+
+
+class StopFlag:
+    """SIGTERM/SIGUSR1 only set a flag; ranks agree on it at the end of a step, then save and exit."""
+
+    def __init__(self):
+        self.signum = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame) -> None:
+        self.signum = signum
+
+
+class StepResult(NamedTuple):
+    """One optimizer step: the losses of its last micro-batch (means over ranks) and what it consumed."""
+    total: float
+    loss: float
+    aux: float
+    images: int  # over all ranks, skipped micro-batches included
+    skipped: int  # micro-batches skipped for a non-finite loss
+    indices: list  # this rank's global sample indices and keys in the step (for the sample trace)
+    keys: list
+
+
+@dataclass
+class _Run:
+    """Everything the loop works with, built once by `_set_up`."""
+    recipe: Recipe
+    info: Any
+    engine: Any
+    stream: Any
+    batches: Iterator[dict]
+    criterion: Any
+    checkpointer: Any
+    events: Any
+    tb: Any
+    progress: Any
+    meter: Any
+    stop: StopFlag
+    base_lr: float
+    start: int
+    bad_steps_total: int
+
+    def close(self) -> None:
+        self.progress.close()
+        self.tb.close()
+        self.events.close()
+        self.checkpointer.close()
+
+
+def run_training(recipe: Recipe, opts: TrainOptions) -> int:
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
+    from anncli.cluster.distributed import init_distributed, rank_session
+
+    faulthandler.enable()
+    stop = StopFlag()
+    info = init_distributed()
+    with rank_session(info):  # a rank that raises stops every rank within seconds, never a barrier
+        run = _set_up(recipe, opts, info, stop)
+        try:
+            return _loop(run)
+        finally:
+            run.close()
+
+
+# --- the loop -------------------------------------------------------------------------------------
+
+
+def _loop(run: _Run) -> int:
+    """Until train.iters: next batches → step → log → checkpoint → validate → stop if preempted."""
+    from anncli.cluster.distributed import any_rank, set_train_timeout
+
+    t = run.recipe.train
+    step = run.start
+    while step < t.iters:
+        lr = lr_at(step, run.base_lr, run.recipe)
+        run.engine.set_lr(lr)
+        result = _train_step(run, step)
+        run.bad_steps_total += result.skipped
+        step += 1
+        if step == run.start + 1:
+            set_train_timeout()
+        _log(run, step, result, lr)
+        preempted = any_rank(run.stop.signum is not None, run.info.device)
+        if step % t.checkpoint_every == 0 or step == t.iters or preempted:
+            path = run.checkpointer.save(step, run.engine, run.stream, bad_steps_total=run.bad_steps_total)
+            run.events.write("checkpoint", step=step, path=str(path))
+        if t.val_every and step % t.val_every == 0 and not preempted:
+            _validate(run, step)
+        if preempted:
+            run.progress.message(f"[ann] preempted at step {step}: checkpoint saved; exiting with {EXIT_PREEMPTED} to be requeued")
+            run.events.write("preempted", step=step, signal=run.stop.signum)
+            return EXIT_PREEMPTED
+    run.events.write("done", step=step)
+    return 0
+
+
+def _train_step(run: _Run, step: int) -> StepResult:
+    """One optimizer step over the split's accumulation steps, micro-batches with a finite loss.
+
+    A micro-batch whose loss is non-finite on any rank is skipped on every rank and counted;
+    `train.max_bad_steps` of them in a row stop the run. `loss.normalize: global` divides by the pixel
+    count of the step's micro-batches, read ahead; a replacement for a skipped one keeps that divisor.
+    """
+    import torch
+
+    from anncli.data.transforms import normalize_batch
+
+    t, info, accum, a = run.recipe.train, run.info, run.stream.accum_steps, run.recipe.augment
+    torch.manual_seed(step_seed(t.seed, step, info.rank))  # dropout: a function of (seed, step, rank)
+    pending = [next(run.batches) for _ in range(accum)]
+    criterion = run.criterion
+    if run.recipe.loss.normalize == "global":
+        denominator = run.criterion.global_denominator([b["label"] for b in pending], info.world_size, info.device)
+        criterion = functools.partial(run.criterion, denominator=denominator)
+    good = images = skipped = bad_in_row = 0
+    indices, keys = [], []
+    while good < accum:
+        batch = pending.pop(0) if pending else next(run.batches)
+        # uint8 crops travel to the device; normalising there moves a quarter of the bytes.
+        x = normalize_batch(batch["image"].to(info.device, non_blocking=True), a.mean, a.std, a.bgr,
+                            run.recipe.model.channels_last)
+        y = batch["label"].to(info.device, non_blocking=True).long()
+        stats, finite = run.engine.micro_step(x, y, criterion, boundary=good + 1 == accum)
+        images += x.shape[0] * info.world_size
+        if finite:
+            good, bad_in_row = good + 1, 0
+            indices += batch["indices"]
+            keys += batch["keys"]
+            continue
+        skipped, bad_in_row = skipped + 1, bad_in_row + 1
+        run.events.write("bad_step", step=step, loss=float(stats[0]))
+        run.progress.message(f"[ann] step {step}: non-finite loss, step skipped ({bad_in_row} in a row)")
+        if bad_in_row >= t.max_bad_steps:
+            raise UserError(
+                f"{bad_in_row} non-finite losses in a row at step {step}; stopping. Last good checkpoint: "
+                f"{run.checkpointer.latest() or 'none'}. Lower optim.lr or use train.precision=fp32/bf16."
+            )
+    run.engine.optimizer_step()
+    total, loss, aux = stats.tolist()
+    return StepResult(total=total, loss=loss, aux=aux, images=images, skipped=skipped, indices=indices, keys=keys)
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """The torch RNG seed of one rank's optimizer step: nothing of it needs saving, on any world size."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed & (2**63 - 1), step, rank]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def _log(run: _Run, step: int, result: StepResult, lr: float) -> None:
+    t = run.recipe.train
+    run.meter.images += result.images
+    if step % t.log_every == 0 or step == t.iters:
+        record = run.meter.record(result, lr, run.engine.scale(), run.info.device)
+        record["samples_skipped"] = run.stream.samples_skipped  # this rank's unreadable samples so far
+        if t.trace_samples:  # collective: every rank logs the same steps
+            from anncli.data.order import gather_samples_sha256
+
+            record["samples_sha256"] = gather_samples_sha256(result.indices, result.keys)
+        run.events.write("step", step=step, **record)
+        run.tb.scalars(step, {f"train/{k}": v for k, v in record.items() if k != "samples_sha256"})
+        run.progress.update(step, {k: record[k] for k in ("loss", "lr", "img_per_s")}, log_line=True)
+    else:
+        run.progress.update(step, {"loss": result.loss, "lr": lr}, log_line=False)
+
+
+def _validate(run: _Run, step: int) -> None:
+    from anncli.eval.evaluate import validate
+
+    model = run.engine.module
+    model.eval()
+    metrics = validate(model, run.recipe, run.info)
+    if run.info.is_main:
+        run.events.write("val", step=step, mIoU=metrics["mIoU"], aAcc=metrics["aAcc"], mAcc=metrics["mAcc"])
+        run.tb.scalars(step, {"val/mIoU": metrics["mIoU"], "val/aAcc": metrics["aAcc"]})
+        run.progress.message(f"[ann] step {step}: val mIoU {metrics['mIoU'] * 100:.2f}")
+    model.train()
+
+
+# --- set-up ---------------------------------------------------------------------------------------
+
+
+def _set_up(recipe: Recipe, opts: TrainOptions, info, stop: StopFlag) -> _Run:
+    """Open the run directory, build model, engine, data and logs, resume: everything the loop uses."""
+    from anncli.runs.checkpoint import Checkpointer, default_work_dir, saved_effective_batch
+    from anncli.cluster.distributed import describe_rank
+    from anncli.train.engine import build_engine
+    from anncli.train.losses import SegLoss
+    from anncli.eval.report import EventLog, StepMeter, TensorBoard, TrainProgress
+
+    t = recipe.train
+    checkpointer = Checkpointer(opts.work_dir or default_work_dir(recipe), recipe, info)
+    checkpointer.open()
+    resume_from = checkpointer.find(opts.resume, fresh=opts.fresh, init_from=opts.init_from is not None)
+    split = run_split(recipe, info.world_size, saved_effective_batch(resume_from) if resume_from else None)
+    urls, counts = _prepare_data(recipe, info)
+    model = _build_model(recipe, info)
+    if opts.init_from is not None and resume_from is None:  # a restarted worker resumes instead
+        from anncli.interop.weights import init_from
+        init_from(model, opts.init_from, recipe, opts.init_skip)
+    engine = build_engine(model, recipe, info, split)
+    criterion = SegLoss(recipe.loss, recipe.model.num_classes).to(info.device)
+    stream = _build_stream(recipe, urls, counts, info, split)
+    events = EventLog(checkpointer.run_dir / "events.jsonl" if info.is_main else None)
+    print(f"[ann] {describe_rank(info)}; run directory {checkpointer.run_dir}; batch split {split.why}",
+          file=sys.stderr, flush=True)
+    resumed = None
+    if resume_from is not None:
+        resumed = checkpointer.load(resume_from, engine, stream, allow_recipe_change=opts.allow_recipe_change)
+        events.write("resume", step=resumed.step, checkpoint=str(resume_from), restart=os.environ.get("SLURM_RESTART_COUNT"),
+                     world_size=info.world_size, saved_world_size=resumed.world_size, batch_size=split.batch_size,
+                     accum_steps=split.accum_steps, effective_batch=split.effective_batch)
+        if info.is_main:
+            change = "" if resumed.world_size == info.world_size else f" (written by {resumed.world_size} ranks; {split.why})"
+            print(f"[ann] resumed from {resume_from} at step {resumed.step}{change}", file=sys.stderr, flush=True)
+    else:
+        events.write("start", step=0, world_size=info.world_size, recipe=recipe.name, batch_size=split.batch_size,
+                     accum_steps=split.accum_steps, effective_batch=split.effective_batch)
+    tb = TensorBoard(checkpointer.run_dir / "tb" if (t.tensorboard and info.is_main) else None)
+    start = resumed.step if resumed else 0
+    progress = TrainProgress(t.iters, start, enabled=info.is_main)
+    model.train()
+    return _Run(recipe=recipe, info=info, engine=engine, stream=stream, batches=iter(stream), criterion=criterion,
+                checkpointer=checkpointer, events=events, tb=tb, progress=progress, meter=StepMeter(), stop=stop,
+                base_lr=scaled_lr(recipe, info.world_size, split.effective_batch)[0], start=start,
+                bad_steps_total=resumed.bad_steps_total if resumed else 0)
+
+
+def _prepare_data(recipe: Recipe, info) -> tuple[list[str], list[int]]:
+    from anncli.data.counts import shard_counts
+    from anncli.data.manifest import resolve_urls
+    from anncli.data.synth import prepare_synth
+
+    prepare_synth(recipe.data, info.is_main)
+    urls = resolve_urls(recipe.data.root, recipe.data.dataset, recipe.data.train)
+    return urls, shard_counts(urls, recipe.data.root, announce=info.is_main)
+
+
+def _build_model(recipe: Recipe, info):
+    import torch
+
+    from anncli.cluster.distributed import convert_sync_batchnorm
+    from anncli.models.ann import build_model
+
+    torch.manual_seed(recipe.train.seed)  # the same initial weights on every rank and every run
+    model = build_model(recipe.model)
+    if recipe.model.norm == "syncbn" and info.distributed:
+        model = convert_sync_batchnorm(model, info.device)
+    model = model.to(info.device)
+    # DeepSpeed broadcasts and flattens parameters as plain contiguous buffers, which channels_last
+    # weights are not; under it only the inputs go channels_last.
+    if recipe.model.channels_last and recipe.engine != "deepspeed":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _build_stream(recipe: Recipe, urls: list[str], counts: list[int], info, split):
+    from anncli.data.global_stream import GlobalStream
+
+    d = recipe.data
+    return GlobalStream(urls, counts, augment=recipe.augment, batch_size=split.batch_size,
+                        effective_batch=split.effective_batch, seed=recipe.train.seed, rank=info.rank,
+                        world_size=info.world_size, num_workers=d.num_workers, lanes=d.lanes,
+                        max_skip_fraction=d.max_skip_fraction, pin_memory=info.device.type == "cuda")

@@ -1,0 +1,66 @@
+"""benchmarks/train_throughput.py: its summaries, the directly built training step, and a --quick run."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "train_throughput.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("train_throughput", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_summary_skips_warmup_records_and_keeps_the_peak_memory(bench):
+    records = [{"step": 2 * i, "img_per_s": rate, "mem_mb": mem}
+               for i, (rate, mem) in enumerate([(1.0, 900.0), (10.0, 400.0), (30.0, 410.0), (20.0, 420.0)], 1)]
+    out = bench.summarize_steps(records, warmup=1)
+    assert out["img_per_s_median"] == 20.0
+    assert out["records_used"] == 3 and out["last_step"] == 8
+    assert out["peak_mem_mb_rank0"] == 900.0
+    assert bench.summarize_steps(records[:1], warmup=1)["img_per_s_median"] is None
+
+
+def test_peak_table(bench):
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3")["bf16"] == 989.0
+    assert bench.peak_tflops("NVIDIA A100-SXM4-40GB")["fp32"] == 19.5
+    assert bench.peak_tflops("Tesla V100-SXM2-16GB") is None
+
+
+def test_training_step_on_cpu_reports_flops_that_scale_with_pixels(bench):
+    torch.set_num_threads(1)
+    cfg = bench.bench_recipe("small", 5, "fp32", False, 2).model
+    small, large = bench.model_flops_per_image(cfg, (32, 64)), bench.model_flops_per_image(cfg, (64, 128))
+    assert 3.0 < large / small < 4.2  # convolutions grow with the pixels; the pooled anchors do not
+    run = bench.measure_training("small", 5, (32, 64), 2, "bf16", True, steps=1, warmup=1, device=torch.device("cpu"))
+    assert run["flops_per_image"] == small
+    assert run["img_per_s"] > 0 and run["achieved_tflops"] >= 0
+    assert run["precision"] == "bf16" and run["channels_last"] is True
+
+
+@pytest.mark.slow
+def test_quick_run_writes_every_setting(tmp_path):
+    out = tmp_path / "train.json"
+    subprocess.run([sys.executable, str(SCRIPT), "--quick", "--out", str(out)], cwd=ROOT, check=True,
+                   capture_output=True, timeout=600)
+    result = json.loads(out.read_text())
+    assert {"cpu_count", "torch", "load_avg_1min_at_start"} <= result["machine"].keys()
+    settings = result["cpu"]["settings"]
+    assert set(settings) == {"1rank_all_threads", "1rank_1thread", "2ranks_1thread"}
+    for run in settings.values():
+        assert run["records"] == 4 and run["img_per_s_median"] > 0 and run["peak_mem_mb_rank0"] > 0
+    assert settings["2ranks_1thread"]["ranks"] == 2
+    assert result["cpu"]["ratios"]["2ranks_over_1rank_img_per_s"] > 0
+    gpu = result["gpu"]
+    assert ("skipped" in gpu) != torch.cuda.is_available()
+    assert gpu.get("flops_per_image_r101_769", 1) > 0
