@@ -39,6 +39,20 @@ app.add_typer(bench_app, name="bench")
 app.add_typer(weights_app, name="weights")  # anncli/cli/weights.py: `ann weights import|inspect`
 
 
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        from anncli.cluster.env import version_line
+
+        typer.echo(version_line())
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help=(
+        "Print ann's version and the torch/CUDA it runs on, then exit."))] = False) -> None:
+    pass
+
+
 
 def _load(recipe: Path, overrides: Optional[list[str]]):
     from anncli.recipe import load_recipe
