@@ -2,7 +2,7 @@
 # Multi-scale + flip evaluation of one checkpoint across SLURM nodes; the metrics JSON goes into the run.
 #
 #   sbatch slurm/eval.sh [RECIPE] [CHECKPOINT] [ann eval options...]
-#   sbatch slurm/eval.sh                                      # recipes/cityscapes.yaml, newest checkpoint
+#   sbatch slurm/eval.sh                                      # cityscapes (built-in), newest checkpoint
 #   sbatch slurm/eval.sh recipes/cityscapes.yaml runs/ann-cityscapes/checkpoints/step-060000
 #   sbatch slurm/eval.sh recipes/cityscapes.yaml --scales 0.75,1,1.25 --mode slide
 #
@@ -33,7 +33,7 @@ usage() {
     cat <<'EOF'
 usage: sbatch [sbatch options] slurm/eval.sh [RECIPE] [CHECKPOINT] [ann eval options...]
 
-  RECIPE       recipe YAML (default: recipes/cityscapes.yaml)
+  RECIPE       recipe YAML, or a built-in name (ann recipes list; default: cityscapes)
   CHECKPOINT   checkpoint directory (default: the newest complete one of the run)
   options      passed to `ann eval`, e.g. --scales 0.75,1,1.25 --mode slide
 
@@ -49,12 +49,13 @@ die() {
     exit "$EXIT_USAGE"
 }
 
-recipe="recipes/cityscapes.yaml"
+recipe="cityscapes"
 checkpoint=""
 [[ $# -gt 0 && "$1" != -* ]] && { recipe="$1"; shift; }
 [[ $# -gt 0 && "$1" != -* ]] && { checkpoint="$1"; shift; }
 for arg in "$@"; do [[ "$arg" == -h || "$arg" == --help ]] && { usage; exit 0; }; done
-[[ -f "$recipe" ]] || die "recipe '$recipe' not found (relative paths start at $PWD)"
+# a bare name that is no file is a built-in recipe, which `ann` checks below
+[[ -f "$recipe" || "$recipe" != */* ]] || die "recipe '$recipe' not found (relative paths start at $PWD)"
 [[ -n "${SLURM_JOB_ID:-}" ]] || die "not inside a SLURM job: submit it with sbatch"
 ann="${ANN:-ann}"
 command -v "$ann" >/dev/null || die "'$ann' not found: activate the environment with ann before sbatch, or set ANN"

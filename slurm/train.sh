@@ -2,7 +2,7 @@
 # Train one recipe across SLURM nodes; a preempted or timed-out job saves, requeues itself and resumes.
 #
 #   sbatch slurm/train.sh [RECIPE] [ann train options...]
-#   sbatch slurm/train.sh                                     # recipes/cityscapes.yaml, the paper's run
+#   sbatch slurm/train.sh                                     # cityscapes (built-in), the paper's run
 #   sbatch slurm/train.sh recipes/ade20k.yaml --set train.iters=1000
 #   sbatch --nodes=1 --gpus-per-node=8 slurm/train.sh         # the same 8 GPUs on one node
 #   sbatch -J exp1 slurm/train.sh                             # another run directory: runs/exp1-cityscapes
@@ -44,7 +44,7 @@ usage() {
     cat <<'EOF'
 usage: sbatch [sbatch options] slurm/train.sh [RECIPE] [ann train options...]
 
-  RECIPE     recipe YAML (default: recipes/cityscapes.yaml)
+  RECIPE     recipe YAML, or a built-in name (ann recipes list; default: cityscapes)
   options    passed to `ann train`, e.g. --set train.iters=1000 --set engine=deepspeed
 
 Run directory: runs/<job name>-<recipe file name>, or $WORK_DIR. The job requeues itself when
@@ -59,10 +59,11 @@ die() {
     exit "$EXIT_USAGE"
 }
 
-recipe="recipes/cityscapes.yaml"
+recipe="cityscapes"
 [[ $# -gt 0 && "$1" != -* ]] && { recipe="$1"; shift; }
 for arg in "$@"; do [[ "$arg" == -h || "$arg" == --help ]] && { usage; exit 0; }; done
-[[ -f "$recipe" ]] || die "recipe '$recipe' not found (relative paths start at $PWD)"
+# a bare name that is no file is a built-in recipe, which `ann` checks below
+[[ -f "$recipe" || "$recipe" != */* ]] || die "recipe '$recipe' not found (relative paths start at $PWD)"
 [[ -n "${SLURM_JOB_ID:-}" ]] || die "not inside a SLURM job: submit it with sbatch"
 ann="${ANN:-ann}"
 command -v "$ann" >/dev/null || die "'$ann' not found: activate the environment with ann before sbatch, or set ANN"

@@ -59,6 +59,8 @@ RULES = [
     Rule(r"ann train recipes/demo\S* .*--nproc-per-node", "dry-run",
          "several ranks would resume the one-rank tiny run (another world size): --dry-run plans them"),
     Rule(r"ann train recipes/demo", "tiny", "the demo recipe shrunk to 6 steps on 32x64 images"),
+    Rule(r"ann train demo --dry-run", "dry-run", "the built-in demo by name: --dry-run plans it"),
+    Rule(r"ann recipes ", "run", "as written: lists, shows or copies built-in recipes into the scratch project"),
     Rule(r"ann eval ", "tiny", "on the tiny demo run; dataset recipes are replaced by the demo's", _ON_DEMO),
     Rule(r"ann predict ", "run", "on the tiny demo run and two images",
          ((f"runs/demo/checkpoints/step-{400:06d}", f"runs/demo/checkpoints/step-{TINY_STEPS:06d}"),)),

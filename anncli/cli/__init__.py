@@ -1,4 +1,4 @@
-"""The command line: the Typer app (`main.py`) and one module per verb group (`data`, `weights`, `tools`),
+"""The command line: the Typer app (`main.py`) and one module per verb group (`data`, `weights`, `tools`, `recipes`),
 with the options they share (`options.py`) and the one-line error handling (`common.py`). A command parses
 its options, loads the recipe and calls one function of a lower wing; it holds no logic of its own.
 Imports: any wing below. Nothing imports `cli` (only `python -m anncli`). `ann --help` imports no torch:

@@ -18,6 +18,7 @@ from anncli.cli.common import run as _run
 from anncli.cli.common import run_writing as _run_writing
 from anncli.cli.data import data_app
 from anncli.cli.options import App, RecipeArg, SetOpt, WorkDirOpt, launched, set_option
+from anncli.cli.recipes import recipe_file, recipes_app
 from anncli.cli.weights import weights_app
 from anncli.paths import check_outputs, writable_dir
 
@@ -37,6 +38,21 @@ app.add_typer(data_app, name="data")  # anncli/cli/data.py: `ann data pack|synth
 app.add_typer(model_app, name="model")
 app.add_typer(bench_app, name="bench")
 app.add_typer(weights_app, name="weights")  # anncli/cli/weights.py: `ann weights import|inspect`
+app.add_typer(recipes_app, name="recipes")  # anncli/cli/recipes.py: `ann recipes list|show|copy`
+
+
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        from anncli.cluster.env import version_line
+
+        typer.echo(version_line())
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help=(
+        "Print ann's version and the torch/CUDA it runs on, then exit."))] = False) -> None:
+    pass
 
 
 
@@ -89,6 +105,7 @@ def train(
     launch,
 ) -> None:
     """Train a recipe: in this process, under torchrun, or across SLURM nodes."""
+    recipe = recipe_file(recipe)
     r = _load(recipe, set_)
     from anncli.train.plan import describe_plan, plan_split
     from anncli.train.loop import TrainOptions, run_training
@@ -103,7 +120,8 @@ def train(
 @app.command("eval")
 @launched("eval")
 def eval_(
-    recipe: Annotated[Optional[Path], typer.Argument(help="Recipe YAML (default: the one saved with the checkpoint).")] = None,
+    recipe: Annotated[Optional[Path], typer.Argument(help=(
+        "Recipe YAML or built-in name (default: the one saved with the checkpoint)."))] = None,
     checkpoint: Annotated[Optional[Path], typer.Option(help=(
         "Checkpoint directory (default: the newest complete one of the run directory; with no recipe either, the "
         "newest under runs/)."))] = None,
@@ -135,7 +153,7 @@ def eval_(
     from anncli.eval.evaluate import EvalOptions, run_evaluation
     from anncli.runs.choose import choose_run
 
-    chosen = _run(choose_run, recipe, checkpoint, work_dir, set_ or [])
+    chosen = _run(choose_run, None if recipe is None else recipe_file(recipe), checkpoint, work_dir, set_ or [])
     opts = _run(EvalOptions.from_cli, recipe=chosen.recipe, recipe_path=str(chosen.recipe_path),
                 checkpoint=chosen.checkpoint, multiscale=multiscale, scales=scales, flip=flip, mode=mode, crop=crop,
                 stride=stride, merge=merge, split=split, json_out=json_out, save_pred=save_pred)
@@ -190,7 +208,7 @@ app.add_typer(cli_tools.viz_app, name="viz")
 def recipe_validate(recipes: Annotated[list[Path], typer.Argument(help="Recipe files.")], set_: SetOpt = None) -> None:
     """Check recipes against the schema; exit 2 on the first problem."""
     for path in recipes:
-        r = _load(path, set_)
+        r = _load(recipe_file(path), set_)
         typer.echo(f"{path}: ok ({r.name})")
 
 
@@ -199,7 +217,7 @@ def recipe_show(recipe: RecipeArg, set_: SetOpt = None) -> None:
     """Print the resolved recipe, overrides and defaults applied."""
     from anncli.recipe import recipe_to_yaml
 
-    typer.echo(recipe_to_yaml(_load(recipe, set_)), nl=False)
+    typer.echo(recipe_to_yaml(_load(recipe_file(recipe), set_)), nl=False)
 
 
 @model_app.command("summary")

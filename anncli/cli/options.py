@@ -83,7 +83,7 @@ class App(typer.Typer):
         return super().command(*args, cls=cls or Command, **kwargs)
 
 
-RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML, e.g. recipes/cityscapes.yaml.")]
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML, e.g. recipes/cityscapes.yaml, or a built-in name (ann recipes list).")]
 
 
 def set_option(example: str):

@@ -104,6 +104,24 @@ def environment_lines(env: Mapping[str, str]) -> list[str]:
     return lines + net
 
 
+def version_line() -> str:
+    """`ann --version`: the package and the torch and CUDA (or ROCm) it runs on, in one line."""
+    from anncli.version import __version__
+
+    try:
+        import torch
+    except ImportError as e:
+        return f"ann {__version__} (torch cannot be imported: {str(e).splitlines()[0]})"
+    if torch.version.cuda:
+        accelerator = f"CUDA {torch.version.cuda}"
+    elif getattr(torch.version, "hip", None):
+        accelerator = f"ROCm {torch.version.hip}"
+    else:
+        return f"ann {__version__} (torch {torch.__version__}, CUDA none)"
+    gpus = visible_gpus()
+    return f"ann {__version__} (torch {torch.__version__}, {accelerator}, {gpus} GPU{'s' * (gpus != 1)} visible)"
+
+
 def print_env(env: Optional[Mapping[str, str]] = None) -> None:
     """Versions, GPUs, SLURM and network settings: the block to paste into a bug report."""
     print("\n".join(environment_lines(dict(os.environ if env is None else env))))
