@@ -18,13 +18,15 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 	$(PY) -m pip install --quiet $(CONSTRAINTS) -e '.[dev]'
 	touch $@
 
-# Everything that runs without a GPU, the real SLURM cluster included (about 25 minutes on 2 cores).
+# Everything that runs without a GPU, the real SLURM cluster included. Two pytest workers, one test file
+# each at a time (a file's module fixtures, such as a trained tiny run, are built once).
+PARALLEL ?= -n 2 --dist loadfile
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not gpu and not demo and not chaos and not long"
+	$(PY) -m pytest -q $(PARALLEL) -m "not gpu and not demo and not chaos and not long"
 
 # The quick subset (plain `pytest`): no SLURM cluster, no multi-minute runs.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(PARALLEL)
 
 # The full demo recipes against the published margin (ANN >= 0.80 mIoU, ANN - FCN >= 0.25).
 test-demo: $(STAMP)
