@@ -41,8 +41,8 @@ def fake_cityscapes(root: Path, split: str, frames: int, seed: int = 0) -> list[
     """A Cityscapes tree in the official layout: RGB images, labelIds with void ids (0..33) and instanceIds
     (labelId * 1000 + n for the classes with instances). Cells of 8x8 pixels carry one label id each, coloured
     with its class colour plus noise, so that a few training steps learn something. Returns the labelIds files."""
+    colours = np.random.default_rng(34).integers(0, 256, size=(34, 3), dtype=np.uint8)  # the same in every split
     rng = np.random.default_rng(seed)
-    colours = rng.integers(0, 256, size=(34, 3), dtype=np.uint8)
     ground_truths = []
     for i in range(frames):
         city = ("aachen", "bremen")[i % 2]
