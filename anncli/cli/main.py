@@ -17,7 +17,7 @@ from anncli.cli.common import fail as _fail
 from anncli.cli.common import run as _run
 from anncli.cli.common import run_writing as _run_writing
 from anncli.cli.data import data_app
-from anncli.cli.options import App, RecipeArg, SetOpt, WorkDirOpt, launched, set_option
+from anncli.cli.options import PRED_FORMAT_HELP, App, RecipeArg, SetOpt, WorkDirOpt, launched, set_option
 from anncli.cli.recipes import recipe_file, recipes_app
 from anncli.cli.weights import weights_app
 from anncli.paths import check_outputs, writable_dir
@@ -140,11 +140,15 @@ def eval_(
     merge: Annotated[Optional[str], typer.Option(metavar="logits|softmax", help=(
         "Sum the logits (official) or average the softmax (mmseg) of the views (default: the recipe's "
         "eval.merge)."))] = None,
-    split: Annotated[str, typer.Option(help="Data split: val, train, or a shard pattern.")] = "val",
+    split: Annotated[Optional[str], typer.Option(help=(
+        "A split name (its manifest) or a shard pattern (default: the recipe's data.val)."))] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help=(
         "Write every number (fractions, not percent) and the protocol here; {checkpoint} in the path becomes the "
         "checkpoint's name, e.g. runs/x/eval-{checkpoint}.json."))] = None,
-    save_pred: Annotated[Optional[Path], typer.Option(help="Write label-id PNGs of the predictions here.")] = None,
+    save_pred: Annotated[Optional[Path], typer.Option(help=(
+        "Write a PNG of every prediction here, in --pred-format (default: train ids, <key>.png)."))] = None,
+    pred_format: Annotated[Optional[str], typer.Option(metavar="train-ids|cityscapes|ade20k", help=(
+        "What --save-pred writes. " + PRED_FORMAT_HELP))] = None,
     work_dir: WorkDirOpt = None,
     *,
     launch,
@@ -156,7 +160,8 @@ def eval_(
     chosen = _run(choose_run, None if recipe is None else recipe_file(recipe), checkpoint, work_dir, set_ or [])
     opts = _run(EvalOptions.from_cli, recipe=chosen.recipe, recipe_path=str(chosen.recipe_path),
                 checkpoint=chosen.checkpoint, multiscale=multiscale, scales=scales, flip=flip, mode=mode, crop=crop,
-                stride=stride, merge=merge, split=split, json_out=json_out, save_pred=save_pred)
+                stride=stride, merge=merge, split=split, json_out=json_out, save_pred=save_pred,
+                pred_format_name=pred_format)
     _run(check_outputs, json_out=opts.json_out, save_pred=opts.save_pred)  # before the work, not after it
     if checkpoint is None:  # every rank evaluates the checkpoint chosen here, even if a newer one appears
         launch.argv += ["--checkpoint", str(chosen.checkpoint)]
@@ -176,17 +181,22 @@ def predict(
     multiscale: Annotated[bool, typer.Option("--multiscale", help="Use the recipe's eval.scales (and eval.flip).")] = False,
     flip: Annotated[Optional[bool], typer.Option("--flip/--no-flip", help=(
         "Add horizontally flipped views (default: off, or the recipe's eval.flip with --multiscale)."))] = None,
-    fmt: Annotated[str, typer.Option("--format", metavar="trainid|cityscapes", help=(
-        "Label ids as trained, or Cityscapes labelIds for the test server."))] = "trainid",
+    fmt: Annotated[str, typer.Option("--format", metavar="train-ids|cityscapes|ade20k", help=(
+        "The ids of the PNGs in --out. " + PRED_FORMAT_HELP + " A server format keeps --out to those files "
+        "alone: pictures only with --colors/--overlay."))] = "train-ids",
+    colors: Annotated[Optional[Path], typer.Option("--colors", help=(
+        "Write the colour PNGs here (default: beside the ids with train-ids, none with a server format)."))] = None,
+    overlay: Annotated[Optional[Path], typer.Option("--overlay", help=(
+        "Write the overlays here (default: beside the ids with train-ids, none with a server format)."))] = None,
 ) -> None:
-    """Segment images: label-id PNG, colour PNG and overlay per image; exit 1 if an image could not be read."""
+    """Segment images: an id PNG, a colour PNG and an overlay per image; exit 1 if an image could not be read."""
     if model is not None:
-        if checkpoint is not None or recipe is not None or set_ or multiscale or flip or fmt != "trainid":
-            _fail("--model runs the exported file as it is: drop --checkpoint, --recipe, --set, --multiscale, --flip and --format")
+        if checkpoint is not None or recipe is not None or set_ or multiscale or flip:
+            _fail("--model runs the exported file as it is: drop --checkpoint, --recipe, --set, --multiscale and --flip")
         from anncli.eval.onnx_predict import run_onnx_predict
 
         _run(check_outputs, out=out)
-        _run_writing(out, run_onnx_predict, images, model, out)
+        _run_writing(out, run_onnx_predict, images, model, out, fmt, colors, overlay)
         return
     from anncli.eval.predict import run_predict
     from anncli.runs.choose import choose_run
@@ -194,7 +204,8 @@ def predict(
     _run(check_outputs, out=out)
     chosen = _run(choose_run, recipe, checkpoint, None, set_ or [])
     summary = _run_writing(out, run_predict, images=images, checkpoint=chosen.checkpoint, out=out,
-                           recipe=chosen.recipe, multiscale=multiscale, flip=flip, fmt=fmt)
+                           recipe=chosen.recipe, multiscale=multiscale, flip=flip, fmt=fmt, colors=colors,
+                           overlay=overlay)
     raise typer.Exit(1 if summary.failed else 0)
 
 

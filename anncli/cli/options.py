@@ -93,6 +93,10 @@ def set_option(example: str):
 
 
 SetOpt = set_option("train.iters=100")
+# The prediction formats of `ann eval --pred-format` and `ann predict --format` (anncli/eval/formats.py).
+PRED_FORMAT_HELP = ("train-ids: the trained class ids 0..K-1; cityscapes: Cityscapes labelIds (7..33), "
+                    "<name>_labelIds.png, for the official evaluation and the test server; ade20k: 1..150 (0 = "
+                    "other), <name>.png, for the ADE20K scene-parsing server.")
 WorkDirOpt = Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<recipe name>).")]
 
 

@@ -19,6 +19,7 @@ import torch
 from rich.console import Console
 
 from anncli.errors import UserError
+from anncli.eval.formats import TRAIN_IDS, PredFormat, pred_format
 from anncli.eval.inference import Protocol, load_model, predict_labels, resolve_protocol
 from anncli.eval.metrics import confusion_matrix, json_safe, metrics_from_confusion
 
@@ -31,19 +32,26 @@ class EvalOptions:
     json_out: Optional[Path] = None
     save_pred: Optional[Path] = None
     recipe_path: Optional[str] = None
+    pred_format: PredFormat = TRAIN_IDS
 
     @classmethod
     def from_cli(cls, recipe, recipe_path, checkpoint, multiscale, scales, flip, mode, crop, stride, merge, split,
-                 json_out, save_pred) -> "EvalOptions":
+                 json_out, save_pred, pred_format_name: Optional[str] = None) -> "EvalOptions":
+        """`split` None: the recipe's data.val (a split name or a shard pattern), as validation in training."""
         protocol = resolve_protocol(recipe, multiscale=multiscale, scales=scales, flip=flip, mode=mode, crop=crop,
                                     stride=stride, merge=merge)
+        split = recipe.data.val if split is None else split
         if not split or not split.strip():
             raise UserError("--split: empty")
+        if pred_format_name is not None and save_pred is None:
+            raise UserError(f"--pred-format {pred_format_name}: give --save-pred DIR too")
+        fmt = pred_format(pred_format_name or "train-ids", recipe.data.dataset, recipe.model.num_classes,
+                          "--pred-format")
         checkpoint = Path(checkpoint)
         if json_out is not None:
             json_out = Path(str(json_out).replace("{checkpoint}", checkpoint.name))
         return cls(protocol=protocol, checkpoint=checkpoint, split=split, json_out=json_out,
-                   save_pred=save_pred, recipe_path=recipe_path)
+                   save_pred=save_pred, recipe_path=recipe_path, pred_format=fmt)
 
 
 def evaluate_model(model, samples: Iterable[dict], protocol: Protocol, num_classes: int, device: torch.device,
@@ -72,9 +80,12 @@ def evaluate_model(model, samples: Iterable[dict], protocol: Protocol, num_class
 
 
 def _manifest(recipe, split: str) -> Optional[dict]:
-    from anncli.data.manifest import read_manifest
+    """The manifest of a split name or of a manifest path; None for other shard patterns."""
+    from anncli.data.manifest import load_manifest, read_manifest
 
     try:
+        if split.endswith(".json"):
+            return load_manifest(Path(recipe.data.root, split))  # an absolute split stays absolute
         return read_manifest(recipe.data.root, recipe.data.dataset, split)
     except UserError:  # a shard pattern instead of a split name
         return None
@@ -111,11 +122,12 @@ def _reduce(cm: torch.Tensor, samples: int, failed: bool) -> tuple[torch.Tensor,
 
 
 def _evaluate_split(model, recipe, split: str, protocol: Protocol, info, save_pred: Optional[Path],
-                    show_progress: bool) -> tuple[torch.Tensor, int]:
-    """Confusion and sample count of the whole split, summed over ranks; every rank gets the result."""
+                    show_progress: bool, pred_fmt: PredFormat = TRAIN_IDS) -> tuple[torch.Tensor, int]:
+    """Confusion and sample count of the whole split, summed over ranks; every rank gets the result.
+    With `save_pred`, every prediction is written there in `pred_fmt` (default: train ids)."""
     from anncli.data.manifest import resolve_urls
     from anncli.data.shards import eval_samples
-    from anncli.eval.predict import write_label_png
+    from anncli.eval.formats import write_label_png
     from anncli.eval.report import progress
 
     urls = resolve_urls(recipe.data.root, recipe.data.dataset, split)
@@ -129,7 +141,8 @@ def _evaluate_split(model, recipe, split: str, protocol: Protocol, info, save_pr
             nonlocal count
             count += 1
             if save_pred is not None:
-                write_label_png(_inside(save_pred, f"{sample['key']}.png"), pred.to("cpu", torch.uint8).numpy())
+                name = _inside(save_pred, pred_fmt.filename(sample["key"]))
+                write_label_png(name, pred_fmt.ids(pred.to("cpu", torch.uint8).numpy()))
             advance()
 
         try:
@@ -178,7 +191,8 @@ def _run(recipe, opts: EvalOptions, info) -> dict:
     checkpoint = opts.checkpoint  # load_model verifies the files it reads
     prepare_synth(recipe.data, info.is_main)
     model = load_model(recipe, checkpoint, info.device)
-    cm, total = _evaluate_split(model, recipe, opts.split, opts.protocol, info, opts.save_pred, info.is_main)
+    cm, total = _evaluate_split(model, recipe, opts.split, opts.protocol, info, opts.save_pred, info.is_main,
+                                opts.pred_format)
     metrics = metrics_from_confusion(cm, _class_names(recipe, opts.split))
     report = {
         "recipe": recipe.name, "recipe_path": opts.recipe_path, "checkpoint": str(checkpoint),

@@ -3,7 +3,8 @@
 The file is one written by `ann export --format onnx`: its input is RGB 0..255 and its metadata holds
 the class names and palette. A model with a fixed input size gets each image resized to that size
 (bilinear) and its logits resized back; a dynamic one runs each image at its own size. The outputs
-match `ann predict --checkpoint`: <stem>_pred.png (class ids), <stem>_color.png, <stem>_overlay.png.
+match `ann predict --checkpoint`: ids in the chosen format (eval/formats.py), <stem>_color.png,
+<stem>_overlay.png.
 """
 
 from __future__ import annotations
@@ -89,29 +90,33 @@ def read_rgb(path: Path) -> np.ndarray:
         raise UserError(f"{path}: cannot read the image ({e.__class__.__name__})") from None
 
 
-def write_outputs(out: Path, stem: str, image: np.ndarray, labels: np.ndarray, palette: np.ndarray) -> list[Path]:
-    colour = palette[labels]
-    blend = (0.5 * image.astype(np.float32) + 0.5 * colour.astype(np.float32)).round().astype(np.uint8)
-    paths = [out / f"{stem}_pred.png", out / f"{stem}_color.png", out / f"{stem}_overlay.png"]
-    Image.fromarray(labels, mode="L").save(paths[0])
-    Image.fromarray(colour, mode="RGB").save(paths[1])
-    Image.fromarray(blend, mode="RGB").save(paths[2])
-    return paths
+def model_dataset(meta: dict) -> str:
+    """The dataset an exported model was trained on: its metadata's, else the dataset whose classes it has
+    (files exported before the metadata named it)."""
+    if meta.get("dataset"):
+        return meta["dataset"]
+    from anncli.data.datasets import class_names
+
+    for name in ("cityscapes", "ade20k"):
+        if [c.strip() for c in meta.get("classes", [])] == class_names(name):
+            return name
+    return "unknown"
 
 
-def run_onnx_predict(images, model: Path, out: Path) -> list[Path]:
-    """Segment the images into `out` with the ONNX model; returns the written paths."""
+def run_onnx_predict(images, model: Path, out: Path, fmt: str = "train-ids", colors=None, overlay=None) -> list[Path]:
+    """Segment the images with the ONNX model: ids in the format `fmt` into `out`, pictures where
+    PredictionPlaces puts them; returns the written paths."""
+    from anncli.eval.formats import PredictionPlaces, pred_format
+
     segmenter = OnnxSegmenter(Path(model))
+    classes = len(segmenter.palette)
+    places = PredictionPlaces.choose(out, pred_format(fmt, model_dataset(segmenter.meta), classes), colors, overlay)
     paths = expand_images(images)
-    stems = [p.stem for p in paths]
-    if len(set(stems)) != len(stems):
-        raise UserError(f"two inputs share the name {next(s for s in stems if stems.count(s) > 1)!r}; "
-                        "predict them into different --out directories")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    places.check_inputs(paths)
+    places.make()
     written: list[Path] = []
     for path in paths:
         image = read_rgb(path)
-        written += write_outputs(out, path.stem, image, segmenter.labels(image), segmenter.palette)
+        written += places.write(path.stem, image, segmenter.labels(image), segmenter.palette)
     print(f"{len(paths)} image(s) segmented with {model} (onnxruntime CPU) into {out}")
     return written

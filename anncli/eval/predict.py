@@ -1,4 +1,4 @@
-"""`ann predict`: image files in; per image a label-id PNG, a colour PNG and an overlay out."""
+"""`ann predict`: image files in; per image an id PNG (in the chosen format), a colour PNG and an overlay out."""
 
 from __future__ import annotations
 
@@ -6,25 +6,15 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
-from PIL import Image
 
 from anncli.errors import UserError
+from anncli.eval.formats import PredictionPlaces, pred_format
 from anncli.eval.inference import load_model, predict_labels, resolve_protocol
 from anncli.eval.onnx_predict import expand_images, read_rgb  # torch-free, so they live with the ONNX predictor
 from anncli.eval.report import progress
-
-
-def write_label_png(path: Path, labels: np.ndarray) -> None:
-    """uint8 ids as a single-channel ('L') PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(labels.astype(np.uint8), mode="L").save(path)
-
-
-FORMATS = ("trainid", "cityscapes")
 
 
 def class_palette(recipe) -> np.ndarray:
@@ -40,35 +30,6 @@ def class_palette(recipe) -> np.ndarray:
         return colours[:k]
     extra = np.random.default_rng(0).integers(0, 256, size=(k - len(colours), 3), dtype=np.uint8)
     return np.concatenate([colours, extra])
-
-
-def _label_lut(fmt: str, recipe) -> Optional[np.ndarray]:
-    if fmt not in FORMATS:
-        raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    if fmt == "trainid":
-        return None
-    if recipe.data.dataset != "cityscapes" or recipe.model.num_classes != 19:
-        raise UserError(f"--format cityscapes needs a 19-class Cityscapes recipe (this one: {recipe.data.dataset}, "
-                        f"{recipe.model.num_classes} classes)")
-    from anncli.data.datasets import CITYSCAPES_TRAINID_TO_LABELID
-
-    lut = np.zeros(256, dtype=np.uint8)
-    lut[:19] = CITYSCAPES_TRAINID_TO_LABELID
-    return lut
-
-
-def write_prediction(out: Path, stem: str, image: np.ndarray, labels: np.ndarray, palette: np.ndarray,
-                     lut: Optional[np.ndarray]) -> list[Path]:
-    """<stem>_pred.png (ids; <stem>_labelIds.png with a lut), <stem>_color.png, <stem>_overlay.png."""
-    ids = labels if lut is None else lut[labels]
-    colour = palette[labels]
-    blend = (0.5 * image.astype(np.float32) + 0.5 * colour.astype(np.float32)).round().astype(np.uint8)
-    paths = [out / f"{stem}_{'pred' if lut is None else 'labelIds'}.png", out / f"{stem}_color.png",
-             out / f"{stem}_overlay.png"]
-    write_label_png(paths[0], ids)
-    Image.fromarray(colour, mode="RGB").save(paths[1])
-    Image.fromarray(blend, mode="RGB").save(paths[2])
-    return paths
 
 
 @dataclass
@@ -87,27 +48,26 @@ class PredictSummary:
 
 
 def run_predict(images, checkpoint, out, recipe_path=None, overrides=(), multiscale=False, flip=None,
-                fmt="trainid", recipe=None) -> PredictSummary:
-    """Segment image files into `out`: label ids, colours and an overlay per image. An image that cannot be
-    read is reported on stderr and skipped; the summary lists it. `recipe` (loaded) wins over `recipe_path`."""
+                fmt="train-ids", recipe=None, colors=None, overlay=None) -> PredictSummary:
+    """Segment image files into `out`: ids in the format `fmt` (formats.py), colours and an overlay per image
+    (where PredictionPlaces puts them). An image that cannot be read is reported on stderr and skipped; the
+    summary lists it. `recipe` (loaded) wins over `recipe_path`."""
     from anncli.runs.checkpoint import checkpoint_recipe
     from anncli.recipe import load_recipe
 
     start = time.perf_counter()
     if recipe is None:
         recipe = load_recipe(recipe_path or checkpoint_recipe(Path(checkpoint)), list(overrides))
-    lut = _label_lut(fmt, recipe)
+    places = PredictionPlaces.choose(out, pred_format(fmt, recipe.data.dataset, recipe.model.num_classes),
+                                     colors, overlay)
     protocol = resolve_protocol(recipe, multiscale=multiscale, flip=flip)
     paths = expand_images(images)
-    stems = [p.stem for p in paths]
-    if len(set(stems)) != len(stems):
-        raise UserError(f"two inputs share the name {next(s for s in stems if stems.count(s) > 1)!r}; "
-                        "predict them into different --out directories")
+    places.check_inputs(paths)
+    places.make()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(recipe, Path(checkpoint), device)
-    palette, out = class_palette(recipe), Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    summary = PredictSummary(out=out, images=len(paths))
+    palette = class_palette(recipe)
+    summary = PredictSummary(out=places.out, images=len(paths))
     with progress("predict", total=len(paths)) as advance:
         for path in paths:
             try:
@@ -118,7 +78,7 @@ def run_predict(images, checkpoint, out, recipe_path=None, overrides=(), multisc
                 advance()
                 continue
             labels = predict_labels(model, image, protocol, device).to("cpu", torch.uint8).numpy()
-            summary.written += write_prediction(out, path.stem, image, labels, palette, lut)
+            summary.written += places.write(path.stem, image, labels, palette)
             advance()
     summary.seconds = time.perf_counter() - start
     print(summary.line(), flush=True)

@@ -147,6 +147,21 @@ class TensorBoard:
             self._writer.close()
 
 
+def val_scalars(metrics: dict) -> dict[str, float]:
+    """A validation result as the flat series every logger gets (TensorBoard, trackers): val/mIoU, val/aAcc,
+    val/mAcc and val/IoU/<class>. A class with no IoU (absent from the split and never predicted: NaN) is left
+    out; class names keep letters, digits, `_ - .` and spaces, anything else becomes `_`."""
+    values = {f"val/{k}": float(metrics[k]) for k in ("mIoU", "aAcc", "mAcc")}
+    for row in metrics["per_class"]:
+        if row["IoU"] == row["IoU"]:
+            values[f"val/IoU/{_tag(row['name'])}"] = float(row["IoU"])
+    return values
+
+
+def _tag(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "_-. " else "_" for c in str(name).strip()) or "_"
+
+
 def _pct(value: float) -> str:
     return "nan" if value != value else f"{value * 100:.2f}"
 

@@ -1,8 +1,8 @@
 """`ann export`: a checkpoint as an ONNX or TorchScript file, checked against the eager model.
 
 The exported graph includes the recipe's input normalisation: it takes float32 RGB pixels in 0..255,
-[N, 3, H, W], and returns logits [N, K, H, W] at the input size. Class names, palette and recipe name
-travel in the file (ONNX metadata_props, a TorchScript extra file `anncli.json`), so `ann predict
+[N, 3, H, W], and returns logits [N, K, H, W] at the input size. Class names, palette, dataset and recipe
+name travel in the file (ONNX metadata_props, a TorchScript extra file `anncli.json`), so `ann predict
 --model FILE.onnx` needs neither the recipe nor torch. Right after writing, the file is run
 (onnxruntime on CPU, or torch.jit.load) on a random image and compared with the eager model; a
 maximum absolute difference above 1e-3 fails the export.
@@ -85,7 +85,8 @@ def metadata(recipe, checkpoint: Path) -> dict:
     from anncli.eval.predict import class_palette
 
     return {
-        "recipe": recipe.name, "checkpoint": str(checkpoint), "num_classes": recipe.model.num_classes,
+        "recipe": recipe.name, "checkpoint": str(checkpoint), "dataset": recipe.data.dataset,
+        "num_classes": recipe.model.num_classes,
         "classes": _class_names(recipe, recipe.data.val), "palette": class_palette(recipe).tolist(),
         "input": "float32 RGB pixels 0..255, [N, 3, H, W]", "output": "logits [N, K, H, W]",
     }

@@ -202,13 +202,16 @@ def _log(run: _Run, step: int, result: StepResult, lr: float) -> None:
 
 def _validate(run: _Run, step: int) -> None:
     from anncli.eval.evaluate import validate
+    from anncli.eval.metrics import json_safe
+    from anncli.eval.report import val_scalars
 
     model = run.engine.module
     model.eval()
     metrics = validate(model, run.recipe, run.info)
     if run.info.is_main:
-        run.events.write("val", step=step, mIoU=metrics["mIoU"], aAcc=metrics["aAcc"], mAcc=metrics["mAcc"])
-        run.tb.scalars(step, {"val/mIoU": metrics["mIoU"], "val/aAcc": metrics["aAcc"]})
+        run.events.write("val", step=step, mIoU=metrics["mIoU"], aAcc=metrics["aAcc"], mAcc=metrics["mAcc"],
+                         IoU={row["name"]: json_safe(row["IoU"]) for row in metrics["per_class"]})
+        run.tb.scalars(step, val_scalars(metrics))
         run.progress.message(f"[ann] step {step}: val mIoU {metrics['mIoU'] * 100:.2f}")
     model.train()
 

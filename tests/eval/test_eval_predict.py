@@ -68,10 +68,12 @@ def test_cityscapes_format_writes_label_ids_and_cityscapes_colours(tmp_path):
     torch.set_num_threads(1)
     ckpt = write_checkpoint(tmp_path / "run", _recipe(tmp_path / "cs.yaml", "cityscapes", 19))
     [source] = _images(tmp_path / "in", 1)
-    run_predict([str(source)], ckpt, tmp_path / "out", fmt="cityscapes")  # recipe read from the checkpoint
-    assert not (tmp_path / "out" / "img0_pred.png").exists()
+    run_predict([str(source)], ckpt, tmp_path / "out", fmt="cityscapes",  # recipe read from the checkpoint
+                colors=tmp_path / "colors", overlay=tmp_path / "overlay")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["img0_labelIds.png"]  # nothing else beside them
+    assert (tmp_path / "overlay" / "img0_overlay.png").is_file()
     label_ids = np.array(Image.open(tmp_path / "out" / "img0_labelIds.png"))
-    colour = np.array(Image.open(tmp_path / "out" / "img0_color.png"))
+    colour = np.array(Image.open(tmp_path / "colors" / "img0_color.png"))
     train_ids = {tuple(c): t for t, c in enumerate(np.asarray(_cs_palette(), dtype=np.uint8).tolist())}
     for y in range(label_ids.shape[0]):
         for x in range(label_ids.shape[1]):
@@ -93,8 +95,10 @@ def test_bad_inputs_are_user_errors(synth_ckpt, tmp_path):
         run_predict([str(tmp_path / "missing*.png")], synth_ckpt, tmp_path / "out")
     with pytest.raises(UserError, match="--format"):
         run_predict([str(source)], synth_ckpt, tmp_path / "out", fmt="png")
-    with pytest.raises(UserError, match="19-class Cityscapes"):
+    with pytest.raises(UserError, match="19-class cityscapes"):
         run_predict([str(source)], synth_ckpt, tmp_path / "out", fmt="cityscapes")
+    with pytest.raises(UserError, match="150-class ade20k"):
+        run_predict([str(source)], synth_ckpt, tmp_path / "out", fmt="ade20k")
     (tmp_path / "in" / "broken.png").write_bytes(b"no image")  # reported and skipped, the others segmented
     summary = run_predict([str(tmp_path / "in")], synth_ckpt, tmp_path / "out")
     [(path, why)] = summary.failed
