@@ -6,6 +6,9 @@ The launch matrix, checked in this order:
     inside an srun step (SLURM_STEP_ID set)              -> this node's torchrun agent ("torchrun-node"),
                                                             endpoint = first host of the step, port from the job id
     inside a SLURM allocation without a step             -> `srun` one agent per node ("srun")
+    Kubernetes pod of a Kubeflow PyTorchJob              -> this pod's torchrun agent ("torchrun-node"), from
+                                                            the operator's PET_* (elastic) or MASTER_ADDR,
+                                                            MASTER_PORT, WORLD_SIZE (pods), RANK variables
     plain shell, --nodes N > 1 or --rdzv-endpoint        -> this node's torchrun agent ("torchrun-node")
     plain shell, one node, P > 1 processes               -> `torchrun --standalone` ("torchrun-standalone")
     plain shell, one process                             -> run in this process ("in-process")
@@ -141,8 +144,8 @@ def _split_endpoint(endpoint: str) -> tuple[str, int]:
 
 
 def _torchrun(
-    argv: list[str], env: Mapping[str, str], nnodes: int, nproc: int, max_restarts: int,
-    endpoint: Optional[str] = None, rdzv_id: str = "ann",
+    argv: list[str], env: Mapping[str, str], nnodes: int | str, nproc: int, max_restarts: int,
+    endpoint: Optional[str] = None, rdzv_id: str = "ann", rdzv_conf: str = "",
 ) -> list[str]:
     timeout = _int_env(env, "ANN_RDZV_TIMEOUT", DEFAULT_RDZV_TIMEOUT)
     cmd = [sys.executable, "-m", "torch.distributed.run"]
@@ -153,7 +156,7 @@ def _torchrun(
     cmd += [
         "--nnodes", str(nnodes),
         "--nproc-per-node", str(nproc),
-        "--rdzv-conf", f"join_timeout={timeout}",
+        "--rdzv-conf", f"join_timeout={timeout}" + (f",{rdzv_conf}" if rdzv_conf else ""),
         "--max-restarts", str(max_restarts),
         "--shutdown-timeout", str(_int_env(env, "ANN_SHUTDOWN_TIMEOUT", DEFAULT_SHUTDOWN_TIMEOUT)),
         "--signals-to-handle", HANDLED_SIGNALS,
@@ -259,10 +262,63 @@ def _plain_plan(req: LaunchRequest, env: Mapping[str, str], nproc: int) -> Launc
     return _describe(LaunchPlan("in-process", None, dict(env), 1, 1, 1), "in this process")
 
 
+def _k8s_nnodes(env: Mapping[str, str], req: LaunchRequest) -> tuple[str, int]:
+    """torchrun's --nnodes ("N" or "MIN:MAX") and the largest node count."""
+    text = (env.get("PET_NNODES") or env.get("WORLD_SIZE") or "").strip()
+    parts = text.split(":")
+    if not text or len(parts) > 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise UserError(f"PET_NNODES/WORLD_SIZE={text!r}: expected the number of pods, N or MIN:MAX, as the "
+                        "PyTorchJob operator sets it")
+    most = int(parts[-1])
+    if req.nodes is not None and not int(parts[0]) <= req.nodes <= most:
+        raise UserError(f"--nodes {req.nodes} but this PyTorchJob has {text} pod(s)")
+    return text, most
+
+
+def _k8s_plan(req: LaunchRequest, env: Mapping[str, str], gpus: Callable[[], int]) -> LaunchPlan:
+    """A pod of a Kubeflow PyTorchJob: elastic (PET_RDZV_ENDPOINT, PET_NNODES=MIN:MAX, PET_MAX_RESTARTS) or
+    not (MASTER_ADDR:MASTER_PORT of the master pod, WORLD_SIZE = pods); both become a c10d rendezvous, where
+    node ranks follow arrival. The PET_* variables it reads are not passed on: torchrun reads PET_* as
+    defaults of its options, and PET_STANDALONE there would override the rendezvous."""
+    if env.get("PET_RDZV_ENDPOINT"):
+        endpoint = env["PET_RDZV_ENDPOINT"]
+    elif env.get("MASTER_ADDR") and env.get("MASTER_PORT"):
+        endpoint = f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
+    else:
+        raise UserError("inside a Kubernetes pod with PET_NNODES but neither PET_RDZV_ENDPOINT nor MASTER_ADDR/"
+                        "MASTER_PORT: run `ann train` in a PyTorchJob (k8s/pytorchjob.yaml) or pass --rdzv-endpoint")
+    endpoint = req.rdzv_endpoint or endpoint
+    _split_endpoint(endpoint)
+    if env.get("PET_RDZV_BACKEND", "c10d") != "c10d":
+        raise UserError(f"PET_RDZV_BACKEND={env['PET_RDZV_BACKEND']!r}: ann rendezvous with c10d; set "
+                        "elasticPolicy.rdzvBackend: c10d")
+    nnodes, most = _k8s_nnodes(env, req)
+    per_pod = env.get("PET_NPROC_PER_NODE", "")
+    nproc = req.nproc_per_node or (int(per_pod) if per_pod.isdigit() else max(1, gpus()))
+    pet_restarts = env.get("PET_MAX_RESTARTS", "0").strip() or "0"
+    if not pet_restarts.isdigit():
+        raise UserError(f"PET_MAX_RESTARTS={pet_restarts!r}: expected a whole number (elasticPolicy.maxRestarts)")
+    restarts = req.max_restarts or int(pet_restarts)  # --max-restarts wins over elasticPolicy.maxRestarts
+    rdzv_id = env.get("PET_RDZV_ID") or env.get("ANN_RDZV_ID") or "ann"
+    cmd = _torchrun(req.argv, env, nnodes, nproc, restarts, endpoint, rdzv_id, env.get("PET_RDZV_CONF", ""))
+    passed = child_env({k: v for k, v in env.items() if not k.startswith("PET_")}, nproc)
+    plan = LaunchPlan("torchrun-node", cmd, passed, most * nproc, most, nproc, endpoint)
+    return _describe(plan, f"torchrun agent in Kubernetes pod {env.get('HOSTNAME', socket.gethostname())}, c10d "
+                           f"rendezvous at {endpoint} (id {rdzv_id}, {nnodes} pod(s), max restarts {restarts})")
+
+
+def in_pytorchjob(env: Mapping[str, str]) -> bool:
+    """A pod that the Kubeflow training operator started: Kubernetes plus its rendezvous variables."""
+    return bool(env.get("KUBERNETES_SERVICE_HOST")) and bool(
+        env.get("PET_RDZV_ENDPOINT") or env.get("PET_NNODES") or (env.get("MASTER_ADDR") and env.get("WORLD_SIZE")))
+
+
 def where_am_i(env: Mapping[str, str]) -> str:
-    """"worker", "slurm-step", "slurm-allocation" or "shell"."""
+    """"worker", "kubernetes-pod", "slurm-step", "slurm-allocation" or "shell"."""
     if all(env.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
         return "worker"
+    if in_pytorchjob(env):
+        return "kubernetes-pod"
     if env.get("SLURM_JOB_ID") and env.get("SLURM_STEP_ID"):
         return "slurm-step"
     if env.get("SLURM_JOB_ID"):
@@ -281,6 +337,8 @@ def plan_launch(
     where = where_am_i(env)
     if where == "worker":
         return _worker_plan(env)
+    if where == "kubernetes-pod":
+        return _k8s_plan(req, env, gpus)
     nproc = req.nproc_per_node or max(1, gpus())
     if where == "slurm-step":
         return _slurm_step_plan(req, env, scontrol, nproc)
