@@ -147,6 +147,14 @@ class TensorBoard:
             self._writer.close()
 
 
+def validation_scalars(metrics: dict) -> dict[str, float]:
+    """The series of one validation pass, for TensorBoard and the trackers alike: val/mIoU, val/aAcc,
+    val/mAcc and val/IoU/<class> (fractions, NaN for a class absent from the split)."""
+    series = {f"val/{k}": float(metrics[k]) for k in ("mIoU", "aAcc", "mAcc")}
+    series.update({f"val/IoU/{row['name']}": float(row["IoU"]) for row in metrics["per_class"]})
+    return series
+
+
 def _pct(value: float) -> str:
     return "nan" if value != value else f"{value * 100:.2f}"
 
