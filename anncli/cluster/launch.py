@@ -33,6 +33,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence
 
+from anncli.cluster.pytorchjob import in_pytorchjob, read_pytorchjob
 from anncli.errors import UserError
 
 DEFAULT_RDZV_TIMEOUT = 900
@@ -262,55 +263,20 @@ def _plain_plan(req: LaunchRequest, env: Mapping[str, str], nproc: int) -> Launc
     return _describe(LaunchPlan("in-process", None, dict(env), 1, 1, 1), "in this process")
 
 
-def _k8s_nnodes(env: Mapping[str, str], req: LaunchRequest) -> tuple[str, int]:
-    """torchrun's --nnodes ("N" or "MIN:MAX") and the largest node count."""
-    text = (env.get("PET_NNODES") or env.get("WORLD_SIZE") or "").strip()
-    parts = text.split(":")
-    if not text or len(parts) > 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise UserError(f"PET_NNODES/WORLD_SIZE={text!r}: expected the number of pods, N or MIN:MAX, as the "
-                        "PyTorchJob operator sets it")
-    most = int(parts[-1])
-    if req.nodes is not None and not int(parts[0]) <= req.nodes <= most:
-        raise UserError(f"--nodes {req.nodes} but this PyTorchJob has {text} pod(s)")
-    return text, most
-
-
 def _k8s_plan(req: LaunchRequest, env: Mapping[str, str], gpus: Callable[[], int]) -> LaunchPlan:
-    """A pod of a Kubeflow PyTorchJob: elastic (PET_RDZV_ENDPOINT, PET_NNODES=MIN:MAX, PET_MAX_RESTARTS) or
-    not (MASTER_ADDR:MASTER_PORT of the master pod, WORLD_SIZE = pods); both become a c10d rendezvous, where
-    node ranks follow arrival. The PET_* variables it reads are not passed on: torchrun reads PET_* as
-    defaults of its options, and PET_STANDALONE there would override the rendezvous."""
-    if env.get("PET_RDZV_ENDPOINT"):
-        endpoint = env["PET_RDZV_ENDPOINT"]
-    elif env.get("MASTER_ADDR") and env.get("MASTER_PORT"):
-        endpoint = f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
-    else:
-        raise UserError("inside a Kubernetes pod with PET_NNODES but neither PET_RDZV_ENDPOINT nor MASTER_ADDR/"
-                        "MASTER_PORT: run `ann train` in a PyTorchJob (k8s/pytorchjob.yaml) or pass --rdzv-endpoint")
-    endpoint = req.rdzv_endpoint or endpoint
+    """A pod of a Kubeflow PyTorchJob (cluster/pytorchjob.py): this pod's torchrun agent. The PET_* variables
+    are not passed on: torchrun reads PET_* as its options' defaults, and PET_STANDALONE would override
+    the rendezvous."""
+    job = read_pytorchjob(env, req.nodes)
+    endpoint = req.rdzv_endpoint or job.endpoint
     _split_endpoint(endpoint)
-    if env.get("PET_RDZV_BACKEND", "c10d") != "c10d":
-        raise UserError(f"PET_RDZV_BACKEND={env['PET_RDZV_BACKEND']!r}: ann rendezvous with c10d; set "
-                        "elasticPolicy.rdzvBackend: c10d")
-    nnodes, most = _k8s_nnodes(env, req)
-    per_pod = env.get("PET_NPROC_PER_NODE", "")
-    nproc = req.nproc_per_node or (int(per_pod) if per_pod.isdigit() else max(1, gpus()))
-    pet_restarts = env.get("PET_MAX_RESTARTS", "0").strip() or "0"
-    if not pet_restarts.isdigit():
-        raise UserError(f"PET_MAX_RESTARTS={pet_restarts!r}: expected a whole number (elasticPolicy.maxRestarts)")
-    restarts = req.max_restarts or int(pet_restarts)  # --max-restarts wins over elasticPolicy.maxRestarts
-    rdzv_id = env.get("PET_RDZV_ID") or env.get("ANN_RDZV_ID") or "ann"
-    cmd = _torchrun(req.argv, env, nnodes, nproc, restarts, endpoint, rdzv_id, env.get("PET_RDZV_CONF", ""))
+    nproc = req.nproc_per_node or job.nproc or max(1, gpus())
+    restarts = req.max_restarts or job.max_restarts  # --max-restarts wins over elasticPolicy.maxRestarts
+    cmd = _torchrun(req.argv, env, job.nnodes, nproc, restarts, endpoint, job.rdzv_id, job.rdzv_conf)
     passed = child_env({k: v for k, v in env.items() if not k.startswith("PET_")}, nproc)
-    plan = LaunchPlan("torchrun-node", cmd, passed, most * nproc, most, nproc, endpoint)
+    plan = LaunchPlan("torchrun-node", cmd, passed, job.most * nproc, job.most, nproc, endpoint)
     return _describe(plan, f"torchrun agent in Kubernetes pod {env.get('HOSTNAME', socket.gethostname())}, c10d "
-                           f"rendezvous at {endpoint} (id {rdzv_id}, {nnodes} pod(s), max restarts {restarts})")
-
-
-def in_pytorchjob(env: Mapping[str, str]) -> bool:
-    """A pod that the Kubeflow training operator started: Kubernetes plus its rendezvous variables."""
-    return bool(env.get("KUBERNETES_SERVICE_HOST")) and bool(
-        env.get("PET_RDZV_ENDPOINT") or env.get("PET_NNODES") or (env.get("MASTER_ADDR") and env.get("WORLD_SIZE")))
+                           f"rendezvous at {endpoint} (id {job.rdzv_id}, {job.nnodes} pod(s), max restarts {restarts})")
 
 
 def where_am_i(env: Mapping[str, str]) -> str:
