@@ -162,6 +162,28 @@ class EvalConfig(_Section):
         return self
 
 
+class WandbConfig(_Section):
+    """Weights & Biases: offline writes runs under the run directory's wandb/ for `wandb sync`."""
+
+    project: str = Field(min_length=1)
+    entity: Optional[str] = None
+    name: Optional[str] = None  # null: the recipe name
+    mode: Literal["online", "offline", "disabled"] = "online"
+
+
+class MlflowConfig(_Section):
+    tracking_uri: Optional[str] = None  # null: MLFLOW_TRACKING_URI, else mlflow's default (./mlruns)
+    experiment: Optional[str] = None  # null: the recipe name
+    run_name: Optional[str] = None  # null: the recipe name
+
+
+class LoggingConfig(_Section):
+    """Experiment trackers that rank 0 logs to, beside events.jsonl (train/trackers.py)."""
+
+    wandb: Optional[WandbConfig] = None
+    mlflow: Optional[MlflowConfig] = None
+
+
 class Recipe(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.\-]+$")
     engine: Literal["ddp", "deepspeed"] = "ddp"
@@ -173,6 +195,7 @@ class Recipe(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> "Recipe":

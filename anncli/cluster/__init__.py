@@ -1,5 +1,5 @@
 """Where a process runs and what it starts: the launch matrix (`launch.py`: shell, SLURM, srun step,
-torchrun worker), the supervisor of a launched command (`supervisor.py`: signals, exit codes), process
+Kubernetes pod, torchrun worker; `pytorchjob.py`: the Kubeflow operator's variables), the supervisor of a launched command (`supervisor.py`: signals, exit codes), process
 groups, collectives and sync-BN (`distributed.py`), and `ann env` (`env.py`).
 Imports: base only; the wings above call it (the supervisor is told about checkpoints by its caller).
 """

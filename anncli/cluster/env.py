@@ -12,6 +12,7 @@ from typing import Mapping, Optional
 
 from anncli.cluster.launch import NETWORK_PREFIXES, visible_gpus, where_am_i
 
+K8S_KEYS = ("HOSTNAME", "KUBERNETES_SERVICE_HOST", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")
 SLURM_KEYS = ("SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_JOB_NODELIST", "SLURM_JOB_NUM_NODES", "SLURM_STEP_ID",
               "SLURM_NODEID", "SLURMD_NODENAME", "SLURM_CPUS_PER_TASK", "SLURM_GPUS_ON_NODE", "SLURM_RESTART_COUNT")
 
@@ -99,6 +100,12 @@ def environment_lines(env: Mapping[str, str]) -> list[str]:
         lines.append("SLURM: " + " ".join(f"{k}={env[k]}" for k in SLURM_KEYS if k in env))
     else:
         lines.append("SLURM: not inside a SLURM job")
+    if env.get("KUBERNETES_SERVICE_HOST"):
+        pod = [f"{k}={env[k]}" for k in K8S_KEYS if k in env] + [f"{k}={v}" for k, v in sorted(env.items())
+                                                                   if k.startswith("PET_")]
+        lines.append("Kubernetes: " + " ".join(pod))
+    else:
+        lines.append("Kubernetes: not inside a pod")
     net = [f"  {k}={v}" for k, v in sorted(env.items()) if k.startswith(NETWORK_PREFIXES)]
     lines.append("NCCL/GLOO/distributed variables:" + ("" if net else " (none set)"))
     return lines + net

@@ -6,6 +6,9 @@ The launch matrix, checked in this order:
     inside an srun step (SLURM_STEP_ID set)              -> this node's torchrun agent ("torchrun-node"),
                                                             endpoint = first host of the step, port from the job id
     inside a SLURM allocation without a step             -> `srun` one agent per node ("srun")
+    Kubernetes pod of a Kubeflow PyTorchJob              -> this pod's torchrun agent ("torchrun-node"), from
+                                                            the operator's PET_* (elastic) or MASTER_ADDR,
+                                                            MASTER_PORT, WORLD_SIZE (pods), RANK variables
     plain shell, --nodes N > 1 or --rdzv-endpoint        -> this node's torchrun agent ("torchrun-node")
     plain shell, one node, P > 1 processes               -> `torchrun --standalone` ("torchrun-standalone")
     plain shell, one process                             -> run in this process ("in-process")
@@ -30,6 +33,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Sequence
 
+from anncli.cluster.pytorchjob import in_pytorchjob, read_pytorchjob
 from anncli.errors import UserError
 
 DEFAULT_RDZV_TIMEOUT = 900
@@ -141,8 +145,8 @@ def _split_endpoint(endpoint: str) -> tuple[str, int]:
 
 
 def _torchrun(
-    argv: list[str], env: Mapping[str, str], nnodes: int, nproc: int, max_restarts: int,
-    endpoint: Optional[str] = None, rdzv_id: str = "ann",
+    argv: list[str], env: Mapping[str, str], nnodes: int | str, nproc: int, max_restarts: int,
+    endpoint: Optional[str] = None, rdzv_id: str = "ann", rdzv_conf: str = "",
 ) -> list[str]:
     timeout = _int_env(env, "ANN_RDZV_TIMEOUT", DEFAULT_RDZV_TIMEOUT)
     cmd = [sys.executable, "-m", "torch.distributed.run"]
@@ -153,7 +157,7 @@ def _torchrun(
     cmd += [
         "--nnodes", str(nnodes),
         "--nproc-per-node", str(nproc),
-        "--rdzv-conf", f"join_timeout={timeout}",
+        "--rdzv-conf", f"join_timeout={timeout}" + (f",{rdzv_conf}" if rdzv_conf else ""),
         "--max-restarts", str(max_restarts),
         "--shutdown-timeout", str(_int_env(env, "ANN_SHUTDOWN_TIMEOUT", DEFAULT_SHUTDOWN_TIMEOUT)),
         "--signals-to-handle", HANDLED_SIGNALS,
@@ -259,10 +263,28 @@ def _plain_plan(req: LaunchRequest, env: Mapping[str, str], nproc: int) -> Launc
     return _describe(LaunchPlan("in-process", None, dict(env), 1, 1, 1), "in this process")
 
 
+def _k8s_plan(req: LaunchRequest, env: Mapping[str, str], gpus: Callable[[], int]) -> LaunchPlan:
+    """A pod of a Kubeflow PyTorchJob (cluster/pytorchjob.py): this pod's torchrun agent. The PET_* variables
+    are not passed on: torchrun reads PET_* as its options' defaults, and PET_STANDALONE would override
+    the rendezvous."""
+    job = read_pytorchjob(env, req.nodes)
+    endpoint = req.rdzv_endpoint or job.endpoint
+    _split_endpoint(endpoint)
+    nproc = req.nproc_per_node or job.nproc or max(1, gpus())
+    restarts = req.max_restarts or job.max_restarts  # --max-restarts wins over elasticPolicy.maxRestarts
+    cmd = _torchrun(req.argv, env, job.nnodes, nproc, restarts, endpoint, job.rdzv_id, job.rdzv_conf)
+    passed = child_env({k: v for k, v in env.items() if not k.startswith("PET_")}, nproc)
+    plan = LaunchPlan("torchrun-node", cmd, passed, job.most * nproc, job.most, nproc, endpoint)
+    return _describe(plan, f"torchrun agent in Kubernetes pod {env.get('HOSTNAME', socket.gethostname())}, c10d "
+                           f"rendezvous at {endpoint} (id {job.rdzv_id}, {job.nnodes} pod(s), max restarts {restarts})")
+
+
 def where_am_i(env: Mapping[str, str]) -> str:
-    """"worker", "slurm-step", "slurm-allocation" or "shell"."""
+    """"worker", "kubernetes-pod", "slurm-step", "slurm-allocation" or "shell"."""
     if all(env.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")):
         return "worker"
+    if in_pytorchjob(env):
+        return "kubernetes-pod"
     if env.get("SLURM_JOB_ID") and env.get("SLURM_STEP_ID"):
         return "slurm-step"
     if env.get("SLURM_JOB_ID"):
@@ -281,6 +303,8 @@ def plan_launch(
     where = where_am_i(env)
     if where == "worker":
         return _worker_plan(env)
+    if where == "kubernetes-pod":
+        return _k8s_plan(req, env, gpus)
     nproc = req.nproc_per_node or max(1, gpus())
     if where == "slurm-step":
         return _slurm_step_plan(req, env, scontrol, nproc)

@@ -25,9 +25,10 @@ from anncli.runs.integrity import MARKER, DamagedCheckpoint, verify
 RESUME_SAFE_KEYS = (
     "name", "train.iters", "train.checkpoint_every", "train.keep_last", "train.val_every", "train.log_every",
     "train.max_bad_steps", "train.tensorboard", "train.trace_samples", "train.batch_size", "train.accum_steps",
-    "data.root", "data.val", "data.num_workers", "data.max_skip_fraction", "model.pretrained", "eval.",
+    "data.root", "data.val", "data.num_workers", "data.max_skip_fraction", "model.pretrained", "eval.", "logging.",
 )
 LAUNCH_FILE = ".launch"
+TRACKERS_FILE = "trackers.json"  # the W&B / MLflow run ids of this run (train/trackers.py)
 
 
 def superseded_dir(run_dir: Path) -> Path:
@@ -147,7 +148,8 @@ def decide_start(run_dir: Path, resume: str, fresh: bool = False, init_from: boo
             raise UserError(f"{run_dir} already holds checkpoints (newest {done[-1]}); {how} would mix two runs "
                             f"in it. Pass another --work-dir, or --fresh to move them and events.jsonl aside "
                             f"into {run_dir}/superseded-<time>/")
-        move_aside(run_dir, [checkpoints_dir(run_dir), Path(run_dir) / "events.jsonl", Path(run_dir) / "tb"], "--fresh")
+        move_aside(run_dir, [checkpoints_dir(run_dir), *(Path(run_dir) / n for n in ("events.jsonl", "tb", TRACKERS_FILE))],
+                   "--fresh")
         record_launch(run_dir)
         return None
     if resume == "auto":

@@ -69,6 +69,7 @@ class _Run:
     checkpointer: Any
     events: Any
     tb: Any
+    trackers: Any
     progress: Any
     meter: Any
     stop: StopFlag
@@ -76,9 +77,10 @@ class _Run:
     start: int
     bad_steps_total: int
 
-    def close(self) -> None:
+    def close(self, status: str = "FAILED") -> None:
         self.progress.close()
         self.tb.close()
+        self.trackers.close(status)
         self.events.close()
         self.checkpointer.close()
 
@@ -92,10 +94,13 @@ def run_training(recipe: Recipe, opts: TrainOptions) -> int:
     info = init_distributed()
     with rank_session(info):  # a rank that raises stops every rank within seconds, never a barrier
         run = _set_up(recipe, opts, info, stop)
+        status = "FAILED"
         try:
-            return _loop(run)
+            code = _loop(run)
+            status = "FINISHED" if code == 0 else "KILLED"
+            return code
         finally:
-            run.close()
+            run.close(status)
 
 
 # --- the loop -------------------------------------------------------------------------------------
@@ -127,6 +132,7 @@ def _loop(run: _Run) -> int:
             run.events.write("preempted", step=step, signal=run.stop.signum)
             return EXIT_PREEMPTED
     run.events.write("done", step=step)
+    run.trackers.finish(step)
     return 0
 
 
@@ -194,7 +200,9 @@ def _log(run: _Run, step: int, result: StepResult, lr: float) -> None:
 
             record["samples_sha256"] = gather_samples_sha256(result.indices, result.keys)
         run.events.write("step", step=step, **record)
-        run.tb.scalars(step, {f"train/{k}": v for k, v in record.items() if k != "samples_sha256"})
+        series = {f"train/{k}": v for k, v in record.items() if k != "samples_sha256"}
+        run.tb.scalars(step, series)
+        run.trackers.scalars(step, series)
         run.progress.update(step, {k: record[k] for k in ("loss", "lr", "img_per_s")}, log_line=True)
     else:
         run.progress.update(step, {"loss": result.loss, "lr": lr}, log_line=False)
@@ -211,7 +219,10 @@ def _validate(run: _Run, step: int) -> None:
     if run.info.is_main:
         run.events.write("val", step=step, mIoU=metrics["mIoU"], aAcc=metrics["aAcc"], mAcc=metrics["mAcc"],
                          IoU={row["name"]: json_safe(row["IoU"]) for row in metrics["per_class"]})
-        run.tb.scalars(step, val_scalars(metrics))
+        series = val_scalars(metrics)
+        run.tb.scalars(step, series)
+        run.trackers.scalars(step, series)
+        run.trackers.validation(step, {"recipe": run.recipe.name, "step": step, "split": run.recipe.data.val, **metrics})
         run.progress.message(f"[ann] step {step}: val mIoU {metrics['mIoU'] * 100:.2f}")
     model.train()
 
@@ -226,6 +237,7 @@ def _set_up(recipe: Recipe, opts: TrainOptions, info, stop: StopFlag) -> _Run:
     from anncli.train.engine import build_engine
     from anncli.train.losses import SegLoss
     from anncli.eval.report import EventLog, StepMeter, TensorBoard, TrainProgress
+    from anncli.train.trackers import Trackers
 
     t = recipe.train
     checkpointer = Checkpointer(opts.work_dir or default_work_dir(recipe), recipe, info)
@@ -256,11 +268,12 @@ def _set_up(recipe: Recipe, opts: TrainOptions, info, stop: StopFlag) -> _Run:
         events.write("start", step=0, world_size=info.world_size, recipe=recipe.name, batch_size=split.batch_size,
                      accum_steps=split.accum_steps, effective_batch=split.effective_batch)
     tb = TensorBoard(checkpointer.run_dir / "tb" if (t.tensorboard and info.is_main) else None)
+    trackers = Trackers(recipe, checkpointer.run_dir, enabled=info.is_main)
     start = resumed.step if resumed else 0
     progress = TrainProgress(t.iters, start, enabled=info.is_main)
     model.train()
     return _Run(recipe=recipe, info=info, engine=engine, stream=stream, batches=iter(stream), criterion=criterion,
-                checkpointer=checkpointer, events=events, tb=tb, progress=progress, meter=StepMeter(), stop=stop,
+                checkpointer=checkpointer, events=events, tb=tb, trackers=trackers, progress=progress, meter=StepMeter(), stop=stop,
                 base_lr=scaled_lr(recipe, info.world_size, split.effective_batch)[0], start=start,
                 bad_steps_total=resumed.bad_steps_total if resumed else 0)
 

@@ -1,0 +1,67 @@
+"""A pod of a Kubeflow PyTorchJob: the variables the training operator sets, read into one rendezvous.
+
+What kubeflow/training-operator (pkg/controller.v1/pytorch) sets in every pod:
+    elastic (spec.elasticPolicy)   PET_RDZV_ENDPOINT=<job>-worker-0:<pytorchjob-port>, PET_RDZV_BACKEND,
+                                   PET_NNODES=N or MIN:MAX, and when given PET_NPROC_PER_NODE,
+                                   PET_MAX_RESTARTS, PET_RDZV_ID, PET_RDZV_CONF
+    with a Master replica          MASTER_ADDR=<job>-master-0, MASTER_PORT, WORLD_SIZE=<pods>, RANK=<pod index>
+Both become a c10d rendezvous (node ranks follow arrival). Kubernetes itself sets KUBERNETES_SERVICE_HOST.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+from anncli.errors import UserError
+
+
+@dataclass
+class PodJob:
+    endpoint: str
+    nnodes: str  # torchrun's --nnodes: "N" or "MIN:MAX"
+    most: int  # the largest number of pods
+    nproc: Optional[int]  # PET_NPROC_PER_NODE, when a number
+    max_restarts: int
+    rdzv_id: str
+    rdzv_conf: str
+
+
+def in_pytorchjob(env: Mapping[str, str]) -> bool:
+    """A pod that the Kubeflow training operator started: Kubernetes plus its rendezvous variables."""
+    return bool(env.get("KUBERNETES_SERVICE_HOST")) and bool(
+        env.get("PET_RDZV_ENDPOINT") or env.get("PET_NNODES") or (env.get("MASTER_ADDR") and env.get("WORLD_SIZE")))
+
+
+def _nnodes(env: Mapping[str, str], nodes: Optional[int]) -> tuple[str, int]:
+    text = (env.get("PET_NNODES") or env.get("WORLD_SIZE") or "").strip()
+    parts = text.split(":")
+    if not text or len(parts) > 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise UserError(f"PET_NNODES/WORLD_SIZE={text!r}: expected the number of pods, N or MIN:MAX, as the "
+                        "PyTorchJob operator sets it")
+    most = int(parts[-1])
+    if nodes is not None and not int(parts[0]) <= nodes <= most:
+        raise UserError(f"--nodes {nodes} but this PyTorchJob has {text} pod(s)")
+    return text, most
+
+
+def read_pytorchjob(env: Mapping[str, str], nodes: Optional[int] = None) -> PodJob:
+    """The rendezvous of this pod's job; a variable that makes no sense is one UserError line."""
+    if env.get("PET_RDZV_ENDPOINT"):
+        endpoint = env["PET_RDZV_ENDPOINT"]
+    elif env.get("MASTER_ADDR") and env.get("MASTER_PORT"):
+        endpoint = f"{env['MASTER_ADDR']}:{env['MASTER_PORT']}"
+    else:
+        raise UserError("inside a Kubernetes pod with PET_NNODES but neither PET_RDZV_ENDPOINT nor MASTER_ADDR/"
+                        "MASTER_PORT: run `ann train` in a PyTorchJob (k8s/pytorchjob.yaml) or pass --rdzv-endpoint")
+    if env.get("PET_RDZV_BACKEND", "c10d") != "c10d":
+        raise UserError(f"PET_RDZV_BACKEND={env['PET_RDZV_BACKEND']!r}: ann rendezvous with c10d; set "
+                        "elasticPolicy.rdzvBackend: c10d")
+    nnodes, most = _nnodes(env, nodes)
+    per_pod = env.get("PET_NPROC_PER_NODE", "")  # may be "auto", "gpu" or "cpu": then ann counts the GPUs
+    restarts = env.get("PET_MAX_RESTARTS", "0").strip() or "0"
+    if not restarts.isdigit():
+        raise UserError(f"PET_MAX_RESTARTS={restarts!r}: expected a whole number (elasticPolicy.maxRestarts)")
+    return PodJob(endpoint=endpoint, nnodes=nnodes, most=most, nproc=int(per_pod) if per_pod.isdigit() else None,
+                  max_restarts=int(restarts), rdzv_id=env.get("PET_RDZV_ID") or env.get("ANN_RDZV_ID") or "ann",
+                  rdzv_conf=env.get("PET_RDZV_CONF", ""))
