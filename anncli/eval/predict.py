@@ -92,6 +92,7 @@ def run_predict(images, checkpoint, out, recipe_path=None, overrides=(), multisc
     read is reported on stderr and skipped; the summary lists it. `recipe` (loaded) wins over `recipe_path`."""
     from anncli.runs.checkpoint import checkpoint_recipe
     from anncli.recipe import load_recipe
+    from anncli.tuning import configure_algorithms, memory_format
 
     start = time.perf_counter()
     if recipe is None:
@@ -104,7 +105,8 @@ def run_predict(images, checkpoint, out, recipe_path=None, overrides=(), multisc
         raise UserError(f"two inputs share the name {next(s for s in stems if stems.count(s) > 1)!r}; "
                         "predict them into different --out directories")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(recipe, Path(checkpoint), device)
+    configure_algorithms(device, recipe.train.deterministic, shapes_repeat=protocol.mode == "slide")
+    model = load_model(recipe, Path(checkpoint), device, memory_format(protocol.channels_last, device))
     palette, out = class_palette(recipe), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary = PredictSummary(out=out, images=len(paths))
