@@ -106,6 +106,7 @@ def test_bf16_evaluation_is_within_a_tenth_of_a_point_of_fp32(tmp_path):
         assert res.returncode == 0, res.stderr[-3000:]
         reports[precision] = json.loads(out.read_text())
     fp32, bf16 = reports["fp32"], reports["bf16"]
+    print(f"demo mIoU: fp32 {fp32['mIoU']:.6f}, bf16 {bf16['mIoU']:.6f}")
     assert fp32["units"]["mIoU"] == "fraction" and bf16["protocol"]["precision"] == "bf16"
     assert fp32["mIoU"] > 0.3, fp32["mIoU"]  # a model that learned something, not a constant prediction
     assert abs(bf16["mIoU"] - fp32["mIoU"]) <= 0.001, (fp32["mIoU"], bf16["mIoU"])
