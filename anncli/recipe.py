@@ -8,11 +8,11 @@ the SLURM templates set them with `--set`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import yaml
 from anncli.errors import UserError
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 
 class RecipeError(UserError):
@@ -38,7 +38,10 @@ class ModelConfig(_Section):
     attention: Literal["explicit", "sdpa"] = "explicit"
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
     pretrained: Optional[str] = None
-    channels_last: bool = False
+    # channels_last memory format (NHWC) for weights and inputs; auto: on CUDA, off on CPU
+    channels_last: Union[bool, Literal["auto"]] = "auto"
+    compile: bool = False  # torch.compile of the network for training (`ann train --compile`)
+    compile_backend: str = Field("inductor", min_length=1)  # torch.compile backend, e.g. aot_eager to debug
     align_corners: Optional[bool] = None  # logits resize; null: True for official, False for mmseg
 
     @model_validator(mode="after")
@@ -133,6 +136,7 @@ class TrainConfig(_Section):
     max_bad_steps: int = Field(5, ge=1)
     tensorboard: bool = False
     trace_samples: bool = False
+    deterministic: bool = False  # deterministic algorithms, no cuDNN autotuning (slower; README)
 
 
 class DeepSpeedConfig(_Section):
@@ -150,6 +154,15 @@ class EvalConfig(_Section):
     max_long: Optional[int] = None
     size_divisor: int = Field(1, ge=1)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # sliding windows of one image and scale per forward; auto: from free memory on CUDA, a few on CPU
+    batch_windows: Union[int, Literal["auto"]] = "auto"
+
+    @field_validator("batch_windows", mode="before")
+    @classmethod
+    def _batch_windows(cls, value):
+        if value != "auto" and (type(value) is not int or value < 1):
+            raise ValueError("expected auto or an integer >= 1")
+        return value
 
     @model_validator(mode="after")
     def _window(self) -> "EvalConfig":

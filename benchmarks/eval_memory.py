@@ -95,7 +95,7 @@ def run_one(cfg: dict) -> dict:
     image = torch.randn(3, cfg["height"], cfg["width"], device=device)
     slide = cfg["mode"] == "slide"
     protocol = Protocol(scales=(cfg["scale"],), mode=cfg["mode"], crop=tuple(cfg["crop"]) if slide else None,
-                        stride=tuple(cfg["stride"]) if slide else None)
+                        stride=tuple(cfg["stride"]) if slide else None, batch_windows=1)  # one window a forward
     wrapped = WindowBudget(model, cfg["max_windows"] if slide else 1 << 30)
     if device.type == "cuda":
         torch.cuda.synchronize()

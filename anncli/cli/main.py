@@ -99,6 +99,8 @@ def train(
     fresh: Annotated[bool, typer.Option("--fresh", help="Start over; move old checkpoints aside (superseded-<time>/).")] = False,
     allow_recipe_change: Annotated[bool, typer.Option("--allow-recipe-change",
                                                       help="Resume across recipe changes that break exactness.")] = False,
+    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the network (recipe key "
+                                                             "model.compile).")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved recipe and the launch plan (the exact "
                                                             "torchrun/srun command), then exit.")] = False,
     *,
@@ -106,7 +108,7 @@ def train(
 ) -> None:
     """Train a recipe: in this process, under torchrun, or across SLURM nodes."""
     recipe = recipe_file(recipe)
-    r = _load(recipe, set_)
+    r = _load(recipe, [*(set_ or []), *(["model.compile=true"] if compile_ else [])])
     from anncli.train.plan import describe_plan, plan_split
     from anncli.train.loop import TrainOptions, run_training
 

@@ -186,11 +186,13 @@ def run_evaluation(recipe, opts: EvalOptions) -> dict:
 
 def _run(recipe, opts: EvalOptions, info) -> dict:
     from anncli.data.synth import prepare_synth
+    from anncli.tuning import configure_algorithms, memory_format
 
     start = time.perf_counter()
     checkpoint = opts.checkpoint  # load_model verifies the files it reads
     prepare_synth(recipe.data, info.is_main)
-    model = load_model(recipe, checkpoint, info.device)
+    configure_algorithms(info.device, recipe.train.deterministic, shapes_repeat=opts.protocol.mode == "slide")
+    model = load_model(recipe, checkpoint, info.device, memory_format(opts.protocol.channels_last, info.device))
     cm, total = _evaluate_split(model, recipe, opts.split, opts.protocol, info, opts.save_pred, info.is_main,
                                 opts.pred_format)
     metrics = metrics_from_confusion(cm, _class_names(recipe, opts.split))

@@ -8,6 +8,11 @@ probabilities (mmseg's TTA). A scaled image smaller than the window in either di
 as in the official `mscrop_test`. Images and logits are resized bilinearly with align_corners=False
 (mmseg's choice; the official code resizes logits with cv2 bicubic), and the accumulator is float32
 on the image's device.
+
+Speed without other numbers: the windows of one view go through the network `batch_windows` at a time
+(auto: as many as half the free CUDA memory holds, a few on CPU), in channels_last where the recipe's
+`model.channels_last` says so (auto: on CUDA), under autocast for bf16/fp16; every window's logits are
+cast to float32 before they are added up.
 """
 
 from __future__ import annotations
@@ -24,6 +29,13 @@ import torch.nn.functional as F
 from anncli.errors import UserError
 from anncli.precision import autocast
 from anncli.sizes import parse_hw
+from anncli.tuning import memory_format
+
+# `eval.batch_windows: auto`: windows per forward on CPU (more only add memory there), and the memory one
+# window of the image takes on CUDA: ANN-R101-D8 peaks at about 1.2 KB per input pixel in float32 without
+# gradients (benchmarks/results/eval_memory.json: 0.84 GiB for 864x864), rounded up for cuDNN workspace.
+CPU_BATCH_WINDOWS = 4
+WINDOW_BYTES_PER_PIXEL = 1536
 
 
 @dataclass(frozen=True)
@@ -40,6 +52,8 @@ class Protocol:
     max_long: Optional[int] = None
     size_divisor: int = 1  # zero-pad right/bottom to a multiple, crop the logits back
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast)
+    batch_windows: int | str = "auto"  # sliding windows per forward, or auto (windows_per_batch)
+    channels_last: bool | str = "auto"  # the model's memory format (model.channels_last; auto: on CUDA)
     mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
     std: tuple[float, float, float] = (58.395, 57.12, 57.375)
     bgr: bool = False
@@ -52,6 +66,7 @@ class Protocol:
             scales=(1.0,), flip=False, mode=ev.mode, crop=ev.crop, stride=ev.stride, merge=ev.merge,
             resize_short=ev.resize_short, max_long=ev.max_long, size_divisor=ev.size_divisor,
             precision=ev.precision, mean=tuple(aug.mean), std=tuple(aug.std), bgr=aug.bgr,
+            batch_windows=ev.batch_windows, channels_last=recipe.model.channels_last,
         )
         fields.update(changes)
         fields["scales"] = tuple(float(s) for s in fields["scales"])
@@ -84,13 +99,14 @@ def _logits(output) -> torch.Tensor:
     return output
 
 
-def forward_padded(model, x: torch.Tensor, size_divisor: int = 1) -> torch.Tensor:
-    """Logits [B, K, h, w] for input [B, 3, h, w]; pads to the divisor and crops the padding away."""
+def forward_padded(model, x: torch.Tensor, size_divisor: int = 1,
+                   layout: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """float32 logits [B, K, h, w] for input [B, 3, h, w]; pads to the divisor and crops the padding away."""
     h, w = x.shape[-2:]
     pad_h, pad_w = (-h) % size_divisor, (-w) % size_divisor
     if pad_h or pad_w:
         x = F.pad(x, (0, pad_w, 0, pad_h))
-    out = _logits(model(x)).float()
+    out = _logits(model(x.contiguous(memory_format=layout))).float()
     if out.shape[-2:] != x.shape[-2:]:
         out = F.interpolate(out, size=x.shape[-2:], mode="bilinear", align_corners=False)
     return out[..., :h, :w]
@@ -102,19 +118,35 @@ def window_starts(length: int, crop: int, stride: int) -> list[int]:
     return sorted({min(i * stride, max(length - crop, 0)) for i in range(count)})
 
 
-def slide_logits(model, x: torch.Tensor, crop: tuple[int, int], stride: tuple[int, int],
-                 size_divisor: int = 1) -> torch.Tensor:
-    """Logits of overlapping windows, each pixel the mean over the windows that cover it."""
-    h, w = x.shape[-2:]
+def windows_per_batch(setting: int | str, windows: int, crop: tuple[int, int], device: torch.device) -> int:
+    """How many of a view's `windows` go through the network together: `eval.batch_windows` (at most all
+    of them), or auto: on CUDA as many as half the free memory holds, on CPU CPU_BATCH_WINDOWS."""
+    if setting != "auto":
+        return max(1, min(int(setting), windows))
+    if device.type != "cuda":
+        return min(CPU_BATCH_WINDOWS, windows)
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached, reusable
+    return max(1, min(windows, int(free // 2 // (crop[0] * crop[1] * WINDOW_BYTES_PER_PIXEL))))
+
+
+def slide_logits(model, x: torch.Tensor, crop: tuple[int, int], stride: tuple[int, int], size_divisor: int = 1,
+                 batch_windows: int | str = 1, layout: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """float32 logits of overlapping windows, each pixel the mean over the windows that cover it; the
+    windows go through the network `batch_windows` at a time (windows_per_batch)."""
+    n, h, w = x.shape[0], *x.shape[-2:]
+    origins = [(y, x0) for y in window_starts(h, crop[0], stride[0]) for x0 in window_starts(w, crop[1], stride[1])]
+    per_batch = windows_per_batch(batch_windows, len(origins), crop, x.device)
     total = counts = None
-    for y in window_starts(h, crop[0], stride[0]):
-        for x0 in window_starts(w, crop[1], stride[1]):
-            window = x[..., y:y + crop[0], x0:x0 + crop[1]]
-            out = forward_padded(model, window, size_divisor)
-            if total is None:
-                total = out.new_zeros((*out.shape[:2], h, w))
-                counts = out.new_zeros((1, 1, h, w))
-            total[..., y:y + crop[0], x0:x0 + crop[1]] += out
+    for first in range(0, len(origins), per_batch):
+        group = origins[first:first + per_batch]
+        windows = torch.cat([x[..., y:y + crop[0], x0:x0 + crop[1]] for y, x0 in group])
+        out = forward_padded(model, windows, size_divisor, layout)
+        if total is None:
+            total = out.new_zeros((n, out.shape[1], h, w))
+            counts = out.new_zeros((1, 1, h, w))
+        for i, (y, x0) in enumerate(group):
+            total[..., y:y + crop[0], x0:x0 + crop[1]] += out[i * n:(i + 1) * n]
             counts[..., y:y + crop[0], x0:x0 + crop[1]] += 1
     return total.div_(counts)
 
@@ -122,9 +154,11 @@ def slide_logits(model, x: torch.Tensor, crop: tuple[int, int], stride: tuple[in
 def view_logits(model, x: torch.Tensor, protocol: Protocol) -> torch.Tensor:
     """One view at its own size: slide when the image covers the window, else whole."""
     h, w = x.shape[-2:]
+    layout = memory_format(protocol.channels_last, x.device)
     if protocol.mode == "slide" and h >= protocol.crop[0] and w >= protocol.crop[1]:
-        return slide_logits(model, x, protocol.crop, protocol.stride, protocol.size_divisor)
-    return forward_padded(model, x, protocol.size_divisor)
+        return slide_logits(model, x, protocol.crop, protocol.stride, protocol.size_divisor, protocol.batch_windows,
+                            layout)
+    return forward_padded(model, x, protocol.size_divisor, layout)
 
 
 @torch.no_grad()
@@ -153,15 +187,15 @@ def infer_logits(model, image: torch.Tensor, protocol: Protocol) -> torch.Tensor
     return total[0]
 
 
-def load_model(recipe, checkpoint: Path, device: torch.device):
-    """The recipe's network with the checkpoint's weights, in eval mode on the device."""
+def load_model(recipe, checkpoint: Path, device: torch.device, layout: torch.memory_format = torch.contiguous_format):
+    """The recipe's network with the checkpoint's weights, in eval mode on the device, its weights in `layout`."""
     from anncli.runs.checkpoint import load_model_for_inference
     from anncli.models.ann import build_model
 
     # The checkpoint holds every weight: no ImageNet backbone file is read (nor needed) to evaluate.
     model = build_model(recipe.model.model_copy(update={"pretrained": None}))
     model.load_state_dict(load_model_for_inference(Path(checkpoint), recipe))
-    return model.to(device).eval()
+    return model.to(device, memory_format=layout).eval()
 
 
 def normalize_image(image: np.ndarray, protocol: Protocol, device: torch.device) -> torch.Tensor:

@@ -54,6 +54,7 @@ def run_predict(images, checkpoint, out, recipe_path=None, overrides=(), multisc
     summary lists it. `recipe` (loaded) wins over `recipe_path`."""
     from anncli.runs.checkpoint import checkpoint_recipe
     from anncli.recipe import load_recipe
+    from anncli.tuning import configure_algorithms, memory_format
 
     start = time.perf_counter()
     if recipe is None:
@@ -65,7 +66,8 @@ def run_predict(images, checkpoint, out, recipe_path=None, overrides=(), multisc
     places.check_inputs(paths)
     places.make()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(recipe, Path(checkpoint), device)
+    configure_algorithms(device, recipe.train.deterministic, shapes_repeat=protocol.mode == "slide")
+    model = load_model(recipe, Path(checkpoint), device, memory_format(protocol.channels_last, device))
     palette = class_palette(recipe)
     summary = PredictSummary(out=places.out, images=len(paths))
     with progress("predict", total=len(paths)) as advance:

@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,25 +28,22 @@ def pool_then_project(x: torch.Tensor, conv: nn.Conv2d, sampler: nn.Module) -> t
     return F.conv1d(anchors, conv.weight.flatten(2), conv.bias)
 
 
-@functools.lru_cache(maxsize=64)
-def _bin_mean_table(length: int, sizes: tuple[int, ...]) -> np.ndarray:
-    """(length, sum(sizes)) float64: column j averages adaptive-pooling bin j (floor/ceil edges, as torch's).
-
-    Cached as numpy, never as a tensor: a tensor made while torch.export traces is a fake one, and a
-    cached fake tensor would break every later eager call.
-    """
-    cols = np.zeros((length, sum(sizes)))
-    j = 0
-    for s in sizes:
-        for i in range(s):
-            start, end = (i * length) // s, -(-(i + 1) * length // s)
-            cols[start:end, j] = 1.0 / (end - start)
-            j += 1
-    return cols
-
-
 def _bin_means(length: int, sizes: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    return torch.from_numpy(_bin_mean_table(int(length), sizes)).to(device=device, dtype=dtype)
+    """(length, sum(sizes)): column j averages adaptive-pooling bin j (floor/ceil edges, as torch's).
+
+    Built from torch ops on every call, so torch.compile traces it without a graph break (and folds it
+    into a constant for a fixed size) and torch.export sees no tensor cached from another trace. The
+    weights are 1/count in float64, then cast to `dtype`.
+    """
+    positions = torch.arange(length, device=device).unsqueeze(1)  # (length, 1)
+    columns = []
+    for s in sizes:
+        bins = torch.arange(s, device=device)
+        start = torch.div(bins * length, s, rounding_mode="floor")
+        end = -torch.div(-(bins + 1) * length, s, rounding_mode="floor")  # ceil
+        inside = (positions >= start) & (positions < end)  # (length, s)
+        columns.append(inside.to(torch.float64) / (end - start).to(torch.float64))
+    return torch.cat(columns, dim=1).to(dtype)
 
 
 class AnchorSampler(nn.Module):

@@ -64,7 +64,8 @@ def attend(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, impl: st
         raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {impl!r}")
     with autocast_off(query.device):
         q, k, v = query.float(), key.float(), value.float()
-        captured = _CAPTURED.get()
+        # Capturing is an eager-only tool (ann viz attention); torch.compile cannot trace a ContextVar.
+        captured = None if torch.compiler.is_compiling() else _CAPTURED.get()
         if impl == "sdpa" and captured is None:
             out = F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.transpose(1, 2).unsqueeze(1))
             out = out.squeeze(1).transpose(1, 2)

@@ -35,7 +35,7 @@ from anncli.runs.rundir import (  # noqa: F401  (the layout is part of this modu
 )
 
 # Model settings that do not change the weights' meaning, so a checkpoint may be loaded across them.
-_MODEL_KEYS_IGNORED = {"norm", "pretrained", "channels_last", "attention"}
+_MODEL_KEYS_IGNORED = {"norm", "pretrained", "channels_last", "attention", "compile", "compile_backend"}
 
 
 def default_work_dir(recipe: Recipe) -> Path:

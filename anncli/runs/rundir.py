@@ -26,6 +26,8 @@ RESUME_SAFE_KEYS = (
     "name", "train.iters", "train.checkpoint_every", "train.keep_last", "train.val_every", "train.log_every",
     "train.max_bad_steps", "train.tensorboard", "train.trace_samples", "train.batch_size", "train.accum_steps",
     "data.root", "data.val", "data.num_workers", "data.max_skip_fraction", "model.pretrained", "eval.", "logging.",
+    # how the same maths runs (memory layout, compiled or not, algorithm choice): float rounding only
+    "model.channels_last", "model.compile", "model.compile_backend", "train.deterministic",
 )
 LAUNCH_FILE = ".launch"
 TRACKERS_FILE = "trackers.json"  # the W&B / MLflow run ids of this run (train/trackers.py)

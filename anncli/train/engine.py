@@ -35,8 +35,17 @@ def build_optimizer(params, recipe: Recipe, world_size: int, effective: int | No
     return torch.optim.AdamW(params, lr=lr, betas=o.betas, weight_decay=o.weight_decay)
 
 
+def compile_backend(recipe: Recipe) -> str:
+    """`model.compile_backend`, checked against the backends torch.compile knows."""
+    backend = recipe.model.compile_backend
+    if backend not in torch.compiler.list_backends(exclude_tags=()):
+        raise UserError(f"model.compile_backend {backend!r}: not a torch.compile backend (one of: "
+                        f"{', '.join(torch.compiler.list_backends())})")
+    return backend
+
+
 class _Engine:
-    module: nn.Module
+    module: nn.Module  # the network itself (never a DDP or compile wrapper): what checkpoints save
     optimizer: torch.optim.Optimizer
 
     def set_lr(self, lr: float) -> None:
@@ -64,6 +73,8 @@ class DDPEngine(_Engine):
             self.model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         else:
             self.model = model
+        if recipe.model.compile:  # compile around DDP: dynamo splits the graph at DDP's gradient buckets
+            self.model = torch.compile(self.model, backend=compile_backend(recipe))
         self.optimizer = build_optimizer(model.parameters(), recipe, info.world_size, split and split.effective_batch)
         self.scaler = torch.amp.GradScaler(info.device.type) if self.precision == "fp16" else None
 
@@ -184,6 +195,8 @@ class DeepSpeedEngine(_Engine):
         self.model, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(recipe, split)
         )
+        if recipe.model.compile:
+            self.model.compile(backend=compile_backend(recipe))
 
     def micro_step(self, images, labels, criterion, boundary: bool) -> tuple[torch.Tensor, bool]:
         main, aux = self.model(images)

@@ -88,10 +88,16 @@ class _Run:
 def run_training(recipe: Recipe, opts: TrainOptions) -> int:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     from anncli.cluster.distributed import init_distributed, rank_session
+    from anncli.tuning import configure_algorithms
 
     faulthandler.enable()
+    if recipe.model.compile:
+        from anncli.train.engine import compile_backend
+
+        compile_backend(recipe)  # a misspelt backend fails before any work
     stop = StopFlag()
     info = init_distributed()
+    configure_algorithms(info.device, recipe.train.deterministic)  # fixed crops: the shapes repeat
     with rank_session(info):  # a rank that raises stops every rank within seconds, never a barrier
         run = _set_up(recipe, opts, info, stop)
         status = "FAILED"
@@ -146,6 +152,7 @@ def _train_step(run: _Run, step: int) -> StepResult:
     import torch
 
     from anncli.data.transforms import normalize_batch
+    from anncli.tuning import use_channels_last
 
     t, info, accum, a = run.recipe.train, run.info, run.stream.accum_steps, run.recipe.augment
     torch.manual_seed(step_seed(t.seed, step, info.rank))  # dropout: a function of (seed, step, rank)
@@ -160,7 +167,7 @@ def _train_step(run: _Run, step: int) -> StepResult:
         batch = pending.pop(0) if pending else next(run.batches)
         # uint8 crops travel to the device; normalising there moves a quarter of the bytes.
         x = normalize_batch(batch["image"].to(info.device, non_blocking=True), a.mean, a.std, a.bgr,
-                            run.recipe.model.channels_last)
+                            use_channels_last(run.recipe.model.channels_last, info.device))
         y = batch["label"].to(info.device, non_blocking=True).long()
         stats, finite = run.engine.micro_step(x, y, criterion, boundary=good + 1 == accum)
         images += x.shape[0] * info.world_size
@@ -293,6 +300,7 @@ def _build_model(recipe: Recipe, info):
 
     from anncli.cluster.distributed import convert_sync_batchnorm
     from anncli.models.ann import build_model
+    from anncli.tuning import use_channels_last
 
     torch.manual_seed(recipe.train.seed)  # the same initial weights on every rank and every run
     model = build_model(recipe.model)
@@ -301,7 +309,7 @@ def _build_model(recipe: Recipe, info):
     model = model.to(info.device)
     # DeepSpeed broadcasts and flattens parameters as plain contiguous buffers, which channels_last
     # weights are not; under it only the inputs go channels_last.
-    if recipe.model.channels_last and recipe.engine != "deepspeed":
+    if use_channels_last(recipe.model.channels_last, info.device) and recipe.engine != "deepspeed":
         model = model.to(memory_format=torch.channels_last)
     return model
 

@@ -89,7 +89,7 @@ def test_window_starts_align_the_last_window_to_the_border():
 
 def test_overlapping_windows_average_position_dependent_output():
     model, (h, w) = PositionNet(), (10, 14)
-    out = infer_logits(model, _image(h, w), Protocol(mode="slide", crop=(4, 5), stride=(3, 4)))
+    out = infer_logits(model, _image(h, w), Protocol(mode="slide", crop=(4, 5), stride=(3, 4), batch_windows=1))
     row_starts, col_starts = [0, 3, 6], [0, 4, 8, 9]  # written out, not computed by the code under test
     assert sorted(set(model.shapes)) == [(4, 5)] and len(model.shapes) == 12
     for y in range(h):
@@ -104,7 +104,8 @@ def test_overlapping_windows_average_position_dependent_output():
 
 def test_scaled_image_smaller_than_the_window_runs_whole():
     model = PositionNet()
-    infer_logits(model, _image(16, 16), Protocol(scales=(0.5, 1.0), mode="slide", crop=(12, 12), stride=(8, 8)))
+    infer_logits(model, _image(16, 16), Protocol(scales=(0.5, 1.0), mode="slide", crop=(12, 12), stride=(8, 8),
+                                                 batch_windows=1))
     assert model.shapes == [(8, 8)] + [(12, 12)] * 4
 
 
