@@ -86,3 +86,21 @@ def busy_cpus():
             p.terminate()
         for p in procs:
             p.wait(timeout=30)
+
+
+def assert_close_to_reference(actual, expected, *, what: str = "output", max_abs: float = 5e-3,
+                              rel_l2: float = 1e-3, argmax_agree: float = 0.99) -> None:
+    """`actual` (computed here) is `expected` (computed elsewhere: a fixture, a published figure) up to the
+    float drift between CPUs; the rule is in tests/README.md. For logits (N, C, ...) the class each
+    position picks must also agree on `argmax_agree` of the positions."""
+    import torch
+
+    actual, expected = actual.detach().double(), expected.detach().double()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
+    diff = (actual - expected).abs().max().item()
+    rel = ((actual - expected).norm() / expected.norm().clamp_min(1e-12)).item()
+    assert rel <= rel_l2 and diff <= max_abs, (
+        f"{what}: relative L2 {rel:.2e} (bound {rel_l2:.0e}), max abs {diff:.2e} (bound {max_abs:.0e})")
+    if actual.dim() >= 2 and actual.shape[1] > 1:
+        agree = (actual.argmax(1) == expected.argmax(1)).double().mean().item()
+        assert agree >= argmax_agree, f"{what}: argmax agrees on {agree:.2%} of positions (bound {argmax_agree:.0%})"

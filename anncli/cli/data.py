@@ -11,7 +11,7 @@ from typing import Annotated
 import typer
 
 from anncli.cli.common import run as _run
-from anncli.cli.options import App
+from anncli.cli.options import App, at_least
 
 data_app = App(help="Pack, generate and inspect WebDataset shards.", no_args_is_help=True)
 
@@ -22,8 +22,8 @@ def data_pack(
     root: Annotated[Path, typer.Argument(help="Dataset root in its official layout.")],
     out: Annotated[Path, typer.Argument(help="Output directory for shards and manifest.")],
     split: Annotated[str, typer.Option(help="Split to pack (cityscapes train|val|test, ade20k training|validation, pascal-context train|val, voc12aug train|val).")],
-    max_samples: Annotated[int, typer.Option(min=1, help="Samples per shard at most.")] = 100,
-    max_size: Annotated[int, typer.Option(min=1, metavar="BYTES", help="Bytes per shard at most.")] = 1_000_000_000,
+    max_samples: Annotated[int, typer.Option(callback=at_least(1), help="Samples per shard at most.")] = 100,
+    max_size: Annotated[int, typer.Option(callback=at_least(1), metavar="BYTES", help="Bytes per shard at most.")] = 1_000_000_000,
     skip_missing: Annotated[bool, typer.Option("--skip-missing", help="Skip images without labels instead of failing.")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the shuffled order of train shards.")] = 0,
 ) -> None:
@@ -37,11 +37,11 @@ def data_pack(
 @data_app.command("synth")
 def data_synth(
     out: Annotated[Path, typer.Argument(help="Output directory.")],
-    train: Annotated[int, typer.Option(min=0, help="Training samples (the demo recipe's count).")] = 4096,
-    val: Annotated[int, typer.Option(min=0, help="Validation samples.")] = 256,
+    train: Annotated[int, typer.Option(callback=at_least(0), help="Training samples (the demo recipe's count).")] = 4096,
+    val: Annotated[int, typer.Option(callback=at_least(0), help="Validation samples.")] = 256,
     size: Annotated[str, typer.Option(metavar="HxW", help="Image size.")] = "64x128",
     seed: Annotated[int, typer.Option(help="Seed; the same seed gives identical bytes.")] = 0,
-    max_samples: Annotated[int, typer.Option(min=1, help="Samples per shard at most.")] = 256,
+    max_samples: Annotated[int, typer.Option(callback=at_least(1), help="Samples per shard at most.")] = 256,
 ) -> None:
     """Write the synthetic long-range dataset (a distant key decides the class of grey squares)."""
     from anncli.data.synth import write_synth

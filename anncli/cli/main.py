@@ -17,7 +17,7 @@ from anncli.cli.common import fail as _fail
 from anncli.cli.common import run as _run
 from anncli.cli.common import run_writing as _run_writing
 from anncli.cli.data import data_app
-from anncli.cli.options import PRED_FORMAT_HELP, App, RecipeArg, SetOpt, WorkDirOpt, launched, set_option
+from anncli.cli.options import PRED_FORMAT_HELP, App, RecipeArg, SetOpt, WorkDirOpt, at_least, launched, set_option
 from anncli.cli.recipes import recipe_file, recipes_app
 from anncli.cli.weights import weights_app
 from anncli.paths import check_outputs, writable_dir
@@ -239,7 +239,7 @@ def model_summary(
     variant: Annotated[str, typer.Option(help=(
         "official (the paper's code) or mmseg (mmsegmentation's ANN: ResNetV1c, its heads)."))] = "official",
     backbone: Annotated[str, typer.Option(help="resnet101, resnet50 or small.")] = "resnet101",
-    classes: Annotated[int, typer.Option(min=1, help="Number of classes.")] = 19,
+    classes: Annotated[int, typer.Option(callback=at_least(1), help="Number of classes.")] = 19,
     input_size: Annotated[Optional[str], typer.Option("--input", metavar="HxW", help=(
         "Input size for FLOPs, e.g. 769x769 (default: none, parameters only)."))] = None,
     aux: Annotated[bool, typer.Option("--aux/--no-aux", help="Include the auxiliary head.")] = True,
@@ -257,8 +257,8 @@ def bench_attention(
     sizes: Annotated[str, typer.Option(metavar="HxW,…", help="Feature maps, comma-separated.")] = "96x96,128x128,128x256",
     device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
     dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
-    channels: Annotated[int, typer.Option(min=1, help="Input channels (paper: 2048).")] = 2048,
-    repeats: Annotated[Optional[int], typer.Option(min=1, help="Timed forwards (default 10, or 3 for slow CPU sizes).")] = None,
+    channels: Annotated[int, typer.Option(callback=at_least(1), help="Input channels (paper: 2048).")] = 2048,
+    repeats: Annotated[Optional[int], typer.Option(callback=at_least(1), help="Timed forwards (default 10, or 3 for slow CPU sizes).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write results JSON here.")] = None,
 ) -> None:
     """APNB vs plain non-local block: FLOPs, peak memory, time (the paper's efficiency table)."""

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import inspect
+import types
+import typing
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -19,33 +21,50 @@ from typer.core import TyperArgument, TyperCommand, TyperGroup
 _WORDS = {Path: "PATH", str: "TEXT", int: "N", float: "NUMBER"}
 
 
-def _word(param) -> str:
+def _value_type(annotation):
+    """The type one value converts to: Optional[X], list[X] and Optional[list[X]] give X."""
+    while typing.get_origin(annotation) in (typing.Union, types.UnionType, list):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
+
+
+def _word(annotation) -> str:
     """The metavar of an option without one of its own: PATH, TEXT, N, NUMBER (a list: its element's word)."""
-    desc = param.type_descriptor
-    annotation = desc.annotation
-    if desc.is_list:
-        annotation = getattr(annotation, "__args__", (str,))[0]
-    if desc.is_path:
+    kind = _value_type(annotation)
+    if isinstance(kind, type) and issubclass(kind, Path):
         return "PATH"
-    return _WORDS.get(annotation, "VALUE")
+    return _WORDS.get(kind, "VALUE")
+
+
+@functools.lru_cache(maxsize=None)
+def _annotations(callback) -> dict:
+    """The Python annotation of each parameter of a command's function, read from its signature (public
+    API in every typer release, unlike the parameter objects' own type records)."""
+    if callback is None:
+        return {}
+    try:
+        parameters = inspect.signature(callback, eval_str=True).parameters.values()
+    except (NameError, TypeError, ValueError):
+        return {}
+    return {p.name: typing.get_args(p.annotation)[0] if typing.get_origin(p.annotation) is Annotated else p.annotation
+            for p in parameters if p.annotation is not inspect.Parameter.empty}
 
 
 def _no_type(ctx) -> None:
     return None
 
 
-def _tidy(params) -> None:
-    """Words for values, nothing for flags; bounds stay enforced (typer checks them from the annotation),
-    only their `[x>=1]` leaves the help."""
+def _tidy(params, callback) -> None:
+    """Words for values, nothing for flags."""
+    annotations = _annotations(callback)
     for param in params:
         if isinstance(param, TyperArgument):
             param.metavar = param.metavar or param.name.upper()
             param.display_type_rich = _no_type  # the row already starts with the argument's word
         elif getattr(param, "is_flag", False):
             param.metavar = ""  # a flag takes no value: show none (typer shows <bool>)
-        elif param.metavar is None:
-            param.metavar = _word(param)
-        param.min = param.max = None
+        elif param.metavar is None and param.name in annotations:
+            param.metavar = _word(annotations[param.name])
 
 
 class _Tidy:
@@ -53,7 +72,7 @@ class _Tidy:
 
     def get_params(self, ctx):
         params = super().get_params(ctx)
-        _tidy(params)
+        _tidy(params, self.callback)
         return params
 
 
@@ -83,6 +102,18 @@ class App(typer.Typer):
         return super().command(*args, cls=cls or Command, **kwargs)
 
 
+def at_least(low: int):
+    """An option callback that refuses values below `low` (kept out of the help, unlike typer's `min=`,
+    whose `[x>=1]` each typer release shows differently)."""
+
+    def check(value):
+        if value is not None and value < low:
+            raise typer.BadParameter(f"{value} is below the minimum {low}.")
+        return value
+
+    return check
+
+
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML, e.g. recipes/cityscapes.yaml, or a built-in name (ann recipes list).")]
 
 
@@ -107,14 +138,15 @@ def _launch_option(name: str, default, kind, flags: tuple[str, ...], help: str, 
 
 LAUNCH_OPTIONS = [
     _launch_option("nodes", None, Optional[int], ("--nodes",), "Number of nodes (default 1, or the SLURM "
-                   "allocation's).", min=1),
+                   "allocation's).", callback=at_least(1)),
     _launch_option("nproc_per_node", None, Optional[int], ("--nproc-per-node", "--gpus-per-node"),
-                   "Processes per node (default: visible GPUs, or 1).", min=1),
+                   "Processes per node (default: visible GPUs, or 1).", callback=at_least(1)),
     _launch_option("node_rank", None, Optional[int], ("--node-rank",), "This node's rank (default: from rendezvous).",
-                   min=0),
+                   callback=at_least(0)),
     _launch_option("rdzv_endpoint", None, Optional[str], ("--rdzv-endpoint",), "HOST:PORT of the c10d rendezvous "
                    "(multi-node).", metavar="HOST:PORT"),
-    _launch_option("max_restarts", 0, int, ("--max-restarts",), "Worker-group restarts torchrun may do.", min=0),
+    _launch_option("max_restarts", 0, int, ("--max-restarts",), "Worker-group restarts torchrun may do.",
+                   callback=at_least(0)),
 ]
 
 

@@ -13,7 +13,7 @@ import typer
 from anncli.cli.common import run as _run
 from anncli.cli.common import run_writing as _run_writing
 from anncli.paths import writable_dir
-from anncli.cli.options import App
+from anncli.cli.options import App, at_least
 
 weights_app = App(help="Import and inspect checkpoints of the official code and mmsegmentation.",
                           no_args_is_help=True)
@@ -25,7 +25,7 @@ def weights_import(
     src: Annotated[Path, typer.Argument(help="The checkpoint file as the peer saved it.")],
     out: Annotated[Path, typer.Option(help="Checkpoint directory to write.")],
     recipe: Annotated[Optional[Path], typer.Option(help="Recipe to save with it (default: the variant's settings).")] = None,
-    classes: Annotated[Optional[int], typer.Option(min=1, help="Expected class count, checked against the classifier.")] = None,
+    classes: Annotated[Optional[int], typer.Option(callback=at_least(1), help="Expected class count, checked against the classifier.")] = None,
 ) -> None:
     """Write an ann checkpoint directory from an official or mmseg ANN checkpoint."""
     from anncli.interop.weights import import_checkpoint

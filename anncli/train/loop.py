@@ -193,7 +193,8 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     """The torch RNG seed of one rank's optimizer step: nothing of it needs saving, on any world size."""
     import numpy as np
 
-    return int(np.random.SeedSequence([seed & (2**63 - 1), step, rank]).generate_state(1, np.uint64)[0] >> 1)
+    state = int(np.random.SeedSequence([seed & (2**63 - 1), step, rank]).generate_state(1, np.uint64)[0])
+    return state >> 1  # shifted as a Python int: numpy 1.x refuses uint64 >> int
 
 
 def _log(run: _Run, step: int, result: StepResult, lr: float) -> None:

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_ann
+
 ROOT = Path(__file__).resolve().parents[2]
 
 PROBE = """
@@ -41,3 +43,10 @@ def test_unknown_option_exits_2():
     res = subprocess.run([sys.executable, "-m", "anncli", "train", "recipes/demo.yaml", "--bogus"],
                          capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 2
+
+
+def test_bounds_are_enforced_though_the_help_does_not_show_them():
+    for args, message in ((["train", "recipes/demo.yaml", "--nodes", "0"], "0 is below the minimum 1"),
+                          (["data", "synth", "--train", "-1"], "-1 is below the minimum 0")):
+        result = run_ann(*args)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
