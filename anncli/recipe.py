@@ -70,6 +70,8 @@ class DataConfig(_Section):
     num_workers: int = Field(4, ge=0)
     lanes: int = Field(16, ge=1, description="forward-read lanes of the global sample order (data/order.py)")
     max_skip_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    max_member_mb: int = Field(256, ge=1, description="bytes of one tar member at most, in MiB")
+    max_pixels: int = Field(64_000_000, ge=1, description="pixels of one decoded image or label at most")
     synth: Optional[SynthConfig] = None
 
 

@@ -26,7 +26,7 @@ from anncli.data import shards
 from anncli.data.order import GlobalOrder, check_split, rank_indices
 from anncli.data.loader import identity, loader_items, worker_init
 from anncli.data.manifest import is_remote
-from anncli.data.shards import DataError, SampleError, check_skip_bound, log
+from anncli.data.shards import DataError, Limits, SampleError, check_skip_bound, log
 from anncli.errors import UserError
 
 _MAX_SUBSTITUTES = 100
@@ -48,8 +48,8 @@ def _split_name(name: str) -> tuple[str, str | None]:
 class _ShardCursor:
     """Reads one shard forward, sample by sample; skipped samples cost their tar headers only."""
 
-    def __init__(self, url: str, shard: int):
-        self.url, self.shard, self.index = url, shard, 0
+    def __init__(self, url: str, shard: int, limits: Limits):
+        self.url, self.shard, self.index, self.limits = url, shard, 0, limits
         self._file = shards.open_shard(url)
         try:  # random access for local files: next() seeks past the data
             self._tar = tarfile.open(fileobj=self._file, mode="r|" if is_remote(url) else "r:")
@@ -75,6 +75,7 @@ class _ShardCursor:
             info, _, field = self._head
             shards.check_member(info.name)  # checked here, not on look-ahead: the sample before is whole
             if keep:
+                self.limits.check_member(info)
                 data = self._tar.extractfile(info).read()
                 if len(data) != info.size:
                     raise tarfile.ReadError(f"unexpected end of data in {info.name}")
@@ -104,8 +105,8 @@ class _Bad(Exception):
 class SampleReader:
     """Raw samples by global index for one rank or worker: forward cursors per lane, faults remembered."""
 
-    def __init__(self, urls: list[str], order: GlobalOrder):
-        self.urls, self.order = urls, order
+    def __init__(self, urls: list[str], order: GlobalOrder, limits: Limits = Limits()):
+        self.urls, self.order, self.limits = urls, order, limits
         self._cursors: dict[tuple, _ShardCursor] = {}
         self._cut: dict[int, int] = {}  # shard → first sample lost to a cut or read error
         self._failed_in_row = 0  # shards failing before their first sample, with no good read between
@@ -123,7 +124,7 @@ class SampleReader:
                 cursor.close()
             self._drop_old(cycle)
             try:
-                cursor = self._cursors[slot] = _ShardCursor(self.urls[shard], shard)
+                cursor = self._cursors[slot] = _ShardCursor(self.urls[shard], shard, self.limits)
             except _READ_ERRORS as e:
                 self._failed(shard, 0, member, e)
         try:
@@ -164,7 +165,7 @@ class _BatchMaker:
         from anncli.data.transforms import TrainTransform
 
         self.s = stream
-        self.reader = SampleReader(stream.urls, stream.order)
+        self.reader = SampleReader(stream.urls, stream.order, stream.limits)
         self.transform = TrainTransform(stream.augment)
         self.seen = self.skipped = 0
 
@@ -175,7 +176,7 @@ class _BatchMaker:
             try:
                 key, fields = self.reader.fetch(index, None if index == slot else ("substitute",))
                 try:
-                    return key, *decode_sample(key, fields)
+                    return key, *decode_sample(key, fields, self.s.limits)
                 except SampleError as e:
                     raise _Bad(f"{self.reader.url_of(index)}: sample {key}: {e}") from None
             except _Bad as e:
@@ -213,7 +214,7 @@ class GlobalStream:
 
     def __init__(self, urls: list[str], counts: list[int], *, augment, batch_size: int, effective_batch: int,
                  seed: int, rank: int, world_size: int, num_workers: int = 0, lanes: int = 16,
-                 max_skip_fraction: float = 0.01, pin_memory: bool = False):
+                 max_skip_fraction: float = 0.01, pin_memory: bool = False, limits: Limits = Limits()):
         if not urls or len(urls) != len(counts):
             raise UserError(f"{len(urls)} training shard(s) but {len(counts)} manifest count(s)")
         try:
@@ -223,6 +224,7 @@ class GlobalStream:
         self.urls, self.augment, self.batch_size = list(urls), augment, batch_size
         self.effective_batch, self.rank, self.world_size = effective_batch, rank, world_size
         self.num_workers, self.max_skip, self.pin_memory = num_workers, max_skip_fraction, pin_memory
+        self.limits = limits
         self.order = GlobalOrder(list(counts), seed=seed, lanes=lanes)
         self.next_micro_batch = 0
         self._faults: dict[int, tuple[int, int]] = {}

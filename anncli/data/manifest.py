@@ -43,9 +43,18 @@ def read_manifest(root: str | Path, dataset: str, split: str) -> dict:
     return load_manifest(manifest_path(root, dataset, split))
 
 
+def _plain_name(name: str, manifest: Path) -> str:
+    """A shard name from a manifest: a file name beside it, never a path, URL or `pipe:` command (only a
+    recipe, written by the user, may say those)."""
+    if name in ("", ".", "..") or "/" in name or "\\" in name or ":" in name or "\0" in name:
+        raise UserError(f"{manifest}: shard name {name!r} is not a file name in the manifest's folder "
+                        "(URLs, pipe: commands and paths belong in the recipe's data.train/data.val)")
+    return name
+
+
 def _manifest_shards(path: Path) -> list[str]:
     manifest = load_manifest(path)
-    urls = [str(path.parent / s["name"]) for s in manifest["shards"]]
+    urls = [os.path.join(path.parent, _plain_name(s["name"], path)) for s in manifest["shards"]]
     _check_exist(urls, str(path))
     return urls
 

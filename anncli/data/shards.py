@@ -16,9 +16,11 @@ import io
 import logging
 import os
 import re
+import struct
 import subprocess
 import tarfile
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -29,6 +31,7 @@ from PIL import Image
 from anncli.data.loader import identity, loader_items, worker_init
 from anncli.data.manifest import is_remote
 from anncli.errors import UserError
+from anncli.recipe import DataConfig
 
 IMAGE_FIELDS = ("img.png", "img.jpg")
 LABEL_FIELD = "seg.png"
@@ -53,6 +56,50 @@ def check_skip_bound(seen: int, skipped: int, max_skip: float, last: str = "") -
             f"skipped {skipped} of {seen} training samples ({skipped / seen:.1%}), more than "
             f"data.max_skip_fraction={max_skip:g}{tail}"
         )
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one sample may cost once read: bytes of a tar member, pixels of a decoded image or label
+    (`data.max_member_mb`, `data.max_pixels`), checked from the tar header and the image header."""
+
+    max_member_mb: int = DataConfig.model_fields["max_member_mb"].default
+    max_pixels: int = DataConfig.model_fields["max_pixels"].default
+
+    @classmethod
+    def of(cls, data: DataConfig) -> "Limits":
+        return cls(data.max_member_mb, data.max_pixels)
+
+    def check_member(self, info: tarfile.TarInfo) -> None:
+        if info.size > self.max_member_mb << 20:
+            raise tarfile.ReadError(f"member {info.name} holds {info.size / 2**20:.0f} MB, over data.max_member_mb="
+                                    f"{self.max_member_mb} (raise it with --set data.max_member_mb=N)")
+
+    def check_pixels(self, field: str, data: bytes) -> None:
+        size = header_size(data)
+        if size and size[0] * size[1] > self.max_pixels:
+            raise SampleError(f"{field} is {size[0]}x{size[1]} pixels, over data.max_pixels={self.max_pixels} "
+                              "(raise it with --set data.max_pixels=N)")
+
+
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG or JPEG header, read before any decoding; None for other bytes."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and len(data) >= 24:
+        return struct.unpack(">II", data[16:24])
+    i = 2 if data[:2] == b"\xff\xd8" else len(data)
+    while i + 9 <= len(data) and data[i] == 0xFF:
+        marker = data[i + 1]
+        if marker == 0xFF or 0xD0 <= marker <= 0xD8 or marker == 0x01:  # fill byte or a marker without length
+            i += 1 if marker == 0xFF else 2
+            continue
+        if marker in _JPEG_SOF:
+            height, width = struct.unpack(">HH", data[i + 5:i + 9])
+            return width, height
+        i += 2 + struct.unpack(">H", data[i + 2:i + 4])[0]
+    return None
 
 
 def check_member(name: str) -> None:
@@ -166,22 +213,75 @@ class PipeStream:
             self._err.close()
 
 
+_COMPRESSED = {b"\x1f\x8b": ("gzip", "gunzip"), b"BZh": ("bzip2", "bunzip2"), b"\xfd7zXZ\x00": ("xz", "unxz"),
+               b"\x28\xb5\x2f\xfd": ("zstd", "unzstd")}
+
+
+class CompressedShard(UserError):
+    """A compressed tar given as a shard: refused by name (members are counted and sized as plain tar)."""
+
+
+class _Prefixed:
+    """A stream whose first bytes were read already to look at them: they are handed out again first."""
+
+    def __init__(self, head: bytes, stream):
+        self._head, self._stream = head, stream
+
+    def read(self, n: int = -1) -> bytes:
+        if not self._head:
+            return self._stream.read(n)
+        if 0 <= n < len(self._head):
+            out, self._head = self._head[:n], self._head[n:]
+            return out
+        out, self._head = self._head, b""
+        return out + self._stream.read(-1 if n < 0 else n - len(out))
+
+    def __enter__(self) -> "_Prefixed":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+def _refuse_compressed(url: str, head: bytes) -> None:
+    kind, tool = next((named for magic, named in _COMPRESSED.items() if head.startswith(magic)), (None, None))
+    if kind:
+        raise CompressedShard(f"{url}: a {kind}-compressed tar; shards are plain .tar files (their images are "
+                              f"compressed already): decompress it first (`{tool} FILE`)")
+
+
 def open_shard(url: str):
-    """A binary stream of one shard: a local file, a `pipe:CMD` (PipeStream), or http(s) via webdataset."""
+    """A binary stream of one shard: a local file, a `pipe:CMD` (PipeStream), or http(s) via webdataset.
+    A compressed tar is refused by name (CompressedShard)."""
     if url.startswith("pipe:"):
-        return PipeStream(url[len("pipe:"):])
-    if is_remote(url):
+        stream = PipeStream(url[len("pipe:"):])
+    elif is_remote(url):
         from webdataset.gopen import gopen  # http(s), … (imported lazily: it pulls in torch)
 
-        return gopen(url, "rb")
-    return open(url[len("file:"):] if url.startswith("file:") else url, "rb")
+        stream = gopen(url, "rb")
+    else:
+        stream = open(url[len("file:"):] if url.startswith("file:") else url, "rb")
+    try:
+        head = stream.read(6)
+        _refuse_compressed(url, head)
+    except BaseException:
+        stream.close()
+        raise
+    if is_remote(url):
+        return _Prefixed(head, stream)
+    stream.seek(0)
+    return stream
 
 
-def iter_shard(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {field: bytes}) of one shard, in order; raises tarfile/OS errors on a broken stream."""
+def iter_shard(url: str, limits: Limits = Limits()) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {field: bytes}) of one shard, in order; raises tarfile/OS errors on a broken stream or a member
+    over `limits`."""
     stream = open_shard(url)
     try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
             key, fields = None, {}
             for info in tar:
                 if not info.isreg():
@@ -196,6 +296,7 @@ def iter_shard(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
                 if not dot:
                     continue
                 key = k
+                limits.check_member(info)
                 data = tar.extractfile(info).read()
                 if len(data) != info.size:  # a stream read stops quietly at a cut; the header knows better
                     raise tarfile.ReadError(f"unexpected end of data in {info.name}")
@@ -220,15 +321,17 @@ def _quiet_cv2() -> None:
 _quiet_cv2()
 
 
-def decode_image(data: bytes) -> np.ndarray:
+def decode_image(data: bytes, limits: Limits = Limits()) -> np.ndarray:
+    limits.check_pixels("image", data)
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if img is None:
         raise SampleError("image cannot be decoded")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def decode_label(data: bytes) -> np.ndarray:
+def decode_label(data: bytes, limits: Limits = Limits()) -> np.ndarray:
     """The stored ids, never colour-converted; 'L' PNGs go through cv2, anything else ('P') through PIL."""
+    limits.check_pixels("label", data)
     if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 25 and data[24] == 8 and data[25] == 0:
         arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     else:
@@ -242,20 +345,21 @@ def decode_label(data: bytes) -> np.ndarray:
     return arr
 
 
-def decode_sample(key: str, fields: dict[str, bytes]) -> tuple[np.ndarray, np.ndarray]:
+def decode_sample(key: str, fields: dict[str, bytes], limits: Limits = Limits()) -> tuple[np.ndarray, np.ndarray]:
     """→ (uint8 HxWx3 RGB image, uint8 HxW label); SampleError when a field is missing or broken."""
     img = next((fields[f] for f in IMAGE_FIELDS if f in fields), None)
     if img is None:
         raise SampleError("missing field img.png/img.jpg")
     if LABEL_FIELD not in fields:
         raise SampleError("missing field seg.png")
-    image, label = decode_image(img), decode_label(fields[LABEL_FIELD])
+    image, label = decode_image(img, limits), decode_label(fields[LABEL_FIELD], limits)
     if image.shape[:2] != label.shape:
         raise SampleError(f"image {image.shape[1]}x{image.shape[0]} and label {label.shape[1]}x{label.shape[0]} differ")
     return image, label
 
 
-def eval_samples(urls: list[str], *, rank: int, world_size: int, num_workers: int = 0) -> Iterator[dict]:
+def eval_samples(urls: list[str], *, rank: int, world_size: int, num_workers: int = 0,
+                 limits: Limits = Limits()) -> Iterator[dict]:
     """Every sample exactly once across ranks × workers: rank r reads shards r, r+world, …; its workers
     split those again. Original resolution, no augmentation. A rank without shards yields nothing."""
     mine = list(urls)[rank::world_size]
@@ -263,14 +367,14 @@ def eval_samples(urls: list[str], *, rank: int, world_size: int, num_workers: in
     if not mine:
         return
     if workers == 0:
-        yield from _eval_iter(mine)
+        yield from _eval_iter(mine, limits)
         return
     import torch.utils.data as tud
 
     class _Shards(tud.IterableDataset):
         def __iter__(self):
             info = tud.get_worker_info()
-            return _eval_iter(mine[info.id :: info.num_workers] if info else mine)
+            return _eval_iter(mine[info.id :: info.num_workers] if info else mine, limits)
 
     # A private generator: starting the workers must not draw their seed from the global RNG, which
     # training checkpoints; in-training validation then leaves the training's random stream untouched.
@@ -281,13 +385,13 @@ def eval_samples(urls: list[str], *, rank: int, world_size: int, num_workers: in
     yield from loader_items(loader)
 
 
-def _eval_iter(shards: list[str]) -> Iterator[dict]:
+def _eval_iter(shards: list[str], limits: Limits) -> Iterator[dict]:
     for url in shards:
         last = None
         try:
-            for key, fields in iter_shard(url):
+            for key, fields in iter_shard(url, limits):
                 try:
-                    image, label = decode_sample(key, fields)
+                    image, label = decode_sample(key, fields, limits)
                 except SampleError as e:
                     raise UserError(f"{url}: sample {key}: {e}") from None
                 yield {"key": key, "image": image, "label": label, "shard": url}

@@ -114,12 +114,13 @@ def _evaluate_split(model, recipe, split: str, protocol: Protocol, info, save_pr
                     show_progress: bool) -> tuple[torch.Tensor, int]:
     """Confusion and sample count of the whole split, summed over ranks; every rank gets the result."""
     from anncli.data.manifest import resolve_urls
-    from anncli.data.shards import eval_samples
+    from anncli.data.shards import Limits, eval_samples
     from anncli.eval.predict import write_label_png
     from anncli.eval.report import progress
 
     urls = resolve_urls(recipe.data.root, recipe.data.dataset, split)
-    samples = eval_samples(urls, rank=info.rank, world_size=info.world_size, num_workers=recipe.data.num_workers)
+    samples = eval_samples(urls, rank=info.rank, world_size=info.world_size, num_workers=recipe.data.num_workers,
+                           limits=Limits.of(recipe.data))
     k = recipe.model.num_classes
     cm = torch.zeros(k, k, dtype=torch.int64, device=info.device)
     count, error = 0, None

@@ -25,7 +25,8 @@ from anncli.runs.integrity import MARKER, DamagedCheckpoint, verify
 RESUME_SAFE_KEYS = (
     "name", "train.iters", "train.checkpoint_every", "train.keep_last", "train.val_every", "train.log_every",
     "train.max_bad_steps", "train.tensorboard", "train.trace_samples", "train.batch_size", "train.accum_steps",
-    "data.root", "data.val", "data.num_workers", "data.max_skip_fraction", "model.pretrained", "eval.",
+    "data.root", "data.val", "data.num_workers", "data.max_skip_fraction", "data.max_member_mb",
+    "data.max_pixels", "data.retries", "model.pretrained", "eval.",
 )
 LAUNCH_FILE = ".launch"
 
