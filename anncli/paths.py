@@ -93,10 +93,17 @@ def writable_file(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
-def writable_new_file(path: str | os.PathLike, what: str) -> Path:
-    """Check that the file `path` can be written, creating its directory when missing (pictures, exports)."""
-    writable_dir(Path(path).parent, what)
-    return writable_file(path, what)
+# What matplotlib's Agg, PDF, PS, SVG and PGF backends write, by file suffix.
+PICTURE_SUFFIXES = (".png", ".pdf", ".svg", ".svgz", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".eps", ".ps",
+                    ".pgf", ".raw", ".rgba")
+
+
+def check_picture(path: str | os.PathLike) -> None:
+    """A picture's format comes from its suffix: an unknown one is refused before the work, not after it."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in PICTURE_SUFFIXES:
+        raise UserError(f"--out {path}: {suffix or 'no suffix'} is not a picture format; use one of "
+                        f"{', '.join(s[1:] for s in PICTURE_SUFFIXES[:5])}, …")
 
 
 def fs_error_line(exc: BaseException, hint: Optional[str | os.PathLike] = None) -> Optional[str]:
@@ -118,8 +125,8 @@ def fs_error_line(exc: BaseException, hint: Optional[str | os.PathLike] = None) 
 def check_outputs(json_out=None, save_pred=None, out=None, out_file=None) -> None:
     """Every output place of a command, checked before its work starts, so that no result is lost at the end.
 
-    `--json` files need an existing directory; `--save-pred`/`--out` directories and the directory of an
-    `--out` file (a picture, an export) are created.
+    `--json` files and `--out` files (a picture, an export) need an existing directory, which is never
+    created for them; `--save-pred`/`--out` directories are created.
     """
     if json_out is not None:
         writable_file(json_out, "--json")
@@ -128,4 +135,4 @@ def check_outputs(json_out=None, save_pred=None, out=None, out_file=None) -> Non
     if out is not None:
         writable_dir(out, "--out")
     if out_file is not None:
-        writable_new_file(out_file, "--out")
+        writable_file(out_file, "--out")

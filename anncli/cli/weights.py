@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from anncli.cli.common import fail as _fail
 from anncli.cli.common import run as _run
 from anncli.cli.common import run_writing as _run_writing
 from anncli.paths import writable_dir
@@ -31,6 +32,8 @@ def weights_import(
     """Write an ann checkpoint directory from an official or mmseg ANN checkpoint."""
     from anncli.interop.weights import import_checkpoint
 
+    if out.exists() and not out.is_dir():
+        _fail(f"--out {out}: is a file; give the name of a new directory for the checkpoint")
     _run(writable_dir, out.parent, "--out")  # the directory itself is written whole, by a rename
     _run_writing(out, import_checkpoint, fmt, src, out, recipe_path=recipe, classes=classes,
                  max_mb=max_checkpoint_mb)

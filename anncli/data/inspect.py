@@ -68,7 +68,7 @@ def inspect_shards(spec: str, as_json: bool = False, limits: Limits = Limits()) 
     come from the manifest beside the shards when there is one. `limits` caps what one member and one
     decoded image may cost.
     """
-    urls = expand_paths(os.getcwd(), spec)
+    urls = expand_paths(os.getcwd(), spec, "the current directory")
     manifest = load_manifest(spec) if spec.endswith(".json") else _manifest_beside(urls[0])
     classes = manifest["classes"] if manifest else None
     stats, problems, shards = {"sizes": {}, "hist": np.zeros(256, np.int64)}, [], []

@@ -31,14 +31,19 @@ KEY_CLASS = 4
 _SPLIT_STREAMS = {"train": 1, "val": 2}
 
 
+MAX_SIDE = 4096  # a 4096x4096 sample is 64 MB to draw; the set exists to be small
+
+
 def parse_size(size) -> tuple[int, int]:
-    """`--size HxW` text or the recipe's [h, w]; at least 16x32."""
+    """`--size HxW` text or the recipe's [h, w]; at least 16x32, at most MAX_SIDE a side."""
     if isinstance(size, str):
         h, w = parse_hw(size, "--size", "64x128")
     else:
         h, w = (int(v) for v in size)
     if h < 16 or w < 32:
         raise UserError(f"size {h}x{w}: the synthetic set needs at least 16x32 pixels")
+    if max(h, w) > MAX_SIDE:
+        raise UserError(f"size {h}x{w}: the synthetic set's images are at most {MAX_SIDE} pixels a side")
     return h, w
 
 

@@ -71,6 +71,9 @@ def read_state_dict(src: str | Path, max_mb: int = MAX_CHECKPOINT_MB) -> dict[st
     """The tensors of a peer file, wrappers (`state_dict`, `model`) and the DataParallel prefix removed;
     a file that would load into more than `max_mb` MiB is refused before loading."""
     src = Path(src)
+    if src.is_dir():
+        what = "an ann checkpoint directory; its weights are ready to use" if (src / "model.pt").is_file() else "a directory"
+        raise UserError(f"{src}: {what}; give the weights file a peer saved (a .pth or .pt file)")
     if not src.is_file():
         raise UserError(f"{src}: file not found")
     size = loaded_mb(src)

@@ -118,8 +118,14 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
 def require_checkpoint(path: Path) -> Path:
     """A complete checkpoint whose files match their checksums, or one line saying what is wrong."""
     path = Path(path)
+    if path.is_file():
+        raise UserError(f"checkpoint {path}: is a file; a checkpoint is its directory, e.g. {path.parent}")
     if not path.is_dir():
         raise UserError(f"checkpoint {path}: no such directory")
+    if not is_complete(path) and (path / "checkpoints").is_dir():
+        newest = latest_checkpoint(path)
+        hint = f" (its newest complete one: {newest})" if newest else " (it holds no complete checkpoint yet)"
+        raise UserError(f"checkpoint {path}: is a run directory; give one of its checkpoints{hint}")
     if not is_complete(path):
         raise UserError(f"checkpoint {path}: incomplete (no {MARKER} marker); it was interrupted while saving")
     verify(path)
