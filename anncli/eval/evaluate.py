@@ -9,6 +9,7 @@ How the command-line options and the recipe combine into a protocol: `inference.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,7 +178,13 @@ def _run(recipe, opts: EvalOptions, info) -> dict:
 
     start = time.perf_counter()
     checkpoint = opts.checkpoint  # load_model verifies the files it reads
-    prepare_synth(recipe.data, info.is_main)
+    # The checkpoint's own recipe (no recipe given) reads data but never creates it: a shared checkpoint
+    # must not decide where this command writes.
+    own = opts.recipe_path is not None and Path(opts.recipe_path).resolve() == (checkpoint / "recipe.yaml").resolve()
+    if info.is_main:
+        print(f"[ann] evaluating split {opts.split} of {recipe.data.dataset} under {recipe.data.root}"
+              + (" (data.root of the checkpoint's recipe)" if own else ""), file=sys.stderr, flush=True)
+    prepare_synth(recipe.data, info.is_main, create=not own)
     model = load_model(recipe, checkpoint, info.device)
     cm, total = _evaluate_split(model, recipe, opts.split, opts.protocol, info, opts.save_pred, info.is_main)
     metrics = metrics_from_confusion(cm, _class_names(recipe, opts.split))
