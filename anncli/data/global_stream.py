@@ -26,7 +26,7 @@ from anncli.data import shards
 from anncli.data.order import GlobalOrder, check_split, rank_indices
 from anncli.data.loader import identity, loader_items, worker_init
 from anncli.data.manifest import is_remote
-from anncli.data.shards import DataError, Limits, SampleError, check_skip_bound, log
+from anncli.data.shards import DataError, Limits, SampleError, check_label_ids, check_skip_bound, log
 from anncli.errors import UserError
 
 _MAX_SUBSTITUTES = 100
@@ -176,9 +176,12 @@ class _BatchMaker:
             try:
                 key, fields = self.reader.fetch(index, None if index == slot else ("substitute",))
                 try:
-                    return key, *decode_sample(key, fields, self.s.limits)
+                    image, label = decode_sample(key, fields, self.s.limits)
                 except SampleError as e:
                     raise _Bad(f"{self.reader.url_of(index)}: sample {key}: {e}") from None
+                if self.s.num_classes is not None:
+                    check_label_ids(label, self.s.num_classes, self.reader.url_of(index), key)
+                return key, image, label
             except _Bad as e:
                 self.skipped += 1
                 (log.debug if e.quiet else log.warning)("skipping bad training sample %d: %s", index, e)
@@ -214,7 +217,8 @@ class GlobalStream:
 
     def __init__(self, urls: list[str], counts: list[int], *, augment, batch_size: int, effective_batch: int,
                  seed: int, rank: int, world_size: int, num_workers: int = 0, lanes: int = 16,
-                 max_skip_fraction: float = 0.01, pin_memory: bool = False, limits: Limits = Limits()):
+                 max_skip_fraction: float = 0.01, pin_memory: bool = False, limits: Limits = Limits(),
+                 num_classes: int | None = None):
         if not urls or len(urls) != len(counts):
             raise UserError(f"{len(urls)} training shard(s) but {len(counts)} manifest count(s)")
         try:
@@ -224,7 +228,7 @@ class GlobalStream:
         self.urls, self.augment, self.batch_size = list(urls), augment, batch_size
         self.effective_batch, self.rank, self.world_size = effective_batch, rank, world_size
         self.num_workers, self.max_skip, self.pin_memory = num_workers, max_skip_fraction, pin_memory
-        self.limits = limits
+        self.limits, self.num_classes = limits, num_classes
         self.order = GlobalOrder(list(counts), seed=seed, lanes=lanes)
         self.next_micro_batch = 0
         self._faults: dict[int, tuple[int, int]] = {}

@@ -102,6 +102,15 @@ def header_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def check_label_ids(label: np.ndarray, num_classes: int, url: str, key: str) -> None:
+    """Training labels are class ids below `num_classes` or 255 (ignore); any other value stops the run."""
+    bad = label[(label >= num_classes) & (label != 255)]
+    if bad.size:
+        raise DataError(f"{url}: sample {key}: label value {int(bad.max())} is outside model.num_classes="
+                        f"{num_classes} (ids 0..{num_classes - 1}, 255 = ignore); check model.num_classes or the "
+                        "label map the shards were packed with")
+
+
 def check_member(name: str) -> None:
     """A shard read stops at a member whose name could escape a folder (a crafted or foreign tar)."""
     why = ("contains a backslash" if "\\" in name else "is an absolute path" if name.startswith("/")

@@ -1,13 +1,20 @@
-"""The synthetic set is the one the recipe asks for, and evaluating a checkpoint without a recipe never
-writes data where the checkpoint's recipe says."""
+"""The synthetic set is the one the recipe asks for, evaluating a checkpoint without a recipe never writes
+data where the checkpoint's recipe says, and labels outside model.num_classes are named in training and
+counted in evaluation."""
 
+import json
+import re
+
+import numpy as np
 import yaml
 
-from anncli.data.manifest import read_manifest
+from anncli.data.manifest import read_manifest, resolve_urls
+from anncli.data.shards import eval_samples
 from anncli.data.synth import ensure_synth, write_synth
 from anncli.recipe import SynthConfig
+from conftest import run_ann, tiny_overrides
 from test_eval_choose import _cli
-from test_eval_run import write_checkpoint, write_recipe
+from test_eval_run import write_checkpoint, write_recipe, write_split
 
 
 def test_a_set_made_from_other_parameters_is_replaced_and_says_so(tmp_path, capsys):
@@ -42,3 +49,30 @@ def test_eval_without_a_recipe_never_writes_where_the_checkpoint_says(tmp_path):
     res = _cli("eval", recipe, "--checkpoint", checkpoint)  # the user names the recipe: its set is made
     assert res.exit_code == 0, res.output[-2000:]
     assert read_manifest(elsewhere, "synth", "val")["total"] == 3
+
+
+# ---------------------------------------------------------------- labels outside model.num_classes
+
+
+def test_training_on_labels_outside_the_classes_stops_in_one_line(synth_root, tmp_path):
+    """The 5-class synthetic set trained as 3 classes on 2 real gloo ranks."""
+    res = run_ann("train", "recipes/demo.yaml", "--work-dir", tmp_path / "run", "--nproc-per-node", 2,
+                  *tiny_overrides(synth_root, **{"model.num_classes": 3, "data.num_workers": 0}))
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr, res.stderr[-3000:]
+    lines = [line for line in res.stderr.splitlines() if "is outside model.num_classes=3" in line]
+    assert lines and re.search(r"synth-train-\d{6}\.tar: sample synth_train_\d{6}: label value [34] ", lines[0]), lines
+
+
+def test_eval_counts_and_reports_labels_outside_the_classes(tmp_path):
+    write_split(tmp_path / "data", "val", [3])  # labels 0..4
+    recipe = write_recipe(tmp_path / "recipe.yaml", tmp_path / "data", num_classes=3)
+    checkpoint = write_checkpoint(tmp_path / "run", recipe)
+    res = _cli("eval", recipe, "--checkpoint", checkpoint, "--json", tmp_path / "m.json")
+    assert res.exit_code == 0, res.output[-2000:]
+    report = json.loads((tmp_path / "m.json").read_text())
+    labels = np.concatenate([s["label"].ravel() for s in eval_samples(
+        resolve_urls(str(tmp_path / "data"), "synth", "val"), rank=0, world_size=1)])
+    expected = int(((labels >= 3) & (labels != 255)).sum())
+    assert expected > 0 and report["pixels_outside_classes"] == expected
+    assert f"{expected:,} labelled pixels have values outside model.num_classes=3" in res.output
