@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
+import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -24,6 +26,7 @@ _REASONS = {
     errno.EPERM: "permission denied",
     errno.ENOTDIR: "a parent is a file, not a directory",
     errno.EISDIR: "is a directory",
+    errno.EFBIG: "file too large (over the file-size limit, `ulimit -f`)",
 }
 # What torch.save says when the disk fills up under it (no errno, no path).
 _TORCH_WRITE_FAILURES = ("iostream error", "file write failed", "PytorchStreamWriter failed", "inline_container.cc")
@@ -120,6 +123,32 @@ def fs_error_line(exc: BaseException, hint: Optional[str | os.PathLike] = None) 
         reason = f"no space left on {device_of(hint)}" if full else f"writing failed ({text.splitlines()[0][:200]})"
         return f"{hint}: {reason}"
     return None
+
+
+def write_result(path: str | os.PathLike, text: str, what: str = "--json") -> None:
+    """Write a result file whole or not at all (a temporary file, fsynced, renamed). When the write fails
+    (a full disk, the file-size limit) the text goes to stdout instead and a UserError says so: the
+    results of the work are never lost to a truncated file or a traceback."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over the size limit: an error (EFBIG), not a kill
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        raise UserError(f"{what} {os_error_line(e, path)}: not written; the results are printed on stdout "
+                        "above instead") from None
+    finally:
+        signal.signal(signal.SIGXFSZ, old)
 
 
 def check_outputs(json_out=None, save_pred=None, out=None, out_file=None) -> None:

@@ -21,6 +21,7 @@ from rich.console import Console
 
 from anncli.errors import UserError
 from anncli.labels import IGNORE_INDEX
+from anncli.paths import write_result
 from anncli.eval.inference import Protocol, load_model, predict_labels, resolve_protocol
 from anncli.eval.metrics import confusion_matrix, json_safe, metrics_from_confusion
 
@@ -211,7 +212,7 @@ def _run(recipe, opts: EvalOptions, info) -> dict:
     if info.is_main:
         _print_report(report)
         if opts.json_out is not None:
-            Path(opts.json_out).write_text(json.dumps(json_safe(report), indent=2) + "\n")
+            write_result(opts.json_out, json.dumps(json_safe(report), indent=2) + "\n")
     return report
 
 
