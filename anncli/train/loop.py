@@ -299,4 +299,5 @@ def _build_stream(recipe: Recipe, urls: list[str], counts: list[int], info, spli
                         effective_batch=split.effective_batch, seed=recipe.train.seed, rank=info.rank,
                         world_size=info.world_size, num_workers=d.num_workers, lanes=d.lanes,
                         max_skip_fraction=d.max_skip_fraction, pin_memory=info.device.type == "cuda",
-                        limits=Limits.of(d), num_classes=recipe.model.num_classes)
+                        limits=Limits.of(d), num_classes=recipe.model.num_classes,
+                        retries=d.retries)
