@@ -28,7 +28,8 @@ from anncli.data import shards
 from anncli.data.order import GlobalOrder, check_split, rank_indices
 from anncli.data.loader import identity, loader_items, worker_init
 from anncli.data.manifest import is_remote
-from anncli.data.shards import DataError, Limits, SampleError, check_label_ids, check_skip_bound, log
+from anncli.data.guards import Limits
+from anncli.data.shards import DataError, SampleError, check_label_ids, check_skip_bound, log
 from anncli.errors import UserError
 
 _MAX_SUBSTITUTES = 100

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from anncli.data.manifest import resolve_urls
-from anncli.data.shards import CompressedShard, Limits, decode_label, eval_samples, header_size, iter_shard
+from anncli.data.guards import CompressedShard, Limits, header_size
+from anncli.data.shards import decode_label, eval_samples, iter_shard
 from anncli.data.synth import _encode_png
 from anncli.errors import UserError
 from anncli.interop.weights import read_state_dict
