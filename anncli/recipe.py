@@ -87,7 +87,7 @@ class DataConfig(_Section):
     max_skip_fraction: float = Field(0.01, ge=0.0, le=1.0)
     max_member_mb: int = Field(256, ge=1, description="bytes of one tar member at most, in MiB")
     max_pixels: int = Field(64_000_000, ge=1, description="pixels of one decoded image or label at most")
-    retries: int = Field(2, ge=0, le=20, description="retries of a failed shard read, with backoff, before a cut")
+    retries: int = Field(2, ge=0, le=20, description="retries of a failed pipe:/http shard read, with backoff, before a cut")
     synth: Optional[SynthConfig] = None
 
 

@@ -13,7 +13,7 @@ samples it does not need by reading tar headers (a seek past the data for local 
 lane is read by exactly one reader (rank r's worker w owns the indices ≡ w·b·W + r·b … (mod b·W·workers)),
 so a stream is downloaded once per cycle, plus the head of a shard where a lane starts inside it; otherwise
 readers that share a lane each read it (free for local files, a repeated download for streams). Faults:
-a failed read is retried `retries` times with backoff; a sample that cannot be read or decoded (also every
+a failed read of a `pipe:`/http shard is retried `retries` times with backoff; a sample that cannot be read or decoded (also every
 sample behind the cut of a truncated shard, for the rest of that cycle) is counted, warned about (once per
 shard and cycle for a cut), and replaced by `order.substitute(index, attempt)`, the same on every world
 size; shards failing in a row before their first sample stop the run (DataError)."""
@@ -107,8 +107,9 @@ class _Bad(Exception):
 
 
 class SampleReader:
-    """Raw samples by global index for one rank or worker: forward cursors per lane; a read error is retried
-    `retries` times with backoff (reopening the shard), then the shard is cut for the rest of that cycle."""
+    """Raw samples by global index for one rank or worker: forward cursors per lane; a read error of a
+    `pipe:`/http shard is retried `retries` times with backoff (reopening the shard), then the shard is cut
+    for the rest of that cycle."""
 
     def __init__(self, urls: list[str], order: GlobalOrder, limits: Limits = Limits(), retries: int = 0):
         self.urls, self.order, self.limits, self.retries = urls, order, limits, retries
@@ -124,7 +125,8 @@ class SampleReader:
             raise _Bad(f"{self.urls[shard]}: sample {member} is behind the shard's cut at {cut} in cycle {cycle}",
                        quiet=True)
         slot = slot or (cycle, lane)
-        for attempt in range(self.retries + 1):
+        retries = self.retries if is_remote(self.urls[shard]) else 0  # a local file's error is no network hiccup
+        for attempt in range(retries + 1):
             try:
                 sample = self._read(slot, cycle, shard, member)
                 break
@@ -133,10 +135,10 @@ class SampleReader:
                 at = cursor.index if cursor is not None and cursor.shard == shard else 0
                 if cursor is not None:
                     cursor.close()
-                if isinstance(e, _ShardEnded) or attempt == self.retries:  # a short shard is no transient error
+                if isinstance(e, _ShardEnded) or attempt == retries:  # a short shard is no transient error
                     self._failed(cycle, shard, at, member, e)
                 log.info("reading training shard %s failed (%s); retry %d of %d", self.urls[shard], e,
-                         attempt + 1, self.retries)
+                         attempt + 1, retries)
                 time.sleep(_RETRY_BACKOFF_S * 2 ** attempt)
         self._failed_in_row = 0
         return sample
