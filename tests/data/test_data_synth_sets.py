@@ -6,6 +6,7 @@ import json
 import re
 
 import numpy as np
+import pytest
 import yaml
 
 from anncli.data.manifest import read_manifest, resolve_urls
@@ -54,6 +55,7 @@ def test_eval_without_a_recipe_never_writes_where_the_checkpoint_says(tmp_path):
 # ---------------------------------------------------------------- labels outside model.num_classes
 
 
+@pytest.mark.slow  # two real gloo ranks: about a minute on a loaded 2-core machine
 def test_training_on_labels_outside_the_classes_stops_in_one_line(synth_root, tmp_path):
     """The 5-class synthetic set trained as 3 classes on 2 real gloo ranks."""
     res = run_ann("train", "recipes/demo.yaml", "--work-dir", tmp_path / "run", "--nproc-per-node", 2,

@@ -1,8 +1,11 @@
-"""Two real gloo ranks end without Python tracebacks from torchrun: preempted by SIGTERM (exit 124, the
-checkpoint saved) and stopped by a bad shard (one line from the ranks); and without DDP's stride warning."""
+"""Two real gloo ranks end without Python tracebacks from torchrun when preempted by SIGTERM (exit 124, the
+checkpoint saved), and print no DDP stride warning. (A bad shard stopping 2 ranks in one line is in
+tests/data/test_data_synth_sets.py.)"""
 
 import json
 import signal
+
+import pytest
 
 from anncli.errors import EXIT_PREEMPTED
 from conftest import ann_cmd, start_until_checkpoint, tiny_overrides
@@ -10,6 +13,7 @@ from conftest import ann_cmd, start_until_checkpoint, tiny_overrides
 NOISE = ("Traceback", "SignalException", "ChildFailedError", "Grad strides do not match")
 
 
+@pytest.mark.slow  # two real gloo ranks: about a minute on a loaded 2-core machine
 def test_sigterm_on_two_ranks_saves_and_exits_124_without_a_traceback(synth_root, tmp_path):
     run, log = tmp_path / "run", tmp_path / "train.log"
     cmd = ann_cmd("train", "recipes/demo.yaml", "--work-dir", run, "--nproc-per-node", 2,
