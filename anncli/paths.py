@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
+import sys
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -24,6 +26,7 @@ _REASONS = {
     errno.EPERM: "permission denied",
     errno.ENOTDIR: "a parent is a file, not a directory",
     errno.EISDIR: "is a directory",
+    errno.EFBIG: "file too large (over the file-size limit, `ulimit -f`)",
 }
 # What torch.save says when the disk fills up under it (no errno, no path).
 _TORCH_WRITE_FAILURES = ("iostream error", "file write failed", "PytorchStreamWriter failed", "inline_container.cc")
@@ -93,10 +96,17 @@ def writable_file(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
-def writable_new_file(path: str | os.PathLike, what: str) -> Path:
-    """Check that the file `path` can be written, creating its directory when missing (pictures, exports)."""
-    writable_dir(Path(path).parent, what)
-    return writable_file(path, what)
+# What matplotlib's Agg, PDF, PS, SVG and PGF backends write, by file suffix.
+PICTURE_SUFFIXES = (".png", ".pdf", ".svg", ".svgz", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".eps", ".ps",
+                    ".pgf", ".raw", ".rgba")
+
+
+def check_picture(path: str | os.PathLike) -> None:
+    """A picture's format comes from its suffix: an unknown one is refused before the work, not after it."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in PICTURE_SUFFIXES:
+        raise UserError(f"--out {path}: {suffix or 'no suffix'} is not a picture format; use one of "
+                        f"{', '.join(s[1:] for s in PICTURE_SUFFIXES[:5])}, …")
 
 
 def fs_error_line(exc: BaseException, hint: Optional[str | os.PathLike] = None) -> Optional[str]:
@@ -115,11 +125,37 @@ def fs_error_line(exc: BaseException, hint: Optional[str | os.PathLike] = None) 
     return None
 
 
+def write_result(path: str | os.PathLike, text: str, what: str = "--json") -> None:
+    """Write a result file whole or not at all (a temporary file, fsynced, renamed). When the write fails
+    (a full disk, the file-size limit) the text goes to stdout instead and a UserError says so: the
+    results of the work are never lost to a truncated file or a traceback."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over the size limit: an error (EFBIG), not a kill
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            tmp.unlink()
+        except OSError:
+            pass
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        raise UserError(f"{what} {os_error_line(e, path)}: not written; the results are printed on stdout "
+                        "above instead") from None
+    finally:
+        signal.signal(signal.SIGXFSZ, old)
+
+
 def check_outputs(json_out=None, save_pred=None, out=None, out_file=None) -> None:
     """Every output place of a command, checked before its work starts, so that no result is lost at the end.
 
-    `--json` files need an existing directory; `--save-pred`/`--out` directories and the directory of an
-    `--out` file (a picture, an export) are created.
+    `--json` files and `--out` files (a picture, an export) need an existing directory, which is never
+    created for them; `--save-pred`/`--out` directories are created.
     """
     if json_out is not None:
         writable_file(json_out, "--json")
@@ -128,4 +164,4 @@ def check_outputs(json_out=None, save_pred=None, out=None, out_file=None) -> Non
     if out is not None:
         writable_dir(out, "--out")
     if out_file is not None:
-        writable_new_file(out_file, "--out")
+        writable_file(out_file, "--out")

@@ -7,6 +7,7 @@ the SLURM templates set them with `--set`.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -19,8 +20,22 @@ class RecipeError(UserError):
     """A recipe that cannot be used; the message is one line for the user."""
 
 
+_NUMBERS = (int, float, Optional[int], Optional[float])
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bools_for_numbers(cls, data):
+        """YAML's true/false are not numbers: pydantic would take `iters: true` as 1."""
+        if isinstance(data, dict):
+            for key, value in data.items():
+                field = cls.model_fields.get(key)
+                if isinstance(value, bool) and field is not None and field.annotation in _NUMBERS:
+                    raise ValueError(f"{key}: expected a number, got {str(value).lower()}")
+        return data
 
 
 class ModelConfig(_Section):
@@ -73,6 +88,9 @@ class DataConfig(_Section):
     num_workers: int = Field(4, ge=0)
     lanes: int = Field(16, ge=1, description="forward-read lanes of the global sample order (data/order.py)")
     max_skip_fraction: float = Field(0.01, ge=0.0, le=1.0)
+    max_member_mb: int = Field(256, ge=1, description="bytes of one tar member at most, in MiB")
+    max_pixels: int = Field(64_000_000, ge=1, description="pixels of one decoded image or label at most")
+    retries: int = Field(2, ge=0, le=20, description="retries of a failed pipe:/http shard read, with backoff, before a cut")
     synth: Optional[SynthConfig] = None
 
 
@@ -123,7 +141,7 @@ class OptimConfig(_Section):
 
 class TrainConfig(_Section):
     iters: int = Field(60_000, ge=1)
-    batch_size: int = Field(1, ge=1, description="images per process per micro-step")
+    batch_size: int = Field(1, ge=1, le=1024, description="images per process per micro-step")
     world_size: int = Field(8, ge=1, description="processes the recipe was written for")
     accum_steps: int = Field(1, ge=1)
     lr_scaling: Literal["none", "linear"] = "none"
@@ -166,8 +184,8 @@ class EvalConfig(_Section):
 
     @model_validator(mode="after")
     def _window(self) -> "EvalConfig":
-        if any(s <= 0 for s in self.scales):
-            raise ValueError("scales: every scale must be > 0")
+        if any(not 0 < s <= 4 for s in self.scales):
+            raise ValueError("scales: every scale must be > 0 and at most 4")
         if self.mode == "slide" and (self.crop is None or self.stride is None):
             raise ValueError("slide mode needs eval.crop and eval.stride")
         if self.crop and self.stride and (self.stride[0] > self.crop[0] or self.stride[1] > self.crop[1]):
@@ -232,6 +250,10 @@ def _set_dotted(tree: dict, dotted: str, value, source: str) -> None:
         if not isinstance(child, dict):
             raise RecipeError(f"{source}: --set {dotted}: '{part}' is not a section")
         node = child
+    if isinstance(node.get(parts[-1]), dict) and isinstance(value, dict):
+        first = next(iter(value), "KEY")
+        raise RecipeError(f"{source}: --set {dotted}=…: would replace the whole section, resetting the keys it "
+                          f"leaves out; set keys one by one (--set {dotted}.{first}=…)")
     node[parts[-1]] = value
 
 
@@ -256,6 +278,11 @@ def _format_error(source: str, err: ValidationError) -> str:
         msg = "unknown key"
     elif first["type"] == "missing":
         msg = "required key is missing"
+    elif first["type"] == "value_error":  # our validators say "key: why"; the key joins the dotted path
+        msg = msg.removeprefix("Value error, ")
+        named = re.match(r"^([a-z_]+): (.*)$", msg)
+        if named:
+            key, msg = f"{key}.{named.group(1)}" if key != "(top level)" else named.group(1), named.group(2)
     given = first.get("input")
     detail = "" if first["type"] in ("extra_forbidden", "missing") or isinstance(given, dict) else f" (got {given!r})"
     more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""

@@ -12,6 +12,9 @@ import typer
 
 from anncli.cli.common import run as _run
 from anncli.cli.options import App, at_least
+from anncli.recipe import DataConfig
+
+_DATA = DataConfig.model_fields  # the recipe's defaults of the caps `data inspect` takes as flags
 
 data_app = App(help="Pack, generate and inspect WebDataset shards.", no_args_is_help=True)
 
@@ -53,10 +56,13 @@ def data_synth(
 def data_inspect(
     shards: Annotated[str, typer.Argument(help="Shard path, brace pattern, or manifest JSON.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    max_member_mb: Annotated[int, typer.Option(callback=at_least(1), metavar="MB", help="Largest tar member read (a recipe's data.max_member_mb).")] = _DATA["max_member_mb"].default,
+    max_pixels: Annotated[int, typer.Option(callback=at_least(1), metavar="N", help="Largest image or label decoded, in pixels (data.max_pixels).")] = _DATA["max_pixels"].default,
 ) -> None:
     """Counts, image sizes and per-class pixel histogram of shards; exit code 1 when it finds problems."""
     from anncli.data.inspect import inspect_shards
+    from anncli.data.guards import Limits
 
-    report = _run(inspect_shards, shards, as_json=json_out)
+    report = _run(inspect_shards, shards, as_json=json_out, limits=Limits(max_member_mb, max_pixels))
     if not report["ok"]:
         raise typer.Exit(1)

@@ -107,6 +107,8 @@ def train(
     launch,
 ) -> None:
     """Train a recipe: in this process, under torchrun, or across SLURM nodes."""
+    if init_skip and init_from is None:
+        _fail(f"--init-skip {init_skip[0]} leaves tensors out of --init-from, which is not given; add --init-from DIR")
     recipe = recipe_file(recipe)
     r = _load(recipe, [*(set_ or []), *(["model.compile=true"] if compile_ else [])])
     from anncli.train.plan import describe_plan, plan_split
@@ -198,8 +200,8 @@ def predict(
         from anncli.eval.onnx_predict import run_onnx_predict
 
         _run(check_outputs, out=out)
-        _run_writing(out, run_onnx_predict, images, model, out, fmt, colors, overlay)
-        return
+        _, failed = _run_writing(out, run_onnx_predict, images, model, out, fmt, colors, overlay)
+        raise typer.Exit(1 if failed else 0)
     from anncli.eval.predict import run_predict
     from anncli.runs.choose import choose_run
 

@@ -12,7 +12,7 @@ import typer
 
 from anncli.cli.common import run as _run
 from anncli.cli.common import run_writing as _run_writing
-from anncli.paths import check_outputs
+from anncli.paths import check_outputs, check_picture
 from anncli.cli.options import App
 
 viz_app = App(help="Pictures of what the model does inside.", no_args_is_help=True)
@@ -28,6 +28,7 @@ def plot(
     """Training curves of runs overlaid (loss, aux loss, LR, img/s, val mIoU), or per-class IoU bars."""
     from anncli.interop.plot import run_plot
 
+    _run(check_picture, out)
     _run(check_outputs, out_file=out)
     _run_writing(out, run_plot, inputs, out)
 
@@ -44,6 +45,7 @@ def viz_attention(
     """Where one pixel looks: APNB and AFNB anchor weights (scales 1, 3, 6, 8) mapped onto the image."""
     from anncli.interop.viz import run_viz_attention
 
+    _run(check_picture, out)
     _run(check_outputs, out_file=out)
     _run_writing(out, run_viz_attention, checkpoint, image, pixel, out, recipe_path=recipe, overrides=set_ or [])
 

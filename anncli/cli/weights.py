@@ -10,6 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from anncli.cli.common import fail as _fail
 from anncli.cli.common import run as _run
 from anncli.cli.common import run_writing as _run_writing
 from anncli.paths import writable_dir
@@ -26,17 +27,24 @@ def weights_import(
     out: Annotated[Path, typer.Option(help="Checkpoint directory to write.")],
     recipe: Annotated[Optional[Path], typer.Option(help="Recipe to save with it (default: the variant's settings).")] = None,
     classes: Annotated[Optional[int], typer.Option(callback=at_least(1), help="Expected class count, checked against the classifier.")] = None,
+    max_checkpoint_mb: Annotated[int, typer.Option(callback=at_least(1), metavar="MB", help="Refuse a file that loads into more than this.")] = 4096,
 ) -> None:
     """Write an ann checkpoint directory from an official or mmseg ANN checkpoint."""
     from anncli.interop.weights import import_checkpoint
 
+    if out.exists() and not out.is_dir():
+        _fail(f"--out {out}: is a file; give the name of a new directory for the checkpoint")
     _run(writable_dir, out.parent, "--out")  # the directory itself is written whole, by a rename
-    _run_writing(out, import_checkpoint, fmt, src, out, recipe_path=recipe, classes=classes)
+    _run_writing(out, import_checkpoint, fmt, src, out, recipe_path=recipe, classes=classes,
+                 max_mb=max_checkpoint_mb)
 
 
 @weights_app.command("inspect")
-def weights_inspect(src: Annotated[Path, typer.Argument(help="Weights file: official, mmseg, or an ImageNet backbone.")]) -> None:
+def weights_inspect(
+    src: Annotated[Path, typer.Argument(help="Weights file: official, mmseg, or an ImageNet backbone.")],
+    max_checkpoint_mb: Annotated[int, typer.Option(callback=at_least(1), metavar="MB", help="Refuse a file that loads into more than this.")] = 4096,
+) -> None:
     """Print the detected format, network, classes and parameter count of a weights file."""
     from anncli.interop.weights import inspect
 
-    _run(inspect, src)
+    _run(inspect, src, max_checkpoint_mb)

@@ -149,7 +149,7 @@ def _torchrun(
     endpoint: Optional[str] = None, rdzv_id: str = "ann", rdzv_conf: str = "",
 ) -> list[str]:
     timeout = _int_env(env, "ANN_RDZV_TIMEOUT", DEFAULT_RDZV_TIMEOUT)
-    cmd = [sys.executable, "-m", "torch.distributed.run"]
+    cmd = [sys.executable, "-m", "anncli.cluster.torchrun"]  # torch.distributed.run, exits without tracebacks
     if endpoint is None:
         cmd += ["--standalone"]
     else:

@@ -136,7 +136,7 @@ def _exit_code(plan: LaunchPlan, rc: int, received: list[int], host: str,
         return EXIT_PREEMPTED
     if signal.SIGINT in received:
         return _interrupted(checkpoint_note)
-    hint = "the failing rank and its host are listed under 'Root Cause' above"
+    hint = "the rank that failed first and its host are named above"
     if plan.kind == "srun":
         hint = "srun names the failing task and node above"
     elif plan.nnodes > 1:

@@ -13,25 +13,29 @@ samples it does not need by reading tar headers (a seek past the data for local 
 lane is read by exactly one reader (rank r's worker w owns the indices ≡ w·b·W + r·b … (mod b·W·workers)),
 so a stream is downloaded once per cycle, plus the head of a shard where a lane starts inside it; otherwise
 readers that share a lane each read it (free for local files, a repeated download for streams). Faults:
-a sample that cannot be read or decoded (also every sample behind the cut of a truncated shard) is counted,
-warned about (once per shard for a cut), and replaced by `order.substitute(index, attempt)`, the same on
-every world size; shards failing in a row before their first sample stop the run (DataError)."""
+a failed read of a `pipe:`/http shard is retried `retries` times with backoff; a sample that cannot be read or decoded (also every
+sample behind the cut of a truncated shard, for the rest of that cycle) is counted, warned about (once per
+shard and cycle for a cut), and replaced by `order.substitute(index, attempt)`, the same on every world
+size; shards failing in a row before their first sample stop the run (DataError)."""
 
 from __future__ import annotations
 
 import tarfile
+import time
 from typing import Iterator
 
 from anncli.data import shards
 from anncli.data.order import GlobalOrder, check_split, rank_indices
 from anncli.data.loader import identity, loader_items, worker_init
 from anncli.data.manifest import is_remote
-from anncli.data.shards import DataError, SampleError, check_skip_bound, log
+from anncli.data.guards import Limits
+from anncli.data.shards import DataError, SampleError, check_label_ids, check_skip_bound, log
 from anncli.errors import UserError
 
 _MAX_SUBSTITUTES = 100
 _MAX_FAILED_OPENS = 5  # shards in a row failing before their first sample: the source is unreachable
 _READ_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
+_RETRY_BACKOFF_S = 0.25  # before the first retry of a failed read; doubled for each further one
 decode_sample = shards.decode_sample  # module attribute, so tests can count decodes
 
 
@@ -48,8 +52,8 @@ def _split_name(name: str) -> tuple[str, str | None]:
 class _ShardCursor:
     """Reads one shard forward, sample by sample; skipped samples cost their tar headers only."""
 
-    def __init__(self, url: str, shard: int):
-        self.url, self.shard, self.index = url, shard, 0
+    def __init__(self, url: str, shard: int, limits: Limits):
+        self.url, self.shard, self.index, self.limits = url, shard, 0, limits
         self._file = shards.open_shard(url)
         try:  # random access for local files: next() seeks past the data
             self._tar = tarfile.open(fileobj=self._file, mode="r|" if is_remote(url) else "r:")
@@ -75,6 +79,7 @@ class _ShardCursor:
             info, _, field = self._head
             shards.check_member(info.name)  # checked here, not on look-ahead: the sample before is whole
             if keep:
+                self.limits.check_member(info)
                 data = self._tar.extractfile(info).read()
                 if len(data) != info.size:
                     raise tarfile.ReadError(f"unexpected end of data in {info.name}")
@@ -102,46 +107,61 @@ class _Bad(Exception):
 
 
 class SampleReader:
-    """Raw samples by global index for one rank or worker: forward cursors per lane, faults remembered."""
+    """Raw samples by global index for one rank or worker: forward cursors per lane; a read error of a
+    `pipe:`/http shard is retried `retries` times with backoff (reopening the shard), then the shard is cut
+    for the rest of that cycle."""
 
-    def __init__(self, urls: list[str], order: GlobalOrder):
-        self.urls, self.order = urls, order
+    def __init__(self, urls: list[str], order: GlobalOrder, limits: Limits = Limits(), retries: int = 0):
+        self.urls, self.order, self.limits, self.retries = urls, order, limits, retries
         self._cursors: dict[tuple, _ShardCursor] = {}
-        self._cut: dict[int, int] = {}  # shard → first sample lost to a cut or read error
+        self._cut: dict[tuple[int, int], int] = {}  # (cycle, shard) → first sample lost to a cut or read error
         self._failed_in_row = 0  # shards failing before their first sample, with no good read between
 
     def fetch(self, index: int, slot: tuple | None = None) -> tuple[str, dict[str, bytes]]:
         loc = self.order.locate([index])
         cycle, shard, member, lane = (int(loc[k][0]) for k in ("cycle", "shard", "member", "lane"))
-        if member >= self._cut.get(shard, member + 1):
-            raise _Bad(f"{self.urls[shard]}: sample {member} is behind the shard's cut at {self._cut[shard]}",
+        cut = self._cut.get((cycle, shard))
+        if cut is not None and member >= cut:
+            raise _Bad(f"{self.urls[shard]}: sample {member} is behind the shard's cut at {cut} in cycle {cycle}",
                        quiet=True)
         slot = slot or (cycle, lane)
+        retries = self.retries if is_remote(self.urls[shard]) else 0  # a local file's error is no network hiccup
+        for attempt in range(retries + 1):
+            try:
+                sample = self._read(slot, cycle, shard, member)
+                break
+            except (_ShardEnded, *_READ_ERRORS) as e:
+                cursor = self._cursors.pop(slot, None)
+                at = cursor.index if cursor is not None and cursor.shard == shard else 0
+                if cursor is not None:
+                    cursor.close()
+                if isinstance(e, _ShardEnded) or attempt == retries:  # a short shard is no transient error
+                    self._failed(cycle, shard, at, member, e)
+                log.info("reading training shard %s failed (%s); retry %d of %d", self.urls[shard], e,
+                         attempt + 1, retries)
+                time.sleep(_RETRY_BACKOFF_S * 2 ** attempt)
+        self._failed_in_row = 0
+        return sample
+
+    def _read(self, slot: tuple, cycle: int, shard: int, member: int) -> tuple[str, dict[str, bytes]]:
         cursor = self._cursors.get(slot)
         if cursor is None or cursor.shard != shard or cursor.index > member:
             if self._cursors.pop(slot, None) is not None:
                 cursor.close()
             self._drop_old(cycle)
-            try:
-                cursor = self._cursors[slot] = _ShardCursor(self.urls[shard], shard)
-            except _READ_ERRORS as e:
-                self._failed(shard, 0, member, e)
-        try:
-            sample = cursor.read(member)
-        except (_ShardEnded, *_READ_ERRORS) as e:
-            self._cursors.pop(slot).close()
-            self._failed(shard, cursor.index, member, e)
-        self._failed_in_row = 0
-        return sample
+            cursor = self._cursors[slot] = _ShardCursor(self.urls[shard], shard, self.limits)
+        return cursor.read(member)
 
-    def _failed(self, shard: int, cut: int, member: int, e: Exception):
-        """A shard unreadable from sample `cut` on, warned about once; shards failing in a row stop the run."""
-        self._cut[shard] = cut
+    def _failed(self, cycle: int, shard: int, cut: int, member: int, e: Exception):
+        """A shard unreadable from sample `cut` on in this cycle, warned about once; shards failing in a row
+        stop the run. The next cycle reads the shard again."""
+        self._cut[(cycle, shard)] = cut
         url, self._failed_in_row = self.urls[shard], (self._failed_in_row + 1 if cut == 0 else 0)
         if self._failed_in_row >= min(_MAX_FAILED_OPENS, len(self.urls)):
             raise DataError(f"{self._failed_in_row} training shards in a row could not be read; the last, "
                             f"{url}: {e}") from None
-        log.warning("training shard %s is cut after %d samples (%s); the rest of it is skipped", url, cut, e)
+        log.warning("training shard %s is cut after %d samples in cycle %d (%s); the rest of it is skipped in "
+                    "this cycle", url, cut, cycle, e)
         raise _Bad(f"{url}: sample {member} unreadable: {e}") from None
 
     def url_of(self, index: int) -> str:
@@ -150,6 +170,8 @@ class SampleReader:
     def _drop_old(self, cycle: int) -> None:
         for slot in [s for s in self._cursors if isinstance(s[0], int) and s[0] < cycle - 1]:
             self._cursors.pop(slot).close()
+        for key in [k for k in self._cut if k[0] < cycle - 1]:
+            del self._cut[key]
 
     def close(self) -> None:
         for cursor in self._cursors.values():
@@ -164,7 +186,7 @@ class _BatchMaker:
         from anncli.data.transforms import TrainTransform
 
         self.s = stream
-        self.reader = SampleReader(stream.urls, stream.order)
+        self.reader = SampleReader(stream.urls, stream.order, stream.limits, stream.retries)
         self.transform = TrainTransform(stream.augment)
         self.seen = self.skipped = 0
 
@@ -175,9 +197,12 @@ class _BatchMaker:
             try:
                 key, fields = self.reader.fetch(index, None if index == slot else ("substitute",))
                 try:
-                    return key, *decode_sample(key, fields)
+                    image, label = decode_sample(key, fields, self.s.limits)
                 except SampleError as e:
                     raise _Bad(f"{self.reader.url_of(index)}: sample {key}: {e}") from None
+                if self.s.num_classes is not None:
+                    check_label_ids(label, self.s.num_classes, self.reader.url_of(index), key)
+                return key, image, label
             except _Bad as e:
                 self.skipped += 1
                 (log.debug if e.quiet else log.warning)("skipping bad training sample %d: %s", index, e)
@@ -213,7 +238,8 @@ class GlobalStream:
 
     def __init__(self, urls: list[str], counts: list[int], *, augment, batch_size: int, effective_batch: int,
                  seed: int, rank: int, world_size: int, num_workers: int = 0, lanes: int = 16,
-                 max_skip_fraction: float = 0.01, pin_memory: bool = False):
+                 max_skip_fraction: float = 0.01, pin_memory: bool = False, limits: Limits = Limits(),
+                 num_classes: int | None = None, retries: int = 0):
         if not urls or len(urls) != len(counts):
             raise UserError(f"{len(urls)} training shard(s) but {len(counts)} manifest count(s)")
         try:
@@ -223,6 +249,7 @@ class GlobalStream:
         self.urls, self.augment, self.batch_size = list(urls), augment, batch_size
         self.effective_batch, self.rank, self.world_size = effective_batch, rank, world_size
         self.num_workers, self.max_skip, self.pin_memory = num_workers, max_skip_fraction, pin_memory
+        self.limits, self.num_classes, self.retries = limits, num_classes, retries
         self.order = GlobalOrder(list(counts), seed=seed, lanes=lanes)
         self.next_micro_batch = 0
         self._faults: dict[int, tuple[int, int]] = {}

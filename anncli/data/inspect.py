@@ -13,7 +13,7 @@ import numpy as np
 from PIL import Image
 
 from anncli.data.manifest import expand_paths, is_remote, load_manifest
-from anncli.data.shards import IMAGE_FIELDS, LABEL_FIELD, SampleError, decode_label, iter_shard
+from anncli.data.shards import IMAGE_FIELDS, LABEL_FIELD, Limits, SampleError, decode_label, iter_shard
 from anncli.errors import UserError
 from anncli.labels import IGNORE_INDEX
 
@@ -37,17 +37,18 @@ def _image_size(name: str, data: bytes) -> tuple[int, int]:
         raise SampleError(f"{name} is not a readable image ({len(data)} bytes, starts {head})") from None
 
 
-def _inspect_shard(url: str, stats: dict, problems: list[str]) -> int:
+def _inspect_shard(url: str, stats: dict, problems: list[str], limits: Limits) -> int:
     count = 0
     try:
-        for key, fields in iter_shard(url):
+        for key, fields in iter_shard(url, limits):
             count += 1
             name = next((f for f in IMAGE_FIELDS if f in fields), None)
             try:
                 if name is None or LABEL_FIELD not in fields:
                     raise SampleError("missing field " + ("img.png/img.jpg" if name is None else LABEL_FIELD))
+                limits.check_pixels(name, fields[name])
                 w, h = _image_size(name, fields[name])
-                label = decode_label(fields[LABEL_FIELD])
+                label = decode_label(fields[LABEL_FIELD], limits)
             except SampleError as e:
                 problems.append(f"{url}: sample {key}: {e}")
                 continue
@@ -60,18 +61,21 @@ def _inspect_shard(url: str, stats: dict, problems: list[str]) -> int:
     return count
 
 
-def inspect_shards(spec: str, as_json: bool = False) -> dict:
+def inspect_shards(spec: str, as_json: bool = False, limits: Limits = Limits()) -> dict:
     """Counts, image sizes, per-class pixel histogram and label sanity of shards; a table or JSON on stdout.
 
     `spec` is a shard path, brace pattern or manifest JSON (relative to the current directory). Class names
-    come from the manifest beside the shards when there is one.
+    come from the manifest beside the shards when there is one. `limits` caps what one member and one
+    decoded image may cost.
     """
-    urls = expand_paths(os.getcwd(), spec)
+    urls = expand_paths(os.getcwd(), spec, "the current directory")
     manifest = load_manifest(spec) if spec.endswith(".json") else _manifest_beside(urls[0])
     classes = manifest["classes"] if manifest else None
     stats, problems, shards = {"sizes": {}, "hist": np.zeros(256, np.int64)}, [], []
     for url in urls:
-        shards.append({"shard": url, "count": _inspect_shard(url, stats, problems)})
+        shards.append({"shard": url, "count": _inspect_shard(url, stats, problems, limits)})
+    if not any(s["count"] for s in shards) and not problems:
+        problems.append(f"{spec}: no samples (an empty tar, or members without a key.field name)")
     expected = {s["name"]: s["count"] for s in manifest["shards"]} if manifest else {}
     for s in shards:
         want = expected.get(os.path.basename(s["shard"]))

@@ -43,17 +43,26 @@ def read_manifest(root: str | Path, dataset: str, split: str) -> dict:
     return load_manifest(manifest_path(root, dataset, split))
 
 
+def _plain_name(name: str, manifest: Path) -> str:
+    """A shard name from a manifest: a file name beside it, never a path, URL or `pipe:` command (only a
+    recipe, written by the user, may say those)."""
+    if name in ("", ".", "..") or "/" in name or "\\" in name or ":" in name or "\0" in name:
+        raise UserError(f"{manifest}: shard name {name!r} is not a file name in the manifest's folder "
+                        "(URLs, pipe: commands and paths belong in the recipe's data.train/data.val)")
+    return name
+
+
 def _manifest_shards(path: Path) -> list[str]:
     manifest = load_manifest(path)
-    urls = [str(path.parent / s["name"]) for s in manifest["shards"]]
+    urls = [os.path.join(path.parent, _plain_name(s["name"], path)) for s in manifest["shards"]]
     _check_exist(urls, str(path))
     return urls
 
 
-def _check_exist(paths: list[str], pattern: str) -> None:
+def _check_exist(paths: list[str], pattern: str, where: str = "") -> None:
     missing = [p for p in paths if not os.path.isfile(p)]
     if not paths or len(missing) == len(paths):
-        raise UserError(f"no shard files match {pattern!r}")
+        raise UserError(f"no shard files match {pattern!r}{where}")
     if missing:
         raise UserError(f"{len(missing)} of {len(paths)} shard files of {pattern!r} are missing, first: {missing[0]}")
 
@@ -62,8 +71,9 @@ def is_remote(spec: str) -> bool:
     return spec.startswith("pipe:") or re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+://", spec) is not None
 
 
-def expand_paths(root: str | Path, spec: str) -> list[str]:
-    """A path, brace pattern, glob or manifest (relative to root unless absolute; `::` joins lists)."""
+def expand_paths(root: str | Path, spec: str, root_is: str = "data.root") -> list[str]:
+    """A path, brace pattern, glob or manifest (relative to root unless absolute; `::` joins lists).
+    `root_is` names the root in messages."""
     urls: list[str] = []
     for piece in spec.split("::"):
         if is_remote(piece):
@@ -78,7 +88,8 @@ def expand_paths(root: str | Path, spec: str) -> list[str]:
                 local.extend(sorted(glob(path)))
             else:
                 local.append(path)
-        _check_exist(local, piece)
+        where = "" if os.path.isabs(piece) else f" (relative names are looked up under {root_is} {root})"
+        _check_exist(local, piece, where)
         urls.extend(local)
     return urls
 

@@ -28,6 +28,7 @@ from PIL import Image
 
 from anncli.data.loader import identity, loader_items, worker_init
 from anncli.data.manifest import is_remote
+from anncli.data.guards import Limits, Prefixed, SampleError, refuse_compressed
 from anncli.errors import UserError
 
 IMAGE_FIELDS = ("img.png", "img.jpg")
@@ -36,10 +37,6 @@ LABEL_FIELD = "seg.png"
 
 MIN_SAMPLES_BEFORE_ABORT = 100  # the training skip bound is only enforced once this many samples were seen
 log = logging.getLogger("anncli.data")
-
-
-class SampleError(Exception):
-    """One sample that cannot be used; the message says why."""
 
 
 class DataError(UserError):
@@ -53,6 +50,15 @@ def check_skip_bound(seen: int, skipped: int, max_skip: float, last: str = "") -
             f"skipped {skipped} of {seen} training samples ({skipped / seen:.1%}), more than "
             f"data.max_skip_fraction={max_skip:g}{tail}"
         )
+
+
+def check_label_ids(label: np.ndarray, num_classes: int, url: str, key: str) -> None:
+    """Training labels are class ids below `num_classes` or 255 (ignore); any other value stops the run."""
+    bad = label[(label >= num_classes) & (label != 255)]
+    if bad.size:
+        raise DataError(f"{url}: sample {key}: label value {int(bad.max())} is outside model.num_classes="
+                        f"{num_classes} (ids 0..{num_classes - 1}, 255 = ignore); check model.num_classes or the "
+                        "label map the shards were packed with")
 
 
 def check_member(name: str) -> None:
@@ -167,21 +173,34 @@ class PipeStream:
 
 
 def open_shard(url: str):
-    """A binary stream of one shard: a local file, a `pipe:CMD` (PipeStream), or http(s) via webdataset."""
+    """A binary stream of one shard: a local file, a `pipe:CMD` (PipeStream), or http(s) via webdataset.
+    A compressed tar is refused by name (CompressedShard)."""
     if url.startswith("pipe:"):
-        return PipeStream(url[len("pipe:"):])
-    if is_remote(url):
+        stream = PipeStream(url[len("pipe:"):])
+    elif is_remote(url):
         from webdataset.gopen import gopen  # http(s), … (imported lazily: it pulls in torch)
 
-        return gopen(url, "rb")
-    return open(url[len("file:"):] if url.startswith("file:") else url, "rb")
+        stream = gopen(url, "rb")
+    else:
+        stream = open(url[len("file:"):] if url.startswith("file:") else url, "rb")
+    try:
+        head = stream.read(6)
+        refuse_compressed(url, head)
+    except BaseException:
+        stream.close()
+        raise
+    if is_remote(url):
+        return Prefixed(head, stream)
+    stream.seek(0)
+    return stream
 
 
-def iter_shard(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {field: bytes}) of one shard, in order; raises tarfile/OS errors on a broken stream."""
+def iter_shard(url: str, limits: Limits = Limits()) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {field: bytes}) of one shard, in order; raises tarfile/OS errors on a broken stream or a member
+    over `limits`."""
     stream = open_shard(url)
     try:
-        with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        with tarfile.open(fileobj=stream, mode="r|") as tar:
             key, fields = None, {}
             for info in tar:
                 if not info.isreg():
@@ -196,6 +215,7 @@ def iter_shard(url: str) -> Iterator[tuple[str, dict[str, bytes]]]:
                 if not dot:
                     continue
                 key = k
+                limits.check_member(info)
                 data = tar.extractfile(info).read()
                 if len(data) != info.size:  # a stream read stops quietly at a cut; the header knows better
                     raise tarfile.ReadError(f"unexpected end of data in {info.name}")
@@ -220,15 +240,17 @@ def _quiet_cv2() -> None:
 _quiet_cv2()
 
 
-def decode_image(data: bytes) -> np.ndarray:
+def decode_image(data: bytes, limits: Limits = Limits()) -> np.ndarray:
+    limits.check_pixels("image", data)
     img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
     if img is None:
         raise SampleError("image cannot be decoded")
     return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
 
 
-def decode_label(data: bytes) -> np.ndarray:
+def decode_label(data: bytes, limits: Limits = Limits()) -> np.ndarray:
     """The stored ids, never colour-converted; 'L' PNGs go through cv2, anything else ('P') through PIL."""
+    limits.check_pixels("label", data)
     if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 25 and data[24] == 8 and data[25] == 0:
         arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
     else:
@@ -242,20 +264,21 @@ def decode_label(data: bytes) -> np.ndarray:
     return arr
 
 
-def decode_sample(key: str, fields: dict[str, bytes]) -> tuple[np.ndarray, np.ndarray]:
+def decode_sample(key: str, fields: dict[str, bytes], limits: Limits = Limits()) -> tuple[np.ndarray, np.ndarray]:
     """→ (uint8 HxWx3 RGB image, uint8 HxW label); SampleError when a field is missing or broken."""
     img = next((fields[f] for f in IMAGE_FIELDS if f in fields), None)
     if img is None:
         raise SampleError("missing field img.png/img.jpg")
     if LABEL_FIELD not in fields:
         raise SampleError("missing field seg.png")
-    image, label = decode_image(img), decode_label(fields[LABEL_FIELD])
+    image, label = decode_image(img, limits), decode_label(fields[LABEL_FIELD], limits)
     if image.shape[:2] != label.shape:
         raise SampleError(f"image {image.shape[1]}x{image.shape[0]} and label {label.shape[1]}x{label.shape[0]} differ")
     return image, label
 
 
-def eval_samples(urls: list[str], *, rank: int, world_size: int, num_workers: int = 0) -> Iterator[dict]:
+def eval_samples(urls: list[str], *, rank: int, world_size: int, num_workers: int = 0,
+                 limits: Limits = Limits()) -> Iterator[dict]:
     """Every sample exactly once across ranks × workers: rank r reads shards r, r+world, …; its workers
     split those again. Original resolution, no augmentation. A rank without shards yields nothing."""
     mine = list(urls)[rank::world_size]
@@ -263,14 +286,14 @@ def eval_samples(urls: list[str], *, rank: int, world_size: int, num_workers: in
     if not mine:
         return
     if workers == 0:
-        yield from _eval_iter(mine)
+        yield from _eval_iter(mine, limits)
         return
     import torch.utils.data as tud
 
     class _Shards(tud.IterableDataset):
         def __iter__(self):
             info = tud.get_worker_info()
-            return _eval_iter(mine[info.id :: info.num_workers] if info else mine)
+            return _eval_iter(mine[info.id :: info.num_workers] if info else mine, limits)
 
     # A private generator: starting the workers must not draw their seed from the global RNG, which
     # training checkpoints; in-training validation then leaves the training's random stream untouched.
@@ -281,13 +304,13 @@ def eval_samples(urls: list[str], *, rank: int, world_size: int, num_workers: in
     yield from loader_items(loader)
 
 
-def _eval_iter(shards: list[str]) -> Iterator[dict]:
+def _eval_iter(shards: list[str], limits: Limits) -> Iterator[dict]:
     for url in shards:
         last = None
         try:
-            for key, fields in iter_shard(url):
+            for key, fields in iter_shard(url, limits):
                 try:
-                    image, label = decode_sample(key, fields)
+                    image, label = decode_sample(key, fields, limits)
                 except SampleError as e:
                     raise UserError(f"{url}: sample {key}: {e}") from None
                 yield {"key": key, "image": image, "label": label, "shard": url}

@@ -31,14 +31,19 @@ KEY_CLASS = 4
 _SPLIT_STREAMS = {"train": 1, "val": 2}
 
 
+MAX_SIDE = 4096  # a 4096x4096 sample is 64 MB to draw; the set exists to be small
+
+
 def parse_size(size) -> tuple[int, int]:
-    """`--size HxW` text or the recipe's [h, w]; at least 16x32."""
+    """`--size HxW` text or the recipe's [h, w]; at least 16x32, at most MAX_SIDE a side."""
     if isinstance(size, str):
         h, w = parse_hw(size, "--size", "64x128")
     else:
         h, w = (int(v) for v in size)
     if h < 16 or w < 32:
         raise UserError(f"size {h}x{w}: the synthetic set needs at least 16x32 pixels")
+    if max(h, w) > MAX_SIDE:
+        raise UserError(f"size {h}x{w}: the synthetic set's images are at most {MAX_SIDE} pixels a side")
     return h, w
 
 
@@ -92,7 +97,8 @@ def _encode_png(arr: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-def _write_split(out: Path, split: str, count: int, h: int, w: int, seed: int, max_samples: int) -> dict:
+def _write_split(out: Path, split: str, count: int, h: int, w: int, seed: int, max_samples: int,
+                 made_from: dict) -> dict:
     writer = ShardWriter(out, f"synth-{split}", max_samples, 1 << 62)
     for i in range(count):
         rng = np.random.default_rng([seed & ((1 << 63) - 1), _SPLIT_STREAMS[split], i])
@@ -101,7 +107,7 @@ def _write_split(out: Path, split: str, count: int, h: int, w: int, seed: int, m
         meta = {"dataset": "synth", "split": split, "key": key, "height": h, "width": w, **meta}
         writer.write(key, {"img.png": _encode_png(image), "seg.png": _encode_png(label),
                            "meta.json": json.dumps(meta, sort_keys=True).encode()})
-    manifest = manifest_for("synth", split, writer.close())
+    manifest = {**manifest_for("synth", split, writer.close()), "made_from": made_from}
     write_json(manifest_path(out, "synth", split), manifest)
     return manifest
 
@@ -114,29 +120,66 @@ def write_synth(out, *, train: int = 2048, val: int = 256, size="64x128", seed: 
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
-    manifests = {split: _write_split(out, split, n, h, w, seed, max_samples)
+    made_from = _made_from(train, val, (h, w), seed, max_samples)
+    manifests = {split: _write_split(out, split, n, h, w, seed, max_samples, made_from)
                  for split, n in (("train", train), ("val", val))}
     if verbose:
         print(f"wrote the synthetic set to {out}: {train} train and {val} val samples, {h}x{w}, seed {seed}")
     return manifests
 
 
-def ensure_synth(root: str, cfg) -> bool:
-    """Create the synthetic set under `root` when its manifests are missing (saying so); True if created."""
-    root_path = Path(root)
-    if all(manifest_path(root_path, "synth", s).is_file() for s in _SPLIT_STREAMS):
+def _made_from(train: int, val: int, size, seed: int, max_samples: int) -> dict:
+    """What a synthetic set is made from, recorded in its manifests: the same record, the same bytes."""
+    return {"train": train, "val": val, "size": list(size), "seed": seed, "max_samples": max_samples}
+
+
+def _recorded(root: Path) -> dict | None | bool:
+    """The record of the set under `root`: a dict, None for a set without one, False when there is none."""
+    paths = [manifest_path(root, "synth", s) for s in _SPLIT_STREAMS]
+    if not all(p.is_file() for p in paths):
         return False
-    h, w = parse_size(cfg.size)
-    print(f"creating the synthetic long-range dataset under {root_path} ({cfg.train} train, {cfg.val} val, {h}x{w})")
-    write_synth(root_path, train=cfg.train, val=cfg.val, size=(h, w), seed=cfg.seed, max_samples=cfg.max_samples,
-                verbose=False)
+    records = []
+    for path in paths:
+        try:
+            records.append(json.loads(path.read_text()).get("made_from"))
+        except (ValueError, AttributeError, UnicodeDecodeError):
+            records.append(None)
+    return records[0] if records[0] == records[1] else None
+
+
+def _describe(record: dict) -> str:
+    h, w = record["size"]
+    return (f"{record['train']} train, {record['val']} val, {h}x{w}, seed {record['seed']}, "
+            f"{record['max_samples']} per shard")
+
+
+def ensure_synth(root: str, cfg, create: bool = True) -> bool:
+    """Make the synthetic set under `root` what the recipe's `data.synth` asks for (saying so): create it
+    when missing, replace one made from other parameters; True if written. With `create` False, a missing
+    or different set is a UserError instead."""
+    root_path = Path(root)
+    want = _made_from(cfg.train, cfg.val, parse_size(cfg.size), cfg.seed, cfg.max_samples)
+    have = _recorded(root_path)
+    if have == want:
+        return False
+    found = ("no synthetic set" if have is False else "a synthetic set made from unrecorded parameters"
+             if have is None else f"a synthetic set made from {_describe(have)}")
+    if not create:
+        raise UserError(f"the checkpoint's recipe reads a synthetic set ({_describe(want)}) under {root}, which "
+                        f"holds {found}; evaluating without a recipe never writes data: pass the recipe, or "
+                        f"create the set with `ann data synth`")
+    verb = "creating" if have is False else f"replacing {found} with"
+    print(f"{verb} the synthetic long-range dataset under {root_path} ({_describe(want)})", flush=True)
+    write_synth(root_path, train=cfg.train, val=cfg.val, size=tuple(want["size"]), seed=cfg.seed,
+                max_samples=cfg.max_samples, verbose=False)
     return True
 
 
-def prepare_synth(data, is_main: bool) -> None:
-    """Create the recipe's synthetic set on rank 0 when it asks for one that is missing; every rank waits."""
+def prepare_synth(data, is_main: bool, create: bool = True) -> None:
+    """Create the recipe's synthetic set on rank 0 when it asks for one that is missing; every rank waits.
+    With `create` False a missing set is a UserError instead."""
     from anncli.cluster.distributed import barrier
 
     if data.synth is not None and is_main:
-        ensure_synth(data.root, data.synth)
+        ensure_synth(data.root, data.synth, create)
     barrier()

@@ -9,6 +9,7 @@ How the command-line options and the recipe combine into a protocol: `inference.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,8 @@ from rich.console import Console
 
 from anncli.errors import UserError
 from anncli.eval.formats import TRAIN_IDS, PredFormat, pred_format
+from anncli.labels import IGNORE_INDEX
+from anncli.paths import write_result
 from anncli.eval.inference import Protocol, load_model, predict_labels, resolve_protocol
 from anncli.eval.metrics import confusion_matrix, json_safe, metrics_from_confusion
 
@@ -111,35 +114,43 @@ def _rank_total(recipe, split: str, info) -> Optional[int]:
     return sum(s["count"] for s in manifest["shards"][info.rank :: info.world_size]) if manifest else None
 
 
-def _reduce(cm: torch.Tensor, samples: int, failed: bool) -> tuple[torch.Tensor, int, int]:
-    """One all_reduce for the matrix, the sample count and the number of failed ranks."""
+def _reduce(cm: torch.Tensor, samples: int, failed: bool, outside: int) -> tuple[torch.Tensor, int, int, int]:
+    """One all_reduce for the matrix, the sample count, the number of failed ranks and the labelled pixels
+    outside the class ids."""
     from anncli.cluster.distributed import all_reduce_sum_
 
-    flat = torch.cat([cm.reshape(-1), torch.tensor([samples, int(failed)], dtype=torch.int64, device=cm.device)])
+    counts = torch.tensor([samples, int(failed), outside], dtype=torch.int64, device=cm.device)
+    flat = torch.cat([cm.reshape(-1), counts])
     all_reduce_sum_(flat)
     k = cm.shape[0]
-    return flat[: k * k].reshape(k, k), int(flat[-2]), int(flat[-1])
+    return flat[: k * k].reshape(k, k), int(flat[-3]), int(flat[-2]), int(flat[-1])
 
 
 def _evaluate_split(model, recipe, split: str, protocol: Protocol, info, save_pred: Optional[Path],
-                    show_progress: bool, pred_fmt: PredFormat = TRAIN_IDS) -> tuple[torch.Tensor, int]:
-    """Confusion and sample count of the whole split, summed over ranks; every rank gets the result.
-    With `save_pred`, every prediction is written there in `pred_fmt` (default: train ids)."""
+                    show_progress: bool, pred_fmt: PredFormat = TRAIN_IDS) -> tuple[torch.Tensor, int, int]:
+    """Confusion, sample count and labelled pixels outside the class ids (not in the matrix) of the whole
+    split, summed over ranks; every rank gets the result, rank 0 names the first such pixel it saw. With
+    `save_pred`, every prediction is written there in `pred_fmt` (default: train ids)."""
     from anncli.data.manifest import resolve_urls
-    from anncli.data.shards import eval_samples
+    from anncli.data.shards import Limits, eval_samples
     from anncli.eval.formats import write_label_png
     from anncli.eval.report import progress
 
     urls = resolve_urls(recipe.data.root, recipe.data.dataset, split)
-    samples = eval_samples(urls, rank=info.rank, world_size=info.world_size, num_workers=recipe.data.num_workers)
+    samples = eval_samples(urls, rank=info.rank, world_size=info.world_size, num_workers=recipe.data.num_workers,
+                           limits=Limits.of(recipe.data))
     k = recipe.model.num_classes
     cm = torch.zeros(k, k, dtype=torch.int64, device=info.device)
-    count, error = 0, None
+    count, error, outside, first = 0, None, 0, None
     total = _rank_total(recipe, split, info) if show_progress else None
     with progress(f"eval {split}", total=total, enabled=show_progress) as advance:
         def seen(sample, pred):
-            nonlocal count
+            nonlocal count, outside, first
             count += 1
+            bad = sample["label"][(sample["label"] >= k) & (sample["label"] != IGNORE_INDEX)]
+            outside += bad.size
+            if bad.size and first is None:
+                first = f"value {int(bad.max())} in shard {sample.get('shard')}, sample {sample.get('key')}"
             if save_pred is not None:
                 name = _inside(save_pred, pred_fmt.filename(sample["key"]))
                 write_label_png(name, pred_fmt.ids(pred.to("cpu", torch.uint8).numpy()))
@@ -149,14 +160,18 @@ def _evaluate_split(model, recipe, split: str, protocol: Protocol, info, save_pr
             cm = evaluate_model(model, samples, protocol, k, info.device, on_sample=seen)
         except Exception as e:  # still join the all_reduce so that no rank waits for this one
             error = e
-    cm, total, failed = _reduce(cm, count, error is not None)
+    cm, total, failed, outside = _reduce(cm, count, error is not None, outside)
     if error is not None:
         raise error
     if failed:
         raise UserError(f"evaluation failed on {failed} other rank(s); see their messages")
     if total == 0:
         raise UserError(f"split {split!r}: no samples under {recipe.data.root}")
-    return cm, total
+    if outside and show_progress:
+        example = f" (first: {first})" if first else ""
+        print(f"[ann] warning: {outside:,} labelled pixels have values outside model.num_classes={k}{example}; "
+              "they are not counted", file=sys.stderr, flush=True)
+    return cm, total, outside
 
 
 def _inside(folder: Path, name: str) -> Path:
@@ -171,7 +186,7 @@ def _inside(folder: Path, name: str) -> Path:
 def validate(model, recipe, info, split: Optional[str] = None) -> dict:
     """In-training validation: single-scale metrics of the recipe's protocol on every rank."""
     split = split or recipe.data.val
-    cm, total = _evaluate_split(model, recipe, split, Protocol.from_recipe(recipe), info, None, False)
+    cm, total, _ = _evaluate_split(model, recipe, split, Protocol.from_recipe(recipe), info, None, False)
     return {**metrics_from_confusion(cm, _class_names(recipe, split)), "samples": total}
 
 
@@ -190,22 +205,29 @@ def _run(recipe, opts: EvalOptions, info) -> dict:
 
     start = time.perf_counter()
     checkpoint = opts.checkpoint  # load_model verifies the files it reads
-    prepare_synth(recipe.data, info.is_main)
+    # The checkpoint's own recipe (no recipe given) reads data but never creates it: a shared checkpoint
+    # must not decide where this command writes.
+    own = opts.recipe_path is not None and Path(opts.recipe_path).resolve() == (checkpoint / "recipe.yaml").resolve()
+    if info.is_main:
+        print(f"[ann] evaluating split {opts.split} of {recipe.data.dataset} under {recipe.data.root}"
+              + (" (data.root of the checkpoint's recipe)" if own else ""), file=sys.stderr, flush=True)
+    prepare_synth(recipe.data, info.is_main, create=not own)
     configure_algorithms(info.device, recipe.train.deterministic, shapes_repeat=opts.protocol.mode == "slide")
     model = load_model(recipe, checkpoint, info.device, memory_format(opts.protocol.channels_last, info.device))
-    cm, total = _evaluate_split(model, recipe, opts.split, opts.protocol, info, opts.save_pred, info.is_main,
-                                opts.pred_format)
+    cm, total, outside = _evaluate_split(model, recipe, opts.split, opts.protocol, info, opts.save_pred,
+                                         info.is_main, opts.pred_format)
     metrics = metrics_from_confusion(cm, _class_names(recipe, opts.split))
     report = {
         "recipe": recipe.name, "recipe_path": opts.recipe_path, "checkpoint": str(checkpoint),
         "step": _step(checkpoint), "units": UNITS,
         "dataset": recipe.data.dataset, "split": opts.split, "samples": total, "world_size": info.world_size,
+        "pixels_outside_classes": outside,
         "protocol": opts.protocol.describe(), **metrics, "seconds": round(time.perf_counter() - start, 3),
     }
     if info.is_main:
         _print_report(report)
         if opts.json_out is not None:
-            Path(opts.json_out).write_text(json.dumps(json_safe(report), indent=2) + "\n")
+            write_result(opts.json_out, json.dumps(json_safe(report), indent=2) + "\n")
     return report
 
 

@@ -17,7 +17,6 @@ cast to float32 before they are added up.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
@@ -210,15 +209,21 @@ def predict_labels(model, image: np.ndarray, protocol: Protocol, device: torch.d
     return infer_logits(model, normalize_image(image, protocol, device), protocol).argmax(dim=0)
 
 
+MAX_SCALE = 4.0  # the official protocols go up to 2; beyond 4 a Cityscapes image no longer fits in memory
+
+
 def parse_scales(text: str) -> tuple[float, ...]:
+    pieces = [s.strip() for s in text.split(",")]
+    if not any(pieces):
+        raise UserError("--scales: no scale given")
+    if not all(pieces):
+        raise UserError(f"--scales {text!r}: an empty item; expected comma-separated numbers, e.g. 0.75,1,1.25")
     try:
-        scales = tuple(float(s) for s in text.split(",") if s.strip())
+        scales = tuple(float(s) for s in pieces)
     except ValueError:
         raise UserError(f"--scales {text!r}: expected comma-separated numbers, e.g. 0.75,1,1.25") from None
-    if not scales:
-        raise UserError("--scales: no scale given")
-    if any(not (0 < s < math.inf) for s in scales):
-        raise UserError(f"--scales {text!r}: every scale must be > 0")
+    if any(not (0 < s <= MAX_SCALE) for s in scales):
+        raise UserError(f"--scales {text!r}: every scale must be > 0 and at most {MAX_SCALE:g}")
     return scales
 
 
@@ -241,6 +246,9 @@ def resolve_protocol(recipe, *, multiscale: bool = False, scales: Optional[str] 
     chosen_merge = merge or ev.merge
     if chosen_merge not in ("logits", "softmax"):
         raise UserError(f"--merge {chosen_merge!r}: expected logits or softmax")
+    if chosen_mode == "whole" and (crop or stride):
+        given = "--crop" if crop else "--stride"
+        raise UserError(f"{given} sets the sliding window, which whole mode does not use; add --mode slide or drop {given}")
     window = parse_hw(crop, "--crop") if crop else ev.crop
     step = parse_hw(stride, "--stride") if stride else ev.stride
     if chosen_mode == "slide" and (window is None or step is None):

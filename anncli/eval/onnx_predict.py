@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import glob
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -57,9 +58,10 @@ class OnnxSegmenter:
         meta = self.session.get_modelmeta().custom_metadata_map.get("anncli")
         if meta is None:
             raise UserError(f"--model {path}: no anncli metadata; export it with `ann export --format onnx`")
-        self.meta = json.loads(meta)
-        self.palette = np.asarray(self.meta["palette"], dtype=np.uint8)
+        self.meta, self.palette = _read_meta(path, meta)
         spec = self.session.get_inputs()[0]
+        if len(spec.shape) != 4:
+            raise UserError(f"--model {path}: input {spec.name} has shape {spec.shape}, expected N x 3 x H x W")
         self.input_name = spec.name
         h, w = spec.shape[2], spec.shape[3]
         self.fixed = (h, w) if isinstance(h, int) and isinstance(w, int) else None
@@ -80,6 +82,20 @@ class OnnxSegmenter:
 
     def labels(self, image: np.ndarray) -> np.ndarray:
         return self.logits(image).argmax(axis=0).astype(np.uint8)
+
+
+def _read_meta(path: Path, text: str) -> tuple[dict, np.ndarray]:
+    """The anncli metadata of an exported file and its palette (K x 3 uint8); a malformed one is one line."""
+    try:
+        meta = json.loads(text)
+        palette = np.asarray(meta["palette"])
+        ok = palette.ndim == 2 and palette.shape[1] == 3 and len(palette) > 0 and ((palette >= 0) & (palette <= 255)).all()
+    except (ValueError, TypeError, KeyError, IndexError):
+        ok = False
+    if not ok:
+        raise UserError(f"--model {path}: its anncli metadata is malformed (expected JSON with a palette of "
+                        "[r, g, b] rows); export it again with `ann export --format onnx`")
+    return meta, palette.astype(np.uint8)
 
 
 def read_rgb(path: Path) -> np.ndarray:
@@ -103,9 +119,11 @@ def model_dataset(meta: dict) -> str:
     return "unknown"
 
 
-def run_onnx_predict(images, model: Path, out: Path, fmt: str = "train-ids", colors=None, overlay=None) -> list[Path]:
+def run_onnx_predict(images, model: Path, out: Path, fmt: str = "train-ids", colors=None,
+                     overlay=None) -> tuple[list[Path], list[Path]]:
     """Segment the images with the ONNX model: ids in the format `fmt` into `out`, pictures where
-    PredictionPlaces puts them; returns the written paths."""
+    PredictionPlaces puts them; an image that cannot be read is reported on stderr and skipped, like
+    `ann predict --checkpoint`. Returns the written paths and the skipped images."""
     from anncli.eval.formats import PredictionPlaces, pred_format
 
     segmenter = OnnxSegmenter(Path(model))
@@ -115,8 +133,16 @@ def run_onnx_predict(images, model: Path, out: Path, fmt: str = "train-ids", col
     places.check_inputs(paths)
     places.make()
     written: list[Path] = []
+    failed: list[Path] = []
     for path in paths:
-        image = read_rgb(path)
+        try:
+            image = read_rgb(path)
+        except UserError as e:
+            failed.append(path)
+            print(f"ann: skipped {e}", file=sys.stderr, flush=True)
+            continue
         written += places.write(path.stem, image, segmenter.labels(image), segmenter.palette)
-    print(f"{len(paths)} image(s) segmented with {model} (onnxruntime CPU) into {out}")
-    return written
+    skipped = f"; {len(failed)} could not be read" if failed else ""
+    print(f"{len(paths) - len(failed)} of {len(paths)} image(s) segmented with {model} (onnxruntime CPU) into "
+          f"{out}{skipped}")
+    return written, failed

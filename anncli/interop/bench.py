@@ -35,6 +35,7 @@ from rich.table import Table
 from torch import nn
 
 from anncli.errors import UserError
+from anncli.paths import write_result
 from anncli.interop.flops import count_forward_flops
 from anncli.models.attention import APNBAttention, NonLocalBlock
 from anncli.sizes import parse_hw
@@ -211,7 +212,6 @@ def run_attention_bench(sizes: str, device: str, dtype: str, channels: int, repe
               "results": measure(parsed, channels, device, dtype, repeats)}
     _print_table(report)
     if json_out is not None:
-        json_out = Path(json_out)
-        json_out.write_text(json.dumps(report, indent=2) + "\n")
+        write_result(json_out, json.dumps(report, indent=2) + "\n")
         Console().print(f"wrote {json_out}")
     return report

@@ -158,6 +158,17 @@ def check_parity(module: Exported, run, shapes: list[tuple[int, ...]], seed: int
     return worst
 
 
+_SUFFIXES = {"onnx": (".onnx",), "torchscript": (".pt", ".pth", ".ts", ".torchscript")}
+
+
+def _check_suffix(out: Path, fmt: str) -> None:
+    """A file named for the other format is refused (an ONNX file called model.pt would be loaded as TorchScript)."""
+    other = next((f for f, suffixes in _SUFFIXES.items() if f != fmt and out.suffix.lower() in suffixes), None)
+    if other:
+        raise UserError(f"--out {out}: a {other} file name, but --format is {fmt}; name it *{_SUFFIXES[fmt][0]} "
+                        f"or add --format {other}")
+
+
 def run_export(checkpoint: Path, fmt: str, out: Path, size: Optional[str] = None, dynamic: bool = False,
                recipe_path: Optional[Path] = None, overrides=()) -> float:
     """Write `out` and return the parity error (max abs diff of logits against eager)."""
@@ -170,6 +181,7 @@ def run_export(checkpoint: Path, fmt: str, out: Path, size: Optional[str] = None
         raise UserError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     if dynamic and fmt != "onnx":
         raise UserError("--dynamic applies to --format onnx (a TorchScript trace keeps the traced sizes)")
+    _check_suffix(Path(out), fmt)
     if fmt == "onnx":
         _require("onnx", "onnxscript", "onnxruntime")
     recipe = load_recipe(recipe_path or checkpoint_recipe(Path(checkpoint)), list(overrides))
@@ -182,7 +194,6 @@ def run_export(checkpoint: Path, fmt: str, out: Path, size: Optional[str] = None
         make_shape_free(traced.model)
     example = torch.zeros(2 if dynamic else 1, 3, h, w)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     meta = metadata(recipe, Path(checkpoint))
     try:
         if fmt == "onnx":

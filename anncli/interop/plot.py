@@ -35,13 +35,17 @@ def read_events(run: Path) -> dict[str, dict[int, float]]:
     if not path.is_file():
         raise UserError(f"{run}: no events.jsonl (expected a run directory written by `ann train`)")
     series: dict[str, dict[int, float]] = {name: {} for name, _ in CURVES}
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            record = json.loads(line.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}:{number}: not UTF-8 text (byte {e.start} of the line)") from None
         except json.JSONDecodeError:
             raise UserError(f"{path}:{number}: not a JSON line") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}:{number}: not a JSON object")
         if record.get("event") not in ("step", "val"):
             continue
         for name, _ in CURVES:

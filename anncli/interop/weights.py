@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import torch
@@ -47,6 +48,7 @@ CLASSIFIER = {"official": "cls.weight", "mmseg": "decode_head.conv_seg.weight"}
 AUX = {"official": "dsn.", "mmseg": "auxiliary_head."}
 IGNORED = ("data_preprocessor.",)  # mmseg 1.x normalisation buffers: the recipe holds mean/std
 DEPTHS = {6: "resnet50", 23: "resnet101"}
+MAX_CHECKPOINT_MB = 4096  # a peer file's size once loaded; ResNet-101 ANN with an optimizer state is ~1 GB
 # Normalisation each variant's weights were trained with (official: BGR Caffe mean; mmseg: RGB ImageNet).
 NORMALISATION = {"official": dict(bgr=True, mean=(102.9801, 115.9465, 122.7717), std=(1.0, 1.0, 1.0)),
                  "mmseg": dict(bgr=False, mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375))}
@@ -56,11 +58,28 @@ def short_list(names: list[str], limit: int = 3) -> str:
     return ", ".join(names[:limit]) + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
 
 
-def read_state_dict(src: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a peer file, wrappers (`state_dict`, `model`) and the DataParallel prefix removed."""
+def loaded_mb(src: Path) -> float:
+    """What a torch file holds once loaded, in MiB: its members' uncompressed sizes (a zip's deflated
+    members inflate), or the file's size for the legacy format."""
+    if zipfile.is_zipfile(src):
+        with zipfile.ZipFile(src) as archive:
+            return sum(member.file_size for member in archive.infolist()) / 2**20
+    return src.stat().st_size / 2**20
+
+
+def read_state_dict(src: str | Path, max_mb: int = MAX_CHECKPOINT_MB) -> dict[str, torch.Tensor]:
+    """The tensors of a peer file, wrappers (`state_dict`, `model`) and the DataParallel prefix removed;
+    a file that would load into more than `max_mb` MiB is refused before loading."""
     src = Path(src)
+    if src.is_dir():
+        what = "an ann checkpoint directory; its weights are ready to use" if (src / "model.pt").is_file() else "a directory"
+        raise UserError(f"{src}: {what}; give the weights file a peer saved (a .pth or .pt file)")
     if not src.is_file():
         raise UserError(f"{src}: file not found")
+    size = loaded_mb(src)
+    if size > max_mb:
+        raise UserError(f"{src}: loads into {size:.0f} MB, over --max-checkpoint-mb {max_mb} (raise it if the "
+                        "file is trusted)")
     try:
         obj = torch.load(src, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - an unreadable file is the user's input
@@ -188,13 +207,13 @@ def _write_dir(out: Path, state: dict[str, torch.Tensor], recipe: Recipe, source
 
 
 def import_checkpoint(fmt: str, src: Path, out: Path, recipe_path: Path | None = None,
-                      classes: int | None = None) -> Path:
+                      classes: int | None = None, max_mb: int = MAX_CHECKPOINT_MB) -> Path:
     """`ann weights import`: a peer checkpoint -> an `ann` checkpoint directory; prints one summary line."""
     from anncli.models.ann import build_model
 
     if fmt not in FORMATS:
         raise UserError(f"format {fmt!r}: expected one of {', '.join(FORMATS)}")
-    state = read_state_dict(src)
+    state = read_state_dict(src, max_mb)
     found = detect(state)
     if found != fmt:
         raise UserError(f"{src}: looks like a {found} checkpoint, not {fmt}")
@@ -229,9 +248,9 @@ def _count(state: dict[str, torch.Tensor], fmt: str) -> int:
                if not k.endswith(stats) and not (skip and k.startswith(skip)) and not k.startswith("fc."))
 
 
-def inspect(src: Path) -> dict:
+def inspect(src: Path, max_mb: int = MAX_CHECKPOINT_MB) -> dict:
     """`ann weights inspect`: prints and returns format, network, classes, parameters."""
-    state = read_state_dict(src)
+    state = read_state_dict(src, max_mb)
     fmt = detect(state)
     if fmt in FORMATS:
         cfg = model_config_of(state, fmt)

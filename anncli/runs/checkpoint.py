@@ -144,7 +144,13 @@ DATA_FILE = "data.json"
 def saved_effective_batch(path: Path) -> int:
     """The effective batch a checkpoint's run trained with (a resumed run keeps it)."""
     state = read_state(path)
-    return int(state.get("effective_batch") or 0)
+    if "imported_from" in state:
+        raise UserError(f"checkpoint {path}: imported weights (no optimizer, schedule or data position to resume); "
+                        f"start a run from them with --init-from {path}")
+    if not state.get("effective_batch"):
+        raise UserError(f"checkpoint {path}: its state.json records no effective batch, so it cannot be resumed; "
+                        f"start a run from its weights with --init-from {path}")
+    return int(state["effective_batch"])
 
 
 class Resumed(NamedTuple):

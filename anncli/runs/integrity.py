@@ -35,6 +35,14 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _readable_sha256(path: Path, directory: Path) -> str:
+    try:
+        return sha256_file(path)
+    except OSError as e:  # unreadable is not damaged: the file may be fine for its owner
+        raise UserError(f"checkpoint {directory}: cannot read {path.name} ({e.strerror}); check its permissions "
+                        "or copy the checkpoint somewhere you can read it") from None
+
+
 def _files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MARKER)
 
@@ -87,7 +95,7 @@ def verify(directory: Path) -> bool:
         if size != want.get("bytes"):
             raise DamagedCheckpoint(f"checkpoint {directory} is damaged: {name} has {size} bytes, "
                                     f"{want.get('bytes')} were written")
-        if sha256_file(path) != want.get("sha256"):
+        if _readable_sha256(path, directory) != want.get("sha256"):
             raise DamagedCheckpoint(f"checkpoint {directory} is damaged: {name} does not match its SHA-256")
     return True
 
@@ -102,6 +110,8 @@ def load_torch(path: Path, map_location="cpu"):
         raise DamagedCheckpoint(f"checkpoint {path.parent} is damaged: {path.name} is missing")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
+    except PermissionError as e:
+        raise UserError(f"checkpoint {path.parent}: cannot read {path.name} ({e.strerror})") from None
     except Exception as e:  # unpickling, zip and storage errors all mean the same thing here
         raise DamagedCheckpoint(f"checkpoint {path.parent} is damaged: {path.name} cannot be read as a "
                                 f"tensor file ({type(e).__name__})") from None

@@ -25,7 +25,8 @@ from anncli.runs.integrity import MARKER, DamagedCheckpoint, verify
 RESUME_SAFE_KEYS = (
     "name", "train.iters", "train.checkpoint_every", "train.keep_last", "train.val_every", "train.log_every",
     "train.max_bad_steps", "train.tensorboard", "train.trace_samples", "train.batch_size", "train.accum_steps",
-    "data.root", "data.val", "data.num_workers", "data.max_skip_fraction", "model.pretrained", "eval.", "logging.",
+    "data.root", "data.val", "data.num_workers", "data.max_skip_fraction", "data.max_member_mb",
+    "data.max_pixels", "data.retries", "model.pretrained", "eval.", "logging.",
     # how the same maths runs (memory layout, compiled or not, algorithm choice): float rounding only
     "model.channels_last", "model.compile", "model.compile_backend", "train.deterministic",
 )
@@ -120,8 +121,14 @@ def resolve_resume(resume: str, run_dir: Path) -> Path | None:
 def require_checkpoint(path: Path) -> Path:
     """A complete checkpoint whose files match their checksums, or one line saying what is wrong."""
     path = Path(path)
+    if path.is_file():
+        raise UserError(f"checkpoint {path}: is a file; a checkpoint is its directory, e.g. {path.parent}")
     if not path.is_dir():
         raise UserError(f"checkpoint {path}: no such directory")
+    if not is_complete(path) and (path / "checkpoints").is_dir():
+        newest = latest_checkpoint(path)
+        hint = f" (its newest complete one: {newest})" if newest else " (it holds no complete checkpoint yet)"
+        raise UserError(f"checkpoint {path}: is a run directory; give one of its checkpoints{hint}")
     if not is_complete(path):
         raise UserError(f"checkpoint {path}: incomplete (no {MARKER} marker); it was interrupted while saving")
     verify(path)

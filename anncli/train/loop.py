@@ -317,9 +317,12 @@ def _build_model(recipe: Recipe, info):
 
 def _build_stream(recipe: Recipe, urls: list[str], counts: list[int], info, split):
     from anncli.data.global_stream import GlobalStream
+    from anncli.data.shards import Limits
 
     d = recipe.data
     return GlobalStream(urls, counts, augment=recipe.augment, batch_size=split.batch_size,
                         effective_batch=split.effective_batch, seed=recipe.train.seed, rank=info.rank,
                         world_size=info.world_size, num_workers=d.num_workers, lanes=d.lanes,
-                        max_skip_fraction=d.max_skip_fraction, pin_memory=info.device.type == "cuda")
+                        max_skip_fraction=d.max_skip_fraction, pin_memory=info.device.type == "cuda",
+                        limits=Limits.of(d), num_classes=recipe.model.num_classes,
+                        retries=d.retries)

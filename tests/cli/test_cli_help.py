@@ -114,5 +114,5 @@ def test_dry_run_labels_its_plan_lines_and_says_per_process_batch_on_cpu():
     labels = [line.split(":", 1)[0] for line in plan]
     assert labels[-3:] == ["runs", "command", "environment"]
     assert "per-process batch" in labels and "per-GPU batch" not in labels
-    assert plan[-2].split(None, 1)[1].split()[1:3] == ["-m", "torch.distributed.run"]
+    assert plan[-2].split(None, 1)[1].split()[1:3] == ["-m", "anncli.cluster.torchrun"]
     assert plan[-1].split(None, 1)[1].startswith("PYTHONFAULTHANDLER=1")

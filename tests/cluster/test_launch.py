@@ -73,7 +73,7 @@ def test_standalone_torchrun_for_several_processes_on_one_node():
                        scontrol=no_scontrol, gpus=lambda: 0)
     cmd = plan.command
     assert plan.kind == "torchrun-standalone" and plan.world_size == 2
-    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert cmd[:3] == [sys.executable, "-m", "anncli.cluster.torchrun"]  # torch.distributed.run's main
     assert "--standalone" in cmd and "--rdzv-endpoint" not in cmd
     assert opt(cmd, "--nnodes") == "1" and opt(cmd, "--max-restarts") == "3"
     assert opt(cmd, "--rdzv-conf") == f"join_timeout={launch.DEFAULT_RDZV_TIMEOUT}"

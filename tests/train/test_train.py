@@ -168,7 +168,7 @@ def test_dry_run_prints_the_plan_and_scales_the_lr_when_asked(tmp_path):
     assert "world size:      2 (1 node(s) x 2 process(es))" in out
     assert "effective batch: 2 (recipe: 8)" in out
     assert "0.0025 (linear scaling 0.01 x 2/8" in out and "iterations:      60000" in out
-    assert "torch.distributed.run" in out and not (tmp_path / "never").exists()
+    assert "anncli.cluster.torchrun" in out and not (tmp_path / "never").exists()
     same = run_ann("train", "recipes/cityscapes.yaml", "--nproc-per-node", 8, "--dry-run")
     assert "0.01 (the recipe's; effective batch matches)" in same.stdout
 
