@@ -141,10 +141,36 @@ def prune(run_dir: Path, keep_last: int) -> None:
 DATA_FILE = "data.json"
 
 
+def first_non_finite(module: torch.nn.Module) -> str | None:
+    """The name of the first parameter or buffer holding inf/NaN, or None: such a state is never saved."""
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None
+
+
 def saved_effective_batch(path: Path) -> int:
     """The effective batch a checkpoint's run trained with (a resumed run keeps it)."""
     state = read_state(path)
     return int(state.get("effective_batch") or 0)
+
+
+class SavedSplit(NamedTuple):
+    """How the run that wrote a checkpoint split its batch, and where its data stream stopped."""
+    effective_batch: int
+    world_size: int
+    batch_size: int  # per rank; 0 when the checkpoint does not say (written by an older ann)
+    next_sample: int
+
+
+def saved_split(path: Path) -> SavedSplit:
+    state = read_state(path)
+    try:
+        position = int(json.loads((Path(path) / DATA_FILE).read_text()).get("next_sample", 0))
+    except (OSError, ValueError, AttributeError):
+        position = 0  # Checkpointer.load names a missing or damaged data.json
+    return SavedSplit(int(state.get("effective_batch") or 0), int(state.get("world_size") or 0),
+                      int(state.get("batch_size") or 0), position)
 
 
 class Resumed(NamedTuple):
@@ -202,9 +228,14 @@ class Checkpointer:
         return latest_checkpoint(self.run_dir)
 
     def save(self, step: int, engine, stream, bad_steps_total: int = 0) -> Path:
-        from anncli.cluster.distributed import barrier
+        from anncli.cluster.distributed import any_rank, barrier
 
         info, recipe = self.info, self.recipe
+        bad = first_non_finite(engine.module)
+        if any_rank(bad is not None, info.device):  # every rank stops alike; nothing is written
+            raise UserError(f"step {step}: the model's {bad or 'weights on another rank'} hold non-finite values; "
+                            f"no checkpoint written, the run stops. Last good checkpoint: {self.latest() or 'none'}. "
+                            "Lower optim.lr or use train.precision=fp32/bf16")
         tmp = staging_dir(self.run_dir, step)
         if info.is_main:
             begin_save(self.run_dir, step)
@@ -214,7 +245,7 @@ class Checkpointer:
             save_json(stream.state_dict(), tmp / DATA_FILE)
             state = {"step": step, "recipe": recipe.name, "engine": recipe.engine, "world_size": info.world_size,
                      "model": recipe.model.model_dump(mode="json"), "bad_steps_total": bad_steps_total,
-                     "effective_batch": stream.effective_batch}
+                     "effective_batch": stream.effective_batch, "batch_size": stream.batch_size}
             save_json(state, tmp / "state.json")
             (tmp / "recipe.yaml").write_text(recipe_to_yaml(recipe))
         barrier()

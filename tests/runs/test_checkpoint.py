@@ -307,3 +307,18 @@ def test_rank_0_decides_the_checkpoint_for_every_rank(tmp_path):
         elastic_launch(cfg, entrypoint=_find_on_each_rank)(str(tmp_path), resume)
         answers = [(tmp_path / f"answer{r}").read_text() for r in (0, 1)]
         assert answers[0] == answers[1] and answers[0].startswith(want), answers
+
+
+@pytest.mark.parametrize("where", ["weight", "buffer"])
+def test_a_non_finite_model_is_never_saved_and_the_last_good_checkpoint_is_named(tmp_path, where):
+    good = _save(tmp_path, 100)
+    recipe, info, engine, stream = _parts(200.0)
+    if where == "weight":
+        engine.module.w.data[1] = float("nan")
+    else:
+        engine.module.register_buffer("running_var", torch.tensor([1.0, float("inf")]))
+    with pytest.raises(UserError, match=rf"step 200: the model's (w|running_var) hold non-finite values; no "
+                                        rf"checkpoint written, the run stops. Last good checkpoint: {good}"):
+        ck.Checkpointer(tmp_path, recipe, info).save(200, engine, stream)
+    assert ck.complete_checkpoints(tmp_path) == [good]
+    assert not ck.staging_dir(tmp_path, 200).exists()
