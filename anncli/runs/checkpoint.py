@@ -28,6 +28,7 @@ from anncli.runs import rundir
 from anncli.errors import UserError
 from anncli.runs.integrity import MARKER as COMPLETE
 from anncli.runs.integrity import DamagedCheckpoint, load_torch, verify, write_marker
+from anncli.runs.retention import prune, reading  # noqa: F401  (reading: for every reader of checkpoints)
 from anncli.recipe import Recipe, recipe_to_yaml
 from anncli.runs.rundir import (  # noqa: F401  (the layout is part of this module's interface)
     STEP_PREFIX, checkpoint_path, checkpoints_dir, complete_checkpoints, decide_start, is_complete,
@@ -70,9 +71,11 @@ def check_compatible(path: Path, recipe: Recipe) -> None:
 
 
 def load_model_for_inference(path: Path, recipe: Recipe) -> dict:
-    path = require_checkpoint(path)
-    check_compatible(path, recipe)
-    return load_torch(path / "model.pt")
+    """The weights of a checkpoint, read under its read lock (a running training's prune keeps it)."""
+    with reading(path):
+        path = require_checkpoint(path)
+        check_compatible(path, recipe)
+        return load_torch(path / "model.pt")
 
 
 # --- writing ---------------------------------------------------------------------------------------
@@ -123,19 +126,8 @@ def finish_save(run_dir: Path, step: int, keep_last: int) -> Path:
     write_marker(final, step)
     _fsync_path(final)
     _fsync_path(final.parent)
-    prune(run_dir, keep_last)
+    prune(run_dir, keep_last, written=final)
     return final
-
-
-def prune(run_dir: Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` complete checkpoints; drop older ones and stale staging dirs."""
-    done = complete_checkpoints(run_dir)
-    for old in done[: max(0, len(done) - keep_last)]:
-        shutil.rmtree(old, ignore_errors=True)
-    for p in checkpoints_dir(run_dir).iterdir():
-        incomplete = p.name.startswith(STEP_PREFIX) and not is_complete(p)
-        if p.name.startswith(".tmp-") or incomplete:
-            shutil.rmtree(p, ignore_errors=True)
 
 
 DATA_FILE = "data.json"
