@@ -135,10 +135,11 @@ DATA_FILE = "data.json"
 
 def first_non_finite(module: torch.nn.Module) -> str | None:
     """The name of the first parameter or buffer holding inf/NaN, or None: such a state is never saved."""
-    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            return name
-    return None
+    named = [(n, t) for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_floating_point()]
+    if not named:
+        return None
+    finite = torch.stack([torch.isfinite(t.detach()).all() for _, t in named])
+    return None if bool(finite.all()) else named[int((~finite).nonzero()[0, 0])][0]  # one host sync
 
 
 def saved_effective_batch(path: Path) -> int:

@@ -44,7 +44,11 @@ def prune(run_dir: Path, keep_last: int, written: Path | None = None) -> None:
 
 
 def _delete_unless_read(path: Path) -> None:
-    lock = locks.try_lock(path / READERS, shared=False)
+    try:
+        lock = locks.try_lock(path / READERS, shared=False)
+    except OSError:  # no lock file can be made there, so no reader holds one either
+        shutil.rmtree(path, ignore_errors=True)
+        return
     if lock is None:
         print(f"[ann] keeping {path} beyond train.keep_last for now: it is being read", file=sys.stderr, flush=True)
         return
