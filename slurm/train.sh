@@ -81,7 +81,12 @@ rc=$?
 
 if [[ "$rc" -eq "$EXIT_PREEMPTED" ]]; then
     echo "ann: job $SLURM_JOB_ID saved a checkpoint after a preemption signal; requeueing it"
-    scontrol requeue "$SLURM_JOB_ID"
+    if ! scontrol requeue "$SLURM_JOB_ID"; then
+        # Exiting 0 here would end an unfinished run as COMPLETED.
+        echo "slurm/train.sh: error: 'scontrol requeue $SLURM_JOB_ID' failed; the run is unfinished (its checkpoint" \
+             "is saved): submit the same sbatch line again and --resume auto continues it" >&2
+        exit "$EXIT_PREEMPTED"
+    fi
     exit 0
 fi
 echo "ann: job $SLURM_JOB_ID finished with exit code $rc"

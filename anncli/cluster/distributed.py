@@ -48,7 +48,11 @@ def _pick_device(local_rank: int) -> torch.device:
 
 
 def init_distributed() -> DistInfo:
-    """Join the process group described by torchrun's environment; a single process needs none."""
+    """Join the process group described by torchrun's environment; a single process needs none. A torchrun
+    worker first arranges to stop when its agent dies (lifetime.rank_dies_with_agent)."""
+    from anncli.cluster.lifetime import rank_dies_with_agent
+
+    rank_dies_with_agent()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

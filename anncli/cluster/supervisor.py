@@ -18,6 +18,7 @@ from typing import Callable, Optional
 
 from anncli.errors import EXIT_PREEMPTED, UserError
 from anncli.cluster.launch import DEFAULT_RDZV_TIMEOUT, LaunchPlan
+from anncli.cluster.lifetime import die_with_parent
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
@@ -29,11 +30,7 @@ def _terminate_with_parent() -> None:
     torchrun then stops its workers the graceful way (they save a checkpoint), instead of training on
     as orphans beside a restarted run.
     """
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    die_with_parent(signal.SIGTERM)
 
 
 def execute(plan: LaunchPlan, checkpoint_note: Optional[Callable[[], str]] = None) -> int:

@@ -7,9 +7,7 @@ ends or the process exits; a UserError raised in a worker arrives as its own one
 from __future__ import annotations
 
 import atexit
-import os
 import signal
-import sys
 import weakref
 from typing import Iterator
 
@@ -24,14 +22,12 @@ def worker_init(_worker_id: int = 0) -> None:
     """
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import multiprocessing
+    import multiprocessing
 
-        rank = multiprocessing.parent_process()
-        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL))  # 1 = PR_SET_PDEATHSIG
-        if rank is not None and os.getppid() != rank.pid:  # the rank died before prctl
-            os._exit(1)
+    from anncli.cluster.lifetime import die_with_parent
+
+    rank = multiprocessing.parent_process()
+    die_with_parent(signal.SIGKILL, rank.pid if rank is not None else None)
     import torch
 
     torch.set_num_threads(1)

@@ -106,16 +106,20 @@ def check_split(effective_batch: int, world_size: int, batch_size: int) -> int:
     return effective_batch // (batch_size * world_size)
 
 
-def choose_split(effective_batch: int, world_size: int, batch_size: int) -> tuple[int, int, str]:
+def choose_split(effective_batch: int, world_size: int, batch_size: int, position: int = 0) -> tuple[int, int, str]:
     """(per-rank batch, accumulation steps, a sentence saying why) keeping `effective_batch` on `world_size`
     ranks: the recipe's per-rank batch when it divides, else the largest smaller one that does (it fits in
-    memory too); ValueError when E is not a multiple of the world size."""
+    memory too); ValueError when E is not a multiple of the world size. `position` (the global sample a
+    resumed stream starts at) must be a multiple of the micro-batch b·W too."""
     for b in range(min(batch_size, effective_batch // world_size), 0, -1):
-        if effective_batch % (b * world_size) == 0:
+        if effective_batch % (b * world_size) == 0 and position % (b * world_size) == 0:
             accum = effective_batch // (b * world_size)
             why = "the recipe's per-rank batch" if b == batch_size else f"per-rank batch lowered from {batch_size}"
             return b, accum, f"{b} x {world_size} ranks x {accum} accumulation step(s) = {effective_batch} ({why})"
-    raise ValueError(f"effective batch {effective_batch} cannot be split evenly over {world_size} ranks")
+    if effective_batch % world_size or not position:
+        raise ValueError(f"effective batch {effective_batch} cannot be split evenly over {world_size} ranks")
+    raise ValueError(f"the data stream stopped at global sample {position}, which {world_size} ranks cannot continue "
+                     "from (a micro-batch of b x ranks must divide it)")
 
 
 def rank_indices(micro_batch: int, *, rank: int, world_size: int, batch_size: int) -> range:

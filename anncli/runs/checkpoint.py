@@ -28,6 +28,7 @@ from anncli.runs import rundir
 from anncli.errors import UserError
 from anncli.runs.integrity import MARKER as COMPLETE
 from anncli.runs.integrity import DamagedCheckpoint, load_torch, verify, write_marker
+from anncli.runs.retention import prune, reading  # noqa: F401  (reading: for every reader of checkpoints)
 from anncli.recipe import Recipe, recipe_to_yaml
 from anncli.runs.rundir import (  # noqa: F401  (the layout is part of this module's interface)
     STEP_PREFIX, checkpoint_path, checkpoints_dir, complete_checkpoints, decide_start, is_complete,
@@ -70,9 +71,11 @@ def check_compatible(path: Path, recipe: Recipe) -> None:
 
 
 def load_model_for_inference(path: Path, recipe: Recipe) -> dict:
-    path = require_checkpoint(path)
-    check_compatible(path, recipe)
-    return load_torch(path / "model.pt")
+    """The weights of a checkpoint, read under its read lock (a running training's prune keeps it)."""
+    with reading(path):
+        path = require_checkpoint(path)
+        check_compatible(path, recipe)
+        return load_torch(path / "model.pt")
 
 
 # --- writing ---------------------------------------------------------------------------------------
@@ -123,22 +126,20 @@ def finish_save(run_dir: Path, step: int, keep_last: int) -> Path:
     write_marker(final, step)
     _fsync_path(final)
     _fsync_path(final.parent)
-    prune(run_dir, keep_last)
+    prune(run_dir, keep_last, written=final)
     return final
 
 
-def prune(run_dir: Path, keep_last: int) -> None:
-    """Keep the newest `keep_last` complete checkpoints; drop older ones and stale staging dirs."""
-    done = complete_checkpoints(run_dir)
-    for old in done[: max(0, len(done) - keep_last)]:
-        shutil.rmtree(old, ignore_errors=True)
-    for p in checkpoints_dir(run_dir).iterdir():
-        incomplete = p.name.startswith(STEP_PREFIX) and not is_complete(p)
-        if p.name.startswith(".tmp-") or incomplete:
-            shutil.rmtree(p, ignore_errors=True)
-
-
 DATA_FILE = "data.json"
+
+
+def first_non_finite(module: torch.nn.Module) -> str | None:
+    """The name of the first parameter or buffer holding inf/NaN, or None: such a state is never saved."""
+    named = [(n, t) for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_floating_point()]
+    if not named:
+        return None
+    finite = torch.stack([torch.isfinite(t.detach()).all() for _, t in named])
+    return None if bool(finite.all()) else named[int((~finite).nonzero()[0, 0])][0]  # one host sync
 
 
 def saved_effective_batch(path: Path) -> int:
@@ -151,6 +152,24 @@ def saved_effective_batch(path: Path) -> int:
         raise UserError(f"checkpoint {path}: its state.json records no effective batch, so it cannot be resumed; "
                         f"start a run from its weights with --init-from {path}")
     return int(state["effective_batch"])
+
+
+class SavedSplit(NamedTuple):
+    """How the run that wrote a checkpoint split its batch, and where its data stream stopped."""
+    effective_batch: int
+    world_size: int
+    batch_size: int  # per rank; 0 when the checkpoint does not say (written by an older ann)
+    next_sample: int
+
+
+def saved_split(path: Path) -> SavedSplit:
+    state = read_state(path)
+    try:
+        position = int(json.loads((Path(path) / DATA_FILE).read_text()).get("next_sample", 0))
+    except (OSError, ValueError, AttributeError):
+        position = 0  # Checkpointer.load names a missing or damaged data.json
+    return SavedSplit(int(state.get("effective_batch") or 0), int(state.get("world_size") or 0),
+                      int(state.get("batch_size") or 0), position)
 
 
 class Resumed(NamedTuple):
@@ -208,9 +227,14 @@ class Checkpointer:
         return latest_checkpoint(self.run_dir)
 
     def save(self, step: int, engine, stream, bad_steps_total: int = 0) -> Path:
-        from anncli.cluster.distributed import barrier
+        from anncli.cluster.distributed import any_rank, barrier
 
         info, recipe = self.info, self.recipe
+        bad = first_non_finite(engine.module)
+        if any_rank(bad is not None, info.device):  # every rank stops alike; nothing is written
+            raise UserError(f"step {step}: the model's {bad or 'weights on another rank'} hold non-finite values; "
+                            f"no checkpoint written, the run stops. Last good checkpoint: {self.latest() or 'none'}. "
+                            "Lower optim.lr or use train.precision=fp32/bf16")
         tmp = staging_dir(self.run_dir, step)
         if info.is_main:
             begin_save(self.run_dir, step)
@@ -220,7 +244,7 @@ class Checkpointer:
             save_json(stream.state_dict(), tmp / DATA_FILE)
             state = {"step": step, "recipe": recipe.name, "engine": recipe.engine, "world_size": info.world_size,
                      "model": recipe.model.model_dump(mode="json"), "bad_steps_total": bad_steps_total,
-                     "effective_batch": stream.effective_batch}
+                     "effective_batch": stream.effective_batch, "batch_size": stream.batch_size}
             save_json(state, tmp / "state.json")
             (tmp / "recipe.yaml").write_text(recipe_to_yaml(recipe))
         barrier()

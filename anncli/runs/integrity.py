@@ -4,7 +4,9 @@ The marker is JSON: {"step": N, "files": {"model.pt": {"sha256": "…", "bytes":
 the checkpoint, DeepSpeed's sub-directory included). SHA-256 rather than a faster non-cryptographic hash:
 hashlib's runs at about 330 MB/s on the 2-core test machine while it is loaded (blake2b 220, md5 140), so a
 270 MB model.pt costs under a second per save and per resume, next to minutes between checkpoints.
-Markers written before checksums (empty, or the bare step number) are accepted unverified, with a note.
+Markers written before checksums (empty, or the bare step number) are accepted unverified, with a warning
+line; any other marker that is not a checksum record is damaged. The marker is renamed into place, so a
+crash while writing it never leaves an empty one.
 Loading goes through `load_torch`, which turns any unreadable file into one line, never a traceback.
 """
 
@@ -19,6 +21,7 @@ from pathlib import Path
 from anncli.errors import UserError
 
 MARKER = "COMPLETE"
+READERS = ".readers"  # the read lock of a checkpoint (retention.py), and its O_EXCL siblings: not checkpoint files
 _CHUNK = 4 << 20
 _noted: set[str] = set()
 
@@ -44,7 +47,8 @@ def _readable_sha256(path: Path, directory: Path) -> str:
 
 
 def _files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MARKER)
+    return sorted(p for p in directory.rglob("*")
+                  if p.is_file() and p.name != MARKER and not p.name.startswith((READERS, f".{MARKER}")))
 
 
 def write_marker(directory: Path, step: int) -> None:
@@ -52,20 +56,24 @@ def write_marker(directory: Path, step: int) -> None:
     directory = Path(directory)
     files = {p.relative_to(directory).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
              for p in _files(directory)}
-    marker = directory / MARKER
-    marker.write_text(json.dumps({"step": step, "files": files}, indent=1, sort_keys=True) + "\n")
-    fd = os.open(marker, os.O_RDONLY)
+    tmp = directory / f".{MARKER}.tmp"  # renamed into place: a crash never leaves an empty marker
+    tmp.write_text(json.dumps({"step": step, "files": files}, indent=1, sort_keys=True) + "\n")
+    fd = os.open(tmp, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+    os.replace(tmp, directory / MARKER)
 
 
 def read_marker(directory: Path) -> dict | None:
     """The marker's record, or None for a marker written before checksums."""
     text = (Path(directory) / MARKER).read_text(errors="replace").strip()
-    if not text.startswith("{"):
+    if not text or text.isdigit():  # what ann wrote before checksums
         return None
+    if not text.startswith("{"):
+        raise DamagedCheckpoint(f"checkpoint {directory} is damaged: its {MARKER} marker is neither a checksum "
+                                "record nor an older ann's empty or step-number marker")
     try:
         record = json.loads(text)
     except json.JSONDecodeError:
@@ -84,8 +92,9 @@ def verify(directory: Path) -> bool:
     if record is None:
         if str(directory) not in _noted:
             _noted.add(str(directory))
-            print(f"[ann] note: checkpoint {directory} predates checksums; loading it unverified",
-                  file=sys.stderr, flush=True)
+            print(f"[ann] warning: checkpoint {directory} has a {MARKER} marker without checksums (empty or a bare "
+                  "step number, as ann wrote before checksums); its files are used unverified", file=sys.stderr,
+                  flush=True)
         return False
     for name, want in sorted(record["files"].items()):
         path = directory / name

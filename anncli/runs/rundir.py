@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from anncli.errors import UserError
+from anncli.runs import locks
 from anncli.runs.integrity import MARKER, DamagedCheckpoint, verify
 
 # Recipe keys whose change keeps a resume meaningful: bookkeeping, evaluation, where the data lies, the
@@ -280,32 +281,20 @@ def lock_run_dir(run_dir: Path, timeout_s: float):
 
     A run that was just killed may still be saving (its workers got SIGTERM); wait for it up to
     `timeout_s`, then fail with a line naming the holder. The kernel drops the lock when the holder dies;
-    forked children do not keep it (see _release_locks_in_child).
+    forked children do not keep it (see _release_locks_in_child). Without flock (NFS/Lustre): locks.py.
     """
-    import fcntl
-
     path = Path(run_dir) / ".lock"
-    handle = open(path, "a+")
     deadline = time.monotonic() + timeout_s
     announced = False
-    while True:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            holder = path.read_text().strip() or "another process"
-            if time.monotonic() >= deadline:
-                handle.close()
-                raise UserError(f"run directory {run_dir} is in use by {holder}; wait for it to finish or "
-                                "pass another --work-dir") from None
-            if not announced:
-                print(f"[ann] run directory {run_dir} is in use by {holder}; waiting up to {timeout_s:.0f} s",
-                      flush=True)
-                announced = True
-            time.sleep(0.5)
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-    handle.flush()
-    _HELD_LOCKS.append(handle)
-    return handle
+    while (lock := locks.try_lock(path, shared=False)) is None:
+        who = locks.holder(path)
+        if time.monotonic() >= deadline:
+            raise UserError(f"run directory {run_dir} is in use by {who}; wait for it to finish or "
+                            "pass another --work-dir")
+        if not announced:
+            print(f"[ann] run directory {run_dir} is in use by {who}; waiting up to {timeout_s:.0f} s", flush=True)
+            announced = True
+        time.sleep(0.5)
+    if lock.handle is not None:
+        _HELD_LOCKS.append(lock.handle)
+    return lock

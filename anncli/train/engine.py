@@ -52,11 +52,33 @@ class _Engine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def _agree(self, total: torch.Tensor, parts: dict) -> tuple[torch.Tensor, bool]:
-        """Mean loss values over ranks; finite only when every rank's loss is finite."""
-        stats = torch.stack([total.detach().float(), parts["loss"].detach().float(), parts["aux_loss"].detach().float()])
+    def _agree(self, total: torch.Tensor, parts: dict, saved: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean loss values over ranks, ok): ok (a bool tensor) only when every rank's loss and buffers
+        (batch-norm statistics after this forward) are finite; one all-reduce."""
+        bad_buffers = (~buffers_finite(saved)).float().to(total.device)
+        stats = torch.stack([total.detach().float(), parts["loss"].detach().float(), parts["aux_loss"].detach().float(),
+                             bad_buffers])
         stats = all_reduce_sum_(stats) / self.info.world_size
-        return stats, bool(torch.isfinite(stats).all())
+        return stats[:3], torch.isfinite(stats[:3]).all() & (stats[3] == 0)
+
+
+def snapshot_buffers(module: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(buffer, copy) of every buffer (batch-norm running statistics, num_batches_tracked) before a forward."""
+    return [(b, b.detach().clone()) for b in module.buffers()]
+
+
+def buffers_finite(saved: list) -> torch.Tensor:
+    flags = [torch.isfinite(b).all() for b, _ in saved if b.is_floating_point()]
+    return torch.stack(flags).all() if flags else torch.tensor(True)
+
+
+def settle_buffers(saved: list, keep: torch.Tensor) -> None:
+    """A skipped micro-batch leaves no trace: unless `keep` (a bool tensor agreed by every rank), every buffer
+    gets back its value from before the forward, on every rank alike (sync-BN spread the statistics to all of
+    them; DDP broadcasts rank 0's at the next forward). torch.where: no host sync."""
+    with torch.no_grad():
+        for buf, old in saved:
+            buf.copy_(torch.where(keep.to(buf.device), buf, old))
 
 
 class DDPEngine(_Engine):
@@ -86,14 +108,17 @@ class DDPEngine(_Engine):
 
     def micro_step(self, images, labels, criterion, boundary: bool) -> tuple[torch.Tensor, bool]:
         no_sync = self.info.distributed and not boundary
+        saved = snapshot_buffers(self.module)
         with self.model.no_sync() if no_sync else contextlib.nullcontext():
             with self._autocast():
                 main, aux = self.model(images)
             total, parts = criterion(main, aux, labels)
-            stats, finite = self._agree(total, parts)
+            stats, ok = self._agree(total, parts, saved)
+            finite = bool(ok)
             if finite:
                 loss = total / self.accum_steps
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
+        settle_buffers(saved, ok)  # after the backward, which may still read them
         return stats, finite
 
     def optimizer_step(self) -> None:
@@ -199,12 +224,15 @@ class DeepSpeedEngine(_Engine):
             self.model.compile(backend=compile_backend(recipe))
 
     def micro_step(self, images, labels, criterion, boundary: bool) -> tuple[torch.Tensor, bool]:
+        saved = snapshot_buffers(self.module)
         main, aux = self.model(images)
         total, parts = criterion(main, aux, labels)
-        stats, finite = self._agree(total, parts)
+        stats, ok = self._agree(total, parts, saved)
+        finite = bool(ok)
         if finite:
             self.model.backward(total)
             self.model.step()
+        settle_buffers(saved, ok)  # after the backward, which may still read them
         return stats, finite
 
     def optimizer_step(self) -> None:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
 from anncli.errors import EXIT_PREEMPTED, UserError
-from anncli.train.plan import lr_at, run_split, scaled_lr
+from anncli.train.plan import bn_images, lr_at, run_split, scaled_lr
 from anncli.recipe import Recipe
 
 
@@ -184,9 +184,18 @@ def _train_step(run: _Run, step: int) -> StepResult:
                 f"{bad_in_row} non-finite losses in a row at step {step}; stopping. Last good checkpoint: "
                 f"{run.checkpointer.latest() or 'none'}. Lower optim.lr or use train.precision=fp32/bf16."
             )
+    if skipped:
+        _back_on_grid(run)
     run.engine.optimizer_step()
     total, loss, aux = stats.tolist()
     return StepResult(total=total, loss=loss, aux=aux, images=images, skipped=skipped, indices=indices, keys=keys)
+
+
+def _back_on_grid(run: _Run) -> None:
+    """After a step that replaced skipped micro-batches, drop the rest of the effective batch they began, so
+    that the data position stays a multiple of the effective batch: any world that splits it can resume."""
+    while run.stream.next_micro_batch % run.stream.accum_steps:
+        next(run.batches)
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -240,7 +249,7 @@ def _validate(run: _Run, step: int) -> None:
 
 def _set_up(recipe: Recipe, opts: TrainOptions, info, stop: StopFlag) -> _Run:
     """Open the run directory, build model, engine, data and logs, resume: everything the loop uses."""
-    from anncli.runs.checkpoint import Checkpointer, default_work_dir, saved_effective_batch
+    from anncli.runs.checkpoint import Checkpointer, default_work_dir, saved_split
     from anncli.cluster.distributed import describe_rank
     from anncli.train.engine import build_engine
     from anncli.train.losses import SegLoss
@@ -251,7 +260,7 @@ def _set_up(recipe: Recipe, opts: TrainOptions, info, stop: StopFlag) -> _Run:
     checkpointer = Checkpointer(opts.work_dir or default_work_dir(recipe), recipe, info)
     checkpointer.open()
     resume_from = checkpointer.find(opts.resume, fresh=opts.fresh, init_from=opts.init_from is not None)
-    split = run_split(recipe, info.world_size, saved_effective_batch(resume_from) if resume_from else None)
+    split = run_split(recipe, info.world_size, saved_split(resume_from) if resume_from else None)
     urls, counts = _prepare_data(recipe, info)
     model = _build_model(recipe, info)
     if opts.init_from is not None and resume_from is None:  # a restarted worker resumes instead
@@ -268,9 +277,11 @@ def _set_up(recipe: Recipe, opts: TrainOptions, info, stop: StopFlag) -> _Run:
         resumed = checkpointer.load(resume_from, engine, stream, allow_recipe_change=opts.allow_recipe_change)
         events.write("resume", step=resumed.step, checkpoint=str(resume_from), restart=os.environ.get("SLURM_RESTART_COUNT"),
                      world_size=info.world_size, saved_world_size=resumed.world_size, batch_size=split.batch_size,
-                     accum_steps=split.accum_steps, effective_batch=split.effective_batch)
+                     accum_steps=split.accum_steps, effective_batch=split.effective_batch,
+                     bn_images=bn_images(recipe, split.batch_size, info.world_size), bn_note=split.bn_note)
         if info.is_main:
             change = "" if resumed.world_size == info.world_size else f" (written by {resumed.world_size} ranks; {split.why})"
+            change += f"; {split.bn_note}" if split.bn_note else ""
             print(f"[ann] resumed from {resume_from} at step {resumed.step}{change}", file=sys.stderr, flush=True)
     else:
         events.write("start", step=0, world_size=info.world_size, recipe=recipe.name, batch_size=split.batch_size,

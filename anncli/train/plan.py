@@ -15,24 +15,48 @@ class Split(NamedTuple):
     accum_steps: int
     effective_batch: int
     why: str
+    bn_note: str = ""  # on a resume that changes the images per batch-norm batch: what changed, how to keep it
 
 
-def run_split(recipe: Recipe, world_size: int, saved_effective: int | None = None) -> Split:
-    """A fresh run splits as the recipe says; a resumed one keeps its checkpoint's effective batch on this
-    world (`order.choose_split`: the recipe's per-rank batch is the largest allowed) or fails in one line."""
+def run_split(recipe: Recipe, world_size: int, saved=None) -> Split:
+    """A fresh run splits as the recipe says; a resumed one (`saved`: checkpoint.SavedSplit) keeps its
+    checkpoint's effective batch on this world (`order.choose_split`: the recipe's per-rank batch is the
+    largest allowed), starting where the checkpoint's data stream stopped, or fails in one line."""
     from anncli.data.order import choose_split
 
     t = recipe.train
-    if saved_effective is None:
+    if saved is None:
         e = t.batch_size * world_size * t.accum_steps
         return Split(t.batch_size, t.accum_steps, e,
                      f"{t.batch_size} x {world_size} ranks x {t.accum_steps} accumulation step(s) = {e}")
     try:
-        b, a, why = choose_split(saved_effective, world_size, t.batch_size)
+        b, a, why = choose_split(saved.effective_batch, world_size, t.batch_size, saved.next_sample)
     except ValueError as e:
-        raise UserError(f"cannot resume on {world_size} rank(s): {e} (the checkpoint's effective batch); "
-                        "use a world size that divides it, or --resume never") from None
-    return Split(b, a, saved_effective, f"{why}, the checkpoint's effective batch")
+        raise UserError(f"cannot resume on {world_size} rank(s): {e} (the checkpoint's effective batch "
+                        f"{saved.effective_batch}); use a world size that divides it, or --resume never") from None
+    return Split(b, a, saved.effective_batch, f"{why}, the checkpoint's effective batch",
+                 _bn_note(recipe, saved, b, world_size))
+
+
+def bn_images(recipe: Recipe, batch_size: int, world_size: int) -> int:
+    """Images behind one batch-norm statistic: the global micro-batch with sync-BN, a rank's without."""
+    return batch_size * world_size if recipe.model.norm == "syncbn" else batch_size
+
+
+def _bn_note(recipe: Recipe, saved, batch_size: int, world_size: int) -> str:
+    """'' when this split normalises over as many images as the checkpoint's run did; else one sentence."""
+    if not saved.batch_size or not saved.world_size:
+        return ""
+    before, now = bn_images(recipe, saved.batch_size, saved.world_size), bn_images(recipe, batch_size, world_size)
+    if before == now:
+        return ""
+    keep = before // world_size if recipe.model.norm == "syncbn" else before
+    micro = keep * world_size
+    fits = keep >= 1 and bn_images(recipe, keep, world_size) == before and \
+        saved.effective_batch % micro == 0 and saved.next_sample % micro == 0
+    how = f"set train.batch_size={keep} to keep {before}" if fits else f"{world_size} rank(s) cannot keep {before}"
+    return (f"batch-norm statistics over {now} images per batch instead of the checkpoint's {before} "
+            f"({recipe.model.norm}); {how}")
 
 
 def scaled_lr(recipe: Recipe, world_size: int, effective: int | None = None) -> tuple[float, str]:
@@ -63,11 +87,13 @@ def lr_at(step: int, base_lr: float, recipe: Recipe) -> float:
 
 def plan_split(recipe: Recipe, opts, plan):
     """(split, checkpoint to resume or None) of a launch plan, before any process starts: a world that
-    cannot keep the checkpoint's effective batch is refused here in one line (`opts`: train.TrainOptions)."""
-    from anncli.runs.checkpoint import default_work_dir, resolve_resume, saved_effective_batch
+    cannot keep the checkpoint's effective batch, or continue its data stream, is refused here in one line
+    (`opts`: train.TrainOptions). `--fresh` and `--init-from` start new runs: nothing is resumed."""
+    from anncli.runs.checkpoint import default_work_dir, resolve_resume, saved_split
 
-    resume = resolve_resume(opts.resume, opts.work_dir or default_work_dir(recipe))
-    return run_split(recipe, plan.world_size, saved_effective_batch(resume) if resume else None), resume
+    new_run = opts.fresh or (opts.init_from is not None and opts.resume == "auto")
+    resume = None if new_run else resolve_resume(opts.resume, opts.work_dir or default_work_dir(recipe))
+    return run_split(recipe, plan.world_size, saved_split(resume) if resume else None), resume
 
 
 def describe_plan(recipe: Recipe, opts, plan) -> None:
@@ -86,6 +112,7 @@ def describe_plan(recipe: Recipe, opts, plan) -> None:
         (f"{'per-GPU' if visible_gpus() else 'per-process'} batch", f"{split.batch_size} x {split.accum_steps} accumulation step(s)"),
         ("effective batch", f"{split.effective_batch} (recipe: {recipe.effective_batch})"),
         ("split", split.why + (f"; resuming {resume}" if resume else "")),
+        *([("batch norm", split.bn_note)] if split.bn_note else []),
         ("learning rate", how),
         ("iterations", f"{t.iters} ({recipe.optim.name}, poly {recipe.optim.poly_power}, warm-up {recipe.optim.warmup_iters})"),
         ("engine", recipe.engine + deepspeed),

@@ -78,6 +78,30 @@ def test_template_requeues_on_the_preemption_exit_code():
         assert f"#SBATCH {line}" in text
 
 
+@pytest.mark.parametrize("requeue_rc", [0, 1])
+def test_a_failed_requeue_ends_the_job_non_zero_and_says_so(tmp_path, requeue_rc):
+    """train.sh's requeue branch with `ann` ending preempted (124) and an `scontrol` on PATH that fails; not
+    the real cluster: slurmctld accepts every requeue of a --requeue job."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake_ann = bin_dir / "ann"
+    fake_ann.write_text(f'#!/bin/sh\nfor a; do [ "$a" = --dry-run ] && echo --- && exit 0; done\nexit {EXIT_PREEMPTED}\n')
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n"
+                        f"[ {requeue_rc} = 0 ] || echo 'slurm_requeue error: Requested operation is presently disabled' >&2\n"
+                        f"exit {requeue_rc}\n")
+    for f in (fake_ann, scontrol):
+        f.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "SLURM_JOB_ID": "77", "ANN": str(fake_ann), "WORK_DIR": str(tmp_path / "run")}
+    done = subprocess.run(["bash", str(TRAIN_SH), str(RECIPE)], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert (tmp_path / "scontrol.log").read_text() == "requeue 77\n"
+    if requeue_rc == 0:
+        assert done.returncode == 0, done.stderr
+    else:
+        assert done.returncode == EXIT_PREEMPTED
+        assert "'scontrol requeue 77' failed; the run is unfinished" in done.stderr.strip().splitlines()[-1]
+
+
 @pytest.mark.parametrize("script", [TRAIN_SH, EVAL_SH])
 def test_templates_print_usage(script):
     done = subprocess.run(["bash", str(script), "-h"], capture_output=True, text=True)

@@ -174,7 +174,7 @@ def test_unverifiable_files_still_fail_in_one_line(tmp_path, capsys):
     path = _save(tmp_path, 100)
     (path / "COMPLETE").write_text("100\n")
     assert torch.equal(ck.load_model_for_inference(path, Recipe(name="t"))["w"], torch.full((2,), 100.0))
-    assert "predates checksums" in capsys.readouterr().err
+    assert "marker without checksums" in capsys.readouterr().err
     (path / "model.pt").write_bytes(b"not a zip")
     with pytest.raises(ck.DamagedCheckpoint, match="model.pt cannot be read as a tensor file") as err:
         ck.load_model_for_inference(path, Recipe(name="t"))
@@ -307,3 +307,105 @@ def test_rank_0_decides_the_checkpoint_for_every_rank(tmp_path):
         elastic_launch(cfg, entrypoint=_find_on_each_rank)(str(tmp_path), resume)
         answers = [(tmp_path / f"answer{r}").read_text() for r in (0, 1)]
         assert answers[0] == answers[1] and answers[0].startswith(want), answers
+
+
+@pytest.mark.parametrize("where", ["weight", "buffer"])
+def test_a_non_finite_model_is_never_saved_and_the_last_good_checkpoint_is_named(tmp_path, where):
+    good = _save(tmp_path, 100)
+    recipe, info, engine, stream = _parts(200.0)
+    if where == "weight":
+        engine.module.w.data[1] = float("nan")
+    else:
+        engine.module.register_buffer("running_var", torch.tensor([1.0, float("inf")]))
+    with pytest.raises(UserError, match=rf"step 200: the model's (w|running_var) hold non-finite values; no "
+                                        rf"checkpoint written, the run stops. Last good checkpoint: {good}"):
+        ck.Checkpointer(tmp_path, recipe, info).save(200, engine, stream)
+    assert ck.complete_checkpoints(tmp_path) == [good]
+    assert not ck.staging_dir(tmp_path, 200).exists()
+
+
+def test_pruning_keeps_the_checkpoint_just_written_and_moves_a_damaged_one_aside(tmp_path, capsys):
+    """Resumed from 100 past a damaged 200, the run saves 150 with keep_last 1: 150 stays, 200 goes aside."""
+    _save(tmp_path, 100, keep_last=3)
+    damaged = _save(tmp_path, 200, keep_last=3)
+    (damaged / "model.pt").write_bytes(b"bit rot")
+    written = _save(tmp_path, 150, keep_last=1)
+    assert ck.complete_checkpoints(tmp_path) == [written]
+    assert ck.resolve_resume("auto", tmp_path) == written
+    aside = list(tmp_path.glob("superseded-*/checkpoints/step-000200"))
+    assert len(aside) == 1 and (aside[0] / "model.pt").read_bytes() == b"bit rot"
+    assert "not counted by train.keep_last" in capsys.readouterr().err
+
+
+def _hold(checkpoint, how: str):
+    """A real process holding `checkpoint`'s read lock (`reading`) or its prune lock until stdin closes."""
+    import subprocess
+    import sys
+
+    code = {"read": f"from anncli.runs.retention import reading\nwith reading({str(checkpoint)!r}):\n",
+            "prune": f"from anncli.runs.locks import try_lock\nwith try_lock({str(checkpoint / '.readers')!r}, False):\n"}
+    proc = subprocess.Popen([sys.executable, "-c", code[how] + "    print('held', flush=True); input()"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_prune_keeps_a_checkpoint_that_is_being_read_until_the_reader_is_done(tmp_path, capsys):
+    first = _save(tmp_path, 100, keep_last=1)
+    reader = _hold(first, "read")
+    try:
+        _save(tmp_path, 200, keep_last=1)
+        assert first in ck.complete_checkpoints(tmp_path)
+        assert f"keeping {first} beyond train.keep_last for now: it is being read" in capsys.readouterr().err
+    finally:
+        reader.communicate("\n", timeout=60)
+    last = _save(tmp_path, 300, keep_last=1)
+    assert ck.complete_checkpoints(tmp_path) == [last]
+
+
+def test_readers_wait_for_a_prune_under_way_and_say_so(tmp_path, monkeypatch):
+    path = _save(tmp_path, 100)
+    pruner = _hold(path, "prune")
+    monkeypatch.setenv("ANN_LOCK_TIMEOUT", "0.3")
+    try:
+        with pytest.raises(UserError, match=f"checkpoint {path} is being deleted by pid {pruner.pid}"):
+            ck.load_model_for_inference(path, Recipe(name="t"))
+    finally:
+        pruner.communicate("\n", timeout=60)
+    assert torch.equal(ck.load_model_for_inference(path, Recipe(name="t"))["w"], torch.full((2,), 100.0))
+
+
+@pytest.mark.parametrize("marker", ["x", "\0" * 64, "[1, 2]"])
+def test_a_garbled_marker_is_damage_not_a_reason_to_skip_verification(tmp_path, marker):
+    path = _save(tmp_path, 100)
+    (path / "COMPLETE").write_text(marker)
+    with pytest.raises(ck.DamagedCheckpoint, match=f"checkpoint {path} is damaged: its COMPLETE marker is neither"):
+        ck.load_model_for_inference(path, Recipe(name="t"))
+
+
+def test_without_flock_locks_fall_back_to_o_excl_files_and_say_so(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from anncli.runs import locks
+
+    def nfs_flock(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(locks, "flock", nfs_flock)
+    held = ck.lock_run_dir(tmp_path, 1)
+    assert (tmp_path / ".lock.held").read_text().startswith(f"pid {os.getpid()} on ")
+    with pytest.raises(UserError, match=f"in use by pid {os.getpid()} on .* \\(lock file {tmp_path}/.lock.held\\)"):
+        ck.lock_run_dir(tmp_path, 0)
+    held.close()
+    assert not (tmp_path / ".lock.held").exists()
+    (tmp_path / ".lock.held").write_text(f"pid 999999999 on {os.uname().nodename}\n")  # killed holder, this host
+    ck.lock_run_dir(tmp_path, 0).close()
+    err = capsys.readouterr().err
+    assert err.count("does not support flock (ENOLCK: NFS/Lustre without locking); using O_EXCL lock files") == 1
+    # Read locks too: prune keeps a checkpoint with a reader file.
+    first = _save(tmp_path, 100, keep_last=1)
+    with ck.reading(first):
+        _save(tmp_path, 200, keep_last=1)
+        assert first in ck.complete_checkpoints(tmp_path)
+    last = _save(tmp_path, 300, keep_last=1)
+    assert ck.complete_checkpoints(tmp_path) == [last] and not list(tmp_path.glob("checkpoints/*/.readers*"))
