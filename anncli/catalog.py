@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from anncli.errors import UserError
-from anncli.paths import writable_dir, writable_new_file
+from anncli.paths import writable_dir, writable_file
 
 PACKAGE = Path(__file__).parent
 RECIPES = PACKAGE / "recipes"
@@ -125,4 +125,4 @@ def copy_recipe(name: str, dest: Optional[Path] = None, force: bool = False) -> 
     target = Path(dest) if dest is not None else Path(src.name)
     if target.is_dir():
         target = target / src.name
-    return [_write_copy(src, writable_new_file(target, "DEST"), force)]
+    return [_write_copy(src, writable_file(target, "DEST"), force)]

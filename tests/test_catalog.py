@@ -81,7 +81,8 @@ def test_copy_writes_the_recipe_and_never_overwrites_without_force(tmp_path, mon
     assert (tmp_path / "cityscapes.yaml").read_bytes() == source
     (tmp_path / "mine").mkdir()
     assert catalog.copy_recipe("demo", Path("mine")) == [Path("mine/demo.yaml")]
-    assert catalog.copy_recipe("demo", Path("new/dir/my-demo.yaml")) == [Path("new/dir/my-demo.yaml")]
+    with pytest.raises(UserError, match="does not exist; create it first"):  # like --json and --out: no folder made
+        catalog.copy_recipe("demo", Path("new/dir/my-demo.yaml"))
     with pytest.raises(UserError, match="no built-in recipe 'nope'"):
         catalog.copy_recipe("nope")
 
