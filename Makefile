@@ -28,10 +28,11 @@ test-fast: $(STAMP)
 
 # The declared ranges of pyproject.toml, at both ends: a venv with the oldest release of each direct dependency
 # (constraints/oldest.py pins the `>=` floors; their own dependencies resolve as pip likes), and one with the
-# newest releases (torch stays the CPU build without CUDA). Each runs LANE: every command's --help, a train
-# killed and resumed, eval, data pack, weights import (the peer fixtures), export.
-LANE := tests/cli tests/data/test_data_pack.py tests/models/test_attention_fused.py tests/interop/test_weights.py \
-	tests/interop/test_export.py tests/eval/test_eval_run.py::test_single_process_report_json_and_predictions \
+# newest releases (torch stays the CPU build without CUDA). Each runs LANE: every command's --help, recipes,
+# a train killed and resumed, eval, data pack, weights import (the peer fixtures), export.
+LANE := tests/cli tests/test_recipe.py tests/data/test_data_pack.py tests/models/test_attention_fused.py \
+	tests/interop/test_weights.py tests/interop/test_export.py \
+	tests/eval/test_eval_run.py::test_single_process_report_json_and_predictions \
 	tests/train/test_train.py::test_single_process_loss_falls_checkpoints_and_resume \
 	"tests/train/test_train.py::test_sigkill_then_restart_is_bitwise_identical[1-0-0]"
 OLDEST := .venv-oldest
