@@ -9,7 +9,7 @@ CONSTRAINTS := $(if $(shell command -v nvidia-smi 2>/dev/null),,-c constraints/c
 export TORCH_EXTENSIONS_DIR := $(abspath $(VENV))/torch_extensions
 export DS_ACCELERATOR ?= $(if $(shell command -v nvidia-smi 2>/dev/null),cuda,cpu)
 
-.PHONY: install test test-fast test-demo test-chaos test-long demo bench clean
+.PHONY: install test test-fast test-demo test-chaos test-long test-oldest test-newest demo bench clean
 
 install: $(STAMP)
 
@@ -27,6 +27,37 @@ test: $(STAMP)
 # The quick subset (plain `pytest`): no SLURM cluster, no multi-minute runs.
 test-fast: $(STAMP)
 	$(PY) -m pytest -q $(PARALLEL)
+
+# The declared ranges of pyproject.toml, at both ends: a venv with the oldest release of each direct dependency
+# (constraints/oldest.py pins the `>=` floors; their own dependencies resolve as pip likes), and one with the
+# newest releases (torch stays the CPU build without CUDA). Each runs LANE: every command's --help, recipes,
+# a train killed and resumed, eval, data pack, weights import (the peer fixtures), export.
+LANE := tests/cli tests/test_recipe.py tests/data/test_data_pack.py tests/models/test_attention_fused.py \
+	tests/interop/test_weights.py tests/interop/test_export.py \
+	tests/eval/test_eval_run.py::test_single_process_report_json_and_predictions \
+	tests/train/test_train.py::test_single_process_loss_falls_checkpoints_and_resume \
+	"tests/train/test_train.py::test_sigkill_then_restart_is_bitwise_identical[1-0-0]"
+OLDEST := .venv-oldest
+NEWEST := .venv-newest
+
+# DeepSpeed's older releases are source-only, and their setup imports torch when DS_ACCELERATOR=cpu (which is
+# not installed yet while pip builds them): the install runs without it.
+$(OLDEST)/.installed: pyproject.toml constraints/oldest.py
+	rm -rf $(OLDEST)
+	$(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install --quiet packaging
+	$(OLDEST)/bin/python constraints/oldest.py > $(OLDEST)/pins.txt
+	env -u DS_ACCELERATOR $(OLDEST)/bin/python -m pip install --quiet -c $(OLDEST)/pins.txt -e '.[test,tensorboard,plot,export,voc]'
+	touch $@
+
+test-oldest: $(OLDEST)/.installed
+	TORCH_EXTENSIONS_DIR=$(abspath $(OLDEST))/torch_extensions $(OLDEST)/bin/python -m pytest -q -p no:cacheprovider $(PARALLEL) $(LANE)
+
+test-newest:
+	rm -rf $(NEWEST)
+	$(PYTHON) -m venv $(NEWEST)
+	$(NEWEST)/bin/python -m pip install --quiet --upgrade $(if $(CONSTRAINTS),torch==$(shell grep '^torch==' constraints/cpu.txt | cut -d= -f3)) -e '.[test,tensorboard,plot,export,voc]'
+	TORCH_EXTENSIONS_DIR=$(abspath $(NEWEST))/torch_extensions $(NEWEST)/bin/python -m pytest -q -p no:cacheprovider $(PARALLEL) $(LANE)
 
 # The full demo recipes against the published margin (ANN >= 0.80 mIoU, ANN - FCN >= 0.25).
 test-demo: $(STAMP)
