@@ -21,6 +21,7 @@ from anncli.runs.integrity import load_torch
 from anncli.cluster.distributed import DistInfo, all_reduce_sum_, barrier
 from anncli.errors import UserError
 from anncli.train.plan import lr_at, scaled_lr
+from anncli.train.skip import NonFiniteSkip
 from anncli.precision import AUTOCAST_DTYPES
 from anncli.recipe import Recipe
 
@@ -43,11 +44,12 @@ class _Engine:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def _agree(self, total: torch.Tensor, parts: dict) -> tuple[torch.Tensor, bool]:
-        """Mean loss values over ranks; finite only when every rank's loss is finite."""
+    def _agree(self, total: torch.Tensor, parts: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean loss values over ranks, and the loss to back-propagate: 0 unless every rank's is finite.
+        Both stay on the device (no host read); `self.skip.finite` says whether the micro-batch counts."""
         stats = torch.stack([total.detach().float(), parts["loss"].detach().float(), parts["aux_loss"].detach().float()])
         stats = all_reduce_sum_(stats) / self.info.world_size
-        return stats, bool(torch.isfinite(stats).all())
+        return stats, self.skip.decide(stats, total)
 
 
 class DDPEngine(_Engine):
@@ -66,6 +68,7 @@ class DDPEngine(_Engine):
             self.model = model
         self.optimizer = build_optimizer(model.parameters(), recipe, info.world_size, split and split.effective_batch)
         self.scaler = torch.amp.GradScaler(info.device.type) if self.precision == "fp16" else None
+        self.skip = NonFiniteSkip(model, info.device)
 
     def _autocast(self):
         dtype = AUTOCAST_DTYPES.get(self.precision)
@@ -73,19 +76,22 @@ class DDPEngine(_Engine):
             return contextlib.nullcontext()
         return torch.autocast(self.info.device.type, dtype=dtype)
 
-    def micro_step(self, images, labels, criterion, boundary: bool) -> tuple[torch.Tensor, bool]:
+    def micro_step(self, images, labels, criterion, boundary: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean losses over ranks, kept): device tensors; a non-finite micro-batch adds nothing."""
         no_sync = self.info.distributed and not boundary
         with self.model.no_sync() if no_sync else contextlib.nullcontext():
             with self._autocast():
                 main, aux = self.model(images)
             total, parts = criterion(main, aux, labels)
-            stats, finite = self._agree(total, parts)
-            if finite:
-                loss = total / self.accum_steps
-                (self.scaler.scale(loss) if self.scaler else loss).backward()
-        return stats, finite
+            stats, kept_total = self._agree(total, parts)
+            loss = kept_total / self.accum_steps
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+        return stats, self.skip.finite
 
     def optimizer_step(self) -> None:
+        self.skip.optimizer_step(self._optimizer_step, list(self.module.parameters()), self.optimizer)
+
+    def _optimizer_step(self) -> None:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.grad_clip:
@@ -181,18 +187,22 @@ class DeepSpeedEngine(_Engine):
         self.info = info
         self.module = model
         optimizer = build_optimizer(model.parameters(), recipe, info.world_size, split and split.effective_batch)
+        self.skip = NonFiniteSkip(model, info.device)
+        self._torch_optimizer = optimizer  # ZeRO's partitions are its parameters once initialised
         self.model, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(recipe, split)
         )
 
-    def micro_step(self, images, labels, criterion, boundary: bool) -> tuple[torch.Tensor, bool]:
+    def micro_step(self, images, labels, criterion, boundary: bool) -> tuple[torch.Tensor, torch.Tensor]:
         main, aux = self.model(images)
         total, parts = criterion(main, aux, labels)
-        stats, finite = self._agree(total, parts)
-        if finite:
-            self.model.backward(total)
+        stats, kept_total = self._agree(total, parts)
+        self.model.backward(kept_total)
+        if self.model.is_gradient_accumulation_boundary():
+            self.skip.optimizer_step(self.model.step, list(self.module.parameters()), self._torch_optimizer)
+        else:
             self.model.step()
-        return stats, finite
+        return stats, self.skip.finite
 
     def optimizer_step(self) -> None:
         pass  # `engine.step()` in micro_step steps the optimizer at the accumulation boundary
