@@ -62,16 +62,20 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tens
 
 def ohem_cross_entropy(logits: torch.Tensor, target: torch.Tensor, thresh: float = 0.7, min_kept: int = 100_000,
                        weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Online hard example mining CE with the official semantics; 0 when no pixel is kept."""
+    """Online hard example mining CE with the official semantics; 0 when no pixel is kept.
+
+    Written with masks over every pixel instead of gathering the valid ones, so that no size is read
+    back to the host: the training step never waits for the GPU here (the k-th smallest probability
+    of the valid pixels is read from a sort with the ignored ones last)."""
     valid = (target != IGNORE_INDEX).flatten()
     with torch.no_grad():
         prob = torch.softmax(logits, dim=1).gather(1, target.masked_fill(target == IGNORE_INDEX, 0).unsqueeze(1))
-        prob = prob.flatten()[valid]
-    if prob.numel() == 0:
-        return logits.sum() * 0.0
-    kth = torch.kthvalue(prob, min(min_kept, prob.numel() - 1) + 1).values
-    kept = pixel_ce(logits, target, weight).flatten()[valid][prob < torch.clamp(kth, min=thresh)]
-    return kept.mean() if kept.numel() else logits.sum() * 0.0
+        prob = torch.where(valid, prob.flatten(), torch.inf)
+        k = (valid.sum() - 1).clamp(min=0, max=min_kept)  # the official min(min_kept, n - 1), on the device
+        kth = prob.sort().values.gather(0, k.reshape(1))[0]
+        kept = valid & (prob < torch.clamp(kth, min=thresh))
+    ce = pixel_ce(logits, target, weight).flatten()
+    return torch.where(kept, ce, 0.0).sum() / kept.sum().clamp(min=1)
 
 
 class SegLoss(nn.Module):

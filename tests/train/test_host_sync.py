@@ -177,12 +177,14 @@ def test_a_step_without_a_kept_micro_batch_changes_no_weight_and_no_optimizer_st
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_cuda_steps_between_log_steps_never_synchronise(tmp_path, synth_root, precision):
+@pytest.mark.parametrize("precision,ohem", [("fp32", False), ("bf16", False), ("bf16", True)])
+def test_cuda_steps_between_log_steps_never_synchronise(tmp_path, synth_root, precision, ohem):
+    """OHEM (the Cityscapes recipes' loss) selects its pixels with masks, never with sizes read back."""
     from anncli.train.loop import _train_step
 
     run = _set_up_run(tmp_path, synth_root, torch.device("cuda", 0),
-                      **{"train.iters": 8, "train.log_every": 1000, "train.precision": precision})
+                      **{"train.iters": 8, "train.log_every": 1000, "train.precision": precision,
+                         "loss.ohem": str(ohem).lower(), "loss.ohem_min_kept": 500})
     try:
         _train_step(run, 0)  # the first step allocates, autotunes and loads the data workers' first batches
         torch.cuda.synchronize()
