@@ -60,7 +60,7 @@ FULL = {"attention": {"sizes": "128x256", "channels": 2048, "repeats": None},
 DRY = {"attention": {"sizes": "16x32", "channels": 64, "repeats": 1},
        "train": {"backbone": "small", "crop": (65, 65), "batch": 2, "steps": 1, "warmup": 1},
        "eval": {"backbone": "small", "size": (64, 96), "crop": [48, 48], "stride": [48, 48]},
-       "protocol": {"backbone": "small", "size": (64, 96), "crop": [48, 48], "stride": [32, 32], "repeats": 1}}
+       "protocol": {"backbone": "small", "size": (32, 48), "crop": [32, 32], "stride": [16, 16], "repeats": 1}}
 
 
 def device_slug(name: str) -> str:
@@ -157,7 +157,7 @@ def run_gpu_first_parts(cfg: dict, device, dry: bool, report: dict) -> None:
         run_part("cli", lambda: cli_part(dry, shards_in(scratch, dry), scratch), report)
         run_part("deepspeed", lambda: deepspeed_part(dry, shards_in(scratch, dry), scratch,
                                                      report["cli"].get("img_per_s")), report)
-        run_part("compile", lambda: compile_part(dry, shards_in(scratch, dry), scratch), report)
+        run_part("compile", lambda: compile_part(dry, shards_in(scratch, dry), scratch, report["cli"]), report)
 
 
 def main(argv=None) -> int:
