@@ -55,7 +55,7 @@ def matmul_part(device, dry: bool) -> dict:
         a @ b
     _sync(device)
     seconds = time.perf_counter() - start
-    return {"n": n, "repeats": reps, "tflops": round(2 * n**3 * reps / seconds / 1e12, 2)}
+    return {"n": n, "repeats": reps, "tflops": round(2 * n**3 * reps / seconds / 1e12, 6)}
 
 
 def cudnn_part(cfg: dict, device) -> dict:
@@ -82,7 +82,7 @@ def batch8_part(cfg: dict, device, matmul_tflops: float | None) -> dict:
 
     run = measure_training(cfg["backbone"], 19, cfg["crop"], 8, "bf16", True, cfg["steps"], cfg["warmup"], device)
     achieved = run["flops_per_image"] * run["img_per_s"] / 1e12
-    run["fraction_of_matmul"] = round(achieved / matmul_tflops, 4) if matmul_tflops else None
+    run["fraction_of_matmul"] = round(achieved / matmul_tflops, 6) if matmul_tflops else None
     return run
 
 
