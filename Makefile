@@ -90,7 +90,8 @@ bench: $(STAMP)
 	$(ANN) bench attention --json benchmarks/results/attention.json
 
 # On a machine with one CUDA GPU: attention, ANN-R101 training (fp32 vs bf16 + channels_last), slide-eval
-# memory and `pytest -m gpu`, written to benchmarks/results/gpu-<device>.json (under 8 minutes).
+# memory, eval protocol, CLI, compile, DeepSpeed and `pytest -m gpu`, written to benchmarks/results/gpu-<device>.json
+# with the targets as fields (under 6 minutes).
 # Without CUDA it says so in one line and exits with 2.
 .PHONY: gpu-check
 gpu-check: $(STAMP)

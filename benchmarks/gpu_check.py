@@ -1,6 +1,9 @@
 """`make gpu-check`: the GPU figures in one command, written to benchmarks/results/gpu-<device>.json.
 
-On a machine with one CUDA GPU, after `make install` (a few minutes, under 8 on an H100-class GPU):
+On a machine with one CUDA GPU, after `make install` (under 6 minutes on one H200). Where no venv can be
+built (no package registry), the machine's own python3 runs it with the wheels that
+../shared/gpu/kit.sh gathers: `<the line kit.sh prints> python3 benchmarks/gpu_check.py` (the CLI parts
+start `python3 -m anncli`, which PYTHONPATH finds). The parts:
 1. attention: `ann bench attention --device cuda` at 128×256, C = 2048, fp32 — time and peak-memory
    ratios of the plain non-local block over APNB, beside the paper's (about 6× and 28×);
 2. training: ANN-R101 (aux, 19 classes) at 769×769, batch 2, one process, fp32 against bf16 +
@@ -8,12 +11,23 @@ On a machine with one CUDA GPU, after `make install` (a few minutes, under 8 on 
    the device's peak FLOP/s (benchmarks/train_throughput.py's measurement);
 3. eval memory: sliding-window inference (864×864 windows at stride 576) of a 2048×1024 image at
    scales 1.0 and 1.75, peak allocated memory (benchmarks/eval_memory.py's measurement);
-4. `pytest -m gpu`: the CUDA tests, their summary line and exit code.
+4. matmul: the device's bf16 matmul TFLOP/s, the yardstick of (6);
+5. cudnn: the bf16 channels_last step with `cudnn.benchmark` off and on;
+6. train_batch8: that step at batch 8, as a fraction of the measured matmul rate;
+7. eval_protocol: the card's protocol (scales 0.75/1/1.25 + flip, 864 windows at stride 576) on one
+   2048x1024 image, fp32 against bf16, seconds per image (`eval.batch_windows: auto` where it exists);
+8. cli: the real `ann train` on generated 2048x1024 PNG shards at 769x769 against the model-only step,
+   worker counts tried until the ratio reaches 0.9 (benchmarks/train_cli.py);
+9. compile: `ann train --compile` against eager: first-step seconds and steady img/s ("unavailable"
+   where there is no model.compile);
+10. deepspeed: `ann train` with DeepSpeed ZeRO-2 bf16 on the same shards;
+11. `pytest -m gpu`: the CUDA tests, their summary line and exit code.
 Each part records its seconds; a part that fails is recorded with its error and the others still run.
+`targets` holds the issue's targets, each as {ratio or value, target, compare, pass} (gpu_parts.targets).
 
-Without CUDA it prints one line and exits with 2. `--dry` runs the same four parts on the CPU at toy
-sizes (small backbone, 65×65 crops, a 16×32 attention map, a 96×64 image): it checks the wiring, not the GPU, and
-writes to --out (default benchmarks/results/gpu-dry-cpu.json).
+Without CUDA it prints one line and exits with 2. `--dry` runs the same parts on the CPU at toy sizes
+(small backbone, 65×65 crops, a 16×32 attention map, a 96×64 image, two 2048x1024 PNGs for the CLI
+parts): it checks the wiring, not the GPU, and writes to --out (default benchmarks/results/gpu-dry-cpu.json).
 
     python benchmarks/gpu_check.py            # on a GPU machine
     python benchmarks/gpu_check.py --dry --out /tmp/gpu-dry.json
@@ -27,20 +41,26 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark scripts
+from gpu_parts import (batch8_part, cli_part, compile_part, cudnn_part, deepspeed_part,  # noqa: E402
+                       eval_protocol_part, matmul_part, shards_in, targets)
 
 PAPER = {"time_ratio": 6.0, "memory_ratio": 28.0, "note": "ANN paper, APNB vs non-local at 128x256, C=2048, GPU"}
 FULL = {"attention": {"sizes": "128x256", "channels": 2048, "repeats": None},
         "train": {"backbone": "resnet101", "crop": (769, 769), "batch": 2, "steps": 20, "warmup": 5},
-        "eval": {"backbone": "resnet101", "size": (1024, 2048), "crop": [864, 864], "stride": [576, 576]}}
+        "eval": {"backbone": "resnet101", "size": (1024, 2048), "crop": [864, 864], "stride": [576, 576]},
+        "protocol": {"backbone": "resnet101", "size": (1024, 2048), "crop": [864, 864], "stride": [576, 576],
+                     "repeats": 3}}
 DRY = {"attention": {"sizes": "16x32", "channels": 64, "repeats": 1},
        "train": {"backbone": "small", "crop": (65, 65), "batch": 2, "steps": 1, "warmup": 1},
-       "eval": {"backbone": "small", "size": (64, 96), "crop": [48, 48], "stride": [48, 48]}}
+       "eval": {"backbone": "small", "size": (64, 96), "crop": [48, 48], "stride": [48, 48]},
+       "protocol": {"backbone": "small", "size": (32, 48), "crop": [32, 32], "stride": [16, 16], "repeats": 1}}
 
 
 def device_slug(name: str) -> str:
@@ -122,6 +142,24 @@ def run_part(name: str, fn, report: dict) -> None:
           flush=True)
 
 
+MEASURED = ("attention", "train", "eval_memory", "matmul", "cudnn", "train_batch8", "eval_protocol", "cli", "compile",
+            "deepspeed")
+
+
+def run_gpu_first_parts(cfg: dict, device, dry: bool, report: dict) -> None:
+    """Parts 4-10; the CLI parts share one folder of generated shards."""
+    with tempfile.TemporaryDirectory(prefix="ann-gpu-check-") as tmp:
+        scratch = Path(tmp)
+        run_part("matmul", lambda: matmul_part(device, dry), report)
+        run_part("cudnn", lambda: cudnn_part(cfg["train"], device), report)
+        run_part("train_batch8", lambda: batch8_part(cfg["train"], device, report["matmul"].get("tflops")), report)
+        run_part("eval_protocol", lambda: eval_protocol_part(cfg["protocol"], device), report)
+        run_part("cli", lambda: cli_part(dry, shards_in(scratch, dry), scratch), report)
+        run_part("deepspeed", lambda: deepspeed_part(dry, shards_in(scratch, dry), scratch,
+                                                     report["cli"].get("img_per_s")), report)
+        run_part("compile", lambda: compile_part(dry, shards_in(scratch, dry), scratch, report["cli"]), report)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dry", action="store_true", help="run every part on the CPU at toy sizes (wiring check)")
@@ -147,13 +185,15 @@ def main(argv=None) -> int:
     run_part("attention", lambda: attention_part(cfg["attention"], device.type), report)
     run_part("train", lambda: train_part(cfg["train"], device), report)
     run_part("eval_memory", lambda: eval_part(cfg["eval"], device.type), report)
+    run_gpu_first_parts(cfg, device, args.dry, report)
     run_part("pytest_gpu", pytest_part, report)
+    report["targets"] = targets(report)
     report["seconds_total"] = round(time.perf_counter() - started, 1)
-    report["under_8_minutes"] = report["seconds_total"] < 480
+    report["under_6_minutes"] = report["seconds_total"] < 360
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"[gpu-check] wrote {out} in {report['seconds_total']} s")
-    failed = [k for k in ("attention", "train", "eval_memory") if "error" in report[k]]
+    failed = [k for k in (*MEASURED, "pytest_gpu") if "error" in report[k]]
     return 1 if failed or not report["pytest_gpu"].get("passed", False) else 0
 
 

@@ -15,6 +15,8 @@ from torch.utils.flop_counter on one forward + backward and the achieved fractio
 
     python benchmarks/train_throughput.py                  # writes benchmarks/results/train_throughput.json
     python benchmarks/train_throughput.py --quick --out /tmp/t.json   # tiny images, a few steps
+    python benchmarks/train_throughput.py --cli                # `ann train` on 2048x1024 PNG shards vs the model-only
+    python benchmarks/train_throughput.py --cli --cli-small    # step (benchmarks/train_cli.py); CPU-sized
 """
 
 from __future__ import annotations
@@ -235,8 +237,9 @@ def model_flops_per_image(model_cfg, crop: tuple[int, int]) -> float:
 
 
 def measure_training(backbone: str, num_classes: int, crop: tuple[int, int], batch: int, precision: str,
-                     channels_last: bool, steps: int, warmup: int, device) -> dict:
-    """img/s, peak memory and FLOPs/image of the training step (DDPEngine, one process) on random tensors."""
+                     channels_last: bool, steps: int, warmup: int, device, recipe=None) -> dict:
+    """img/s, peak memory and FLOPs/image of the training step (DDPEngine, one process) on random tensors.
+    `recipe`: a whole recipe to take the network, loss and optimizer from (train_cli.py), else bench_recipe."""
     import torch
 
     from anncli.cluster.distributed import DistInfo
@@ -244,13 +247,13 @@ def measure_training(backbone: str, num_classes: int, crop: tuple[int, int], bat
     from anncli.train.losses import SegLoss
     from anncli.models.ann import build_model
 
-    recipe = bench_recipe(backbone, num_classes, precision, channels_last, batch)
+    recipe = recipe or bench_recipe(backbone, num_classes, precision, channels_last, batch)
     torch.manual_seed(0)
     model = build_model(recipe.model).to(device).train()
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=fmt)
     engine = DDPEngine(model, recipe, DistInfo(rank=0, world_size=1, local_rank=0, device=device))
-    criterion = SegLoss(recipe.loss, num_classes).to(device)
+    criterion = SegLoss(recipe.loss, num_classes, check=False).to(device)  # as in the loop: labels checked on the host
     images = torch.randn(batch, 3, *crop, device=device).contiguous(memory_format=fmt)
     labels = torch.randint(0, num_classes, (batch, *crop), device=device)
     flops = model_flops_per_image(recipe.model, crop)
@@ -266,9 +269,9 @@ def measure_training(backbone: str, num_classes: int, crop: tuple[int, int], bat
     sync()
     seconds = time.perf_counter() - start
     out = {"precision": precision, "channels_last": channels_last, "batch": batch, "crop": list(crop),
-           "steps_timed": steps, "s_per_step": round(seconds / steps, 4),
+           "steps_timed": steps, "seconds_timed": seconds, "s_per_step": round(seconds / steps, 4),
            "img_per_s": round(batch * steps / seconds, 3), "flops_per_image": flops,
-           "achieved_tflops": round(flops * batch * steps / seconds / 1e12, 3)}
+           "achieved_tflops": round(flops * batch * steps / seconds / 1e12, 6)}
     if device.type == "cuda":
         out["peak_mem_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
     return out
@@ -319,8 +322,13 @@ def parse_args(argv=None):
     p.add_argument("--gpu-steps", type=int, default=20)
     p.add_argument("--skip-gpu", action="store_true")
     p.add_argument("--quick", action="store_true", help="tiny images, batch 2, a few steps (a smoke run)")
-    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "train_throughput.json")
+    p.add_argument("--out", type=Path, default=None,
+                   help="default benchmarks/results/train_throughput.json (train_throughput_cli-<device>.json with --cli)")
+    from train_cli import add_cli_options, cli_defaults
+
+    add_cli_options(p)
     args = p.parse_args(argv)
+    cli_defaults(args, p)
     args.extra_sets, args.batch_size = {}, 16
     if args.quick:
         args.iters, args.log_every, args.warmup_records, args.synth_train = 4, 1, 1, 16
@@ -332,9 +340,16 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
-    result = {"benchmark": "train_throughput", "quick": args.quick, "machine": machine_info(),
-              "cpu": cpu_benchmark(args)}
-    result["gpu"] = {"skipped": "--skip-gpu"} if args.skip_gpu else gpu_benchmark(args)
+    if args.cli:
+        from train_cli import cli_benchmark
+
+        result = {"benchmark": "train_throughput_cli", "machine": machine_info(), "cli": cli_benchmark(args)}
+        args.out = args.out or ROOT / "benchmarks" / "results" / f"train_throughput_cli-{result['cli']['device_slug']}.json"
+    else:
+        result = {"benchmark": "train_throughput", "quick": args.quick, "machine": machine_info(),
+                  "cpu": cpu_benchmark(args)}
+        result["gpu"] = {"skipped": "--skip-gpu"} if args.skip_gpu else gpu_benchmark(args)
+        args.out = args.out or ROOT / "benchmarks" / "results" / "train_throughput.json"
     result["machine"]["load_avg_1min_at_end"] = round(os.getloadavg()[0], 2)
     result["seconds_total"] = round(time.perf_counter() - started, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -59,8 +59,8 @@ def normalize_batch(images: torch.Tensor, mean, std, bgr: bool = False, channels
     if bgr:
         images = images.flip(-1)
     x = images.permute(0, 3, 1, 2).float()
-    x.mul_(torch.from_numpy(scale).to(x.device).view(1, 3, 1, 1))
-    x.add_(torch.from_numpy(shift).to(x.device).view(1, 3, 1, 1))
+    x.mul_(torch.from_numpy(scale).to(x.device, non_blocking=True).view(1, 3, 1, 1))
+    x.add_(torch.from_numpy(shift).to(x.device, non_blocking=True).view(1, 3, 1, 1))
     return x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 

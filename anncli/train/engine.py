@@ -21,6 +21,7 @@ from anncli.runs.integrity import load_torch
 from anncli.cluster.distributed import DistInfo, all_reduce_sum_, barrier
 from anncli.errors import UserError
 from anncli.train.plan import lr_at, scaled_lr
+from anncli.train.skip import NonFiniteSkip
 from anncli.precision import AUTOCAST_DTYPES
 from anncli.recipe import Recipe
 
@@ -53,13 +54,15 @@ class _Engine:
             group["lr"] = lr
 
     def _agree(self, total: torch.Tensor, parts: dict, saved: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean loss values over ranks, ok): ok (a bool tensor) only when every rank's loss and buffers
-        (batch-norm statistics after this forward) are finite; one all-reduce."""
+        """Mean loss values over ranks, and the loss to back-propagate: 0 unless every rank's loss and buffers
+        (batch-norm statistics after this forward) are finite. One all-reduce; both stay on the device (no host
+        read); `self.skip.finite` says whether the micro-batch counts."""
         bad_buffers = (~buffers_finite(saved)).float().to(total.device)
         stats = torch.stack([total.detach().float(), parts["loss"].detach().float(), parts["aux_loss"].detach().float(),
                              bad_buffers])
         stats = all_reduce_sum_(stats) / self.info.world_size
-        return stats[:3], torch.isfinite(stats[:3]).all() & (stats[3] == 0)
+        ok = torch.isfinite(stats[:3]).all() & (stats[3] == 0)
+        return stats[:3], self.skip.decide(ok, total)
 
 
 def snapshot_buffers(module: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -99,6 +102,7 @@ class DDPEngine(_Engine):
             self.model = torch.compile(self.model, backend=compile_backend(recipe))
         self.optimizer = build_optimizer(model.parameters(), recipe, info.world_size, split and split.effective_batch)
         self.scaler = torch.amp.GradScaler(info.device.type) if self.precision == "fp16" else None
+        self.skip = NonFiniteSkip(model, info.device)
 
     def _autocast(self):
         dtype = AUTOCAST_DTYPES.get(self.precision)
@@ -106,22 +110,24 @@ class DDPEngine(_Engine):
             return contextlib.nullcontext()
         return torch.autocast(self.info.device.type, dtype=dtype)
 
-    def micro_step(self, images, labels, criterion, boundary: bool) -> tuple[torch.Tensor, bool]:
+    def micro_step(self, images, labels, criterion, boundary: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean losses over ranks, kept): device tensors; a non-finite micro-batch adds nothing."""
         no_sync = self.info.distributed and not boundary
         saved = snapshot_buffers(self.module)
         with self.model.no_sync() if no_sync else contextlib.nullcontext():
             with self._autocast():
                 main, aux = self.model(images)
             total, parts = criterion(main, aux, labels)
-            stats, ok = self._agree(total, parts, saved)
-            finite = bool(ok)
-            if finite:
-                loss = total / self.accum_steps
-                (self.scaler.scale(loss) if self.scaler else loss).backward()
-        settle_buffers(saved, ok)  # after the backward, which may still read them
-        return stats, finite
+            stats, kept_total = self._agree(total, parts, saved)
+            loss = kept_total / self.accum_steps
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+        settle_buffers(saved, self.skip.finite)  # after the backward, which may still read them
+        return stats, self.skip.finite
 
     def optimizer_step(self) -> None:
+        self.skip.optimizer_step(self._optimizer_step, list(self.module.parameters()), self.optimizer)
+
+    def _optimizer_step(self) -> None:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if self.grad_clip:
@@ -217,23 +223,26 @@ class DeepSpeedEngine(_Engine):
         self.info = info
         self.module = model
         optimizer = build_optimizer(model.parameters(), recipe, info.world_size, split and split.effective_batch)
+        self.skip = NonFiniteSkip(model, info.device)
+        self._torch_optimizer = optimizer  # ZeRO's partitions are its parameters once initialised
         self.model, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(recipe, split)
         )
         if recipe.model.compile:
             self.model.compile(backend=compile_backend(recipe))
 
-    def micro_step(self, images, labels, criterion, boundary: bool) -> tuple[torch.Tensor, bool]:
+    def micro_step(self, images, labels, criterion, boundary: bool) -> tuple[torch.Tensor, torch.Tensor]:
         saved = snapshot_buffers(self.module)
         main, aux = self.model(images)
         total, parts = criterion(main, aux, labels)
-        stats, ok = self._agree(total, parts, saved)
-        finite = bool(ok)
-        if finite:
-            self.model.backward(total)
+        stats, kept_total = self._agree(total, parts, saved)
+        self.model.backward(kept_total)
+        if self.model.is_gradient_accumulation_boundary():
+            self.skip.optimizer_step(self.model.step, list(self.module.parameters()), self._torch_optimizer)
+        else:
             self.model.step()
-        settle_buffers(saved, ok)  # after the backward, which may still read them
-        return stats, finite
+        settle_buffers(saved, self.skip.finite)  # after the backward, which may still read them
+        return stats, self.skip.finite
 
     def optimizer_step(self) -> None:
         pass  # `engine.step()` in micro_step steps the optimizer at the accumulation boundary

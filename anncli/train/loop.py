@@ -47,14 +47,19 @@ class StopFlag:
 
 
 class StepResult(NamedTuple):
-    """One optimizer step: the losses of its last micro-batch (means over ranks) and what it consumed."""
+    """One optimizer step. `flags` stays on the device until a log step reads it: one row per micro-batch,
+    (kept, total, loss, aux) with the losses as means over ranks."""
+    flags: Any
+    images: int  # over all ranks, skipped micro-batches included
+    indices: list  # this rank's global sample indices and keys in the step (for the sample trace)
+    keys: list
+
+
+class StepLosses(NamedTuple):
+    """What a log step reads back: the losses of the step's last kept micro-batch."""
     total: float
     loss: float
     aux: float
-    images: int  # over all ranks, skipped micro-batches included
-    skipped: int  # micro-batches skipped for a non-finite loss
-    indices: list  # this rank's global sample indices and keys in the step (for the sample trace)
-    keys: list
 
 
 @dataclass
@@ -76,6 +81,8 @@ class _Run:
     base_lr: float
     start: int
     bad_steps_total: int
+    bad_in_row: int = 0
+    last: StepLosses = StepLosses(float("nan"), float("nan"), float("nan"))
 
     def close(self, status: str = "FAILED") -> None:
         self.progress.close()
@@ -113,89 +120,112 @@ def run_training(recipe: Recipe, opts: TrainOptions) -> int:
 
 
 def _loop(run: _Run) -> int:
-    """Until train.iters: next batches → step → log → checkpoint → validate → stop if preempted."""
-    from anncli.cluster.distributed import any_rank, set_train_timeout
+    """Until train.iters: next batches → step → log → checkpoint → validate → stop if preempted.
+
+    Nothing in a step waits for the device: the losses stay there until a log or checkpoint step reads
+    every step since the last one at once (`_read_back`), and the stop flag is agreed asynchronously
+    (cluster.stop.StopVote: one step late, on every rank at the same step)."""
+    from anncli.cluster.distributed import set_train_timeout
+    from anncli.cluster.stop import StopVote
 
     t = run.recipe.train
     step = run.start
-    while step < t.iters:
-        lr = lr_at(step, run.base_lr, run.recipe)
-        run.engine.set_lr(lr)
-        result = _train_step(run, step)
-        run.bad_steps_total += result.skipped
-        step += 1
-        if step == run.start + 1:
-            set_train_timeout()
-        _log(run, step, result, lr)
-        preempted = any_rank(run.stop.signum is not None, run.info.device)
-        if step % t.checkpoint_every == 0 or step == t.iters or preempted:
-            path = run.checkpointer.save(step, run.engine, run.stream, bad_steps_total=run.bad_steps_total)
-            run.events.write("checkpoint", step=step, path=str(path))
-        if t.val_every and step % t.val_every == 0 and not preempted:
-            _validate(run, step)
-        if preempted:
-            run.progress.message(f"[ann] preempted at step {step}: checkpoint saved; exiting with {EXIT_PREEMPTED} to be requeued")
-            run.events.write("preempted", step=step, signal=run.stop.signum)
-            return EXIT_PREEMPTED
+    vote = StopVote(run.info.device)
+    unread: list[tuple[int, float, StepResult]] = []
+    try:
+        while step < t.iters:
+            lr = lr_at(step, run.base_lr, run.recipe)
+            run.engine.set_lr(lr)
+            result = _train_step(run, step)
+            step += 1
+            if step == run.start + 1:
+                set_train_timeout()
+            run.meter.images += result.images
+            unread.append((step, lr, result))
+            preempted = vote.agreed(run.stop.signum is not None)
+            save = step % t.checkpoint_every == 0 or step == t.iters or preempted
+            if save or step % t.log_every == 0:
+                _read_back(run, unread)
+                unread = []
+            else:
+                run.progress.update(step, {"loss": run.last.loss, "lr": lr}, log_line=False)
+            if save:
+                path = run.checkpointer.save(step, run.engine, run.stream, bad_steps_total=run.bad_steps_total)
+                run.events.write("checkpoint", step=step, path=str(path))
+            if t.val_every and step % t.val_every == 0 and not preempted:
+                _validate(run, step)
+            if preempted:
+                run.progress.message(f"[ann] preempted at step {step}: checkpoint saved; exiting with {EXIT_PREEMPTED} to be requeued")
+                run.events.write("preempted", step=step, signal=run.stop.signum)
+                return EXIT_PREEMPTED
+    finally:
+        vote.close()
     run.events.write("done", step=step)
     run.trackers.finish(step)
     return 0
 
 
-def _train_step(run: _Run, step: int) -> StepResult:
-    """One optimizer step over the split's accumulation steps, micro-batches with a finite loss.
+def _read_back(run: _Run, unread: list) -> None:
+    """One host read of the flags of every step since the last read: skipped micro-batches are counted and
+    reported (`train.max_bad_steps` in a row stop the run), and a log step gets its `step` event."""
+    import torch
 
-    A micro-batch whose loss is non-finite on any rank is skipped on every rank and counted;
-    `train.max_bad_steps` of them in a row stop the run. `loss.normalize: global` divides by the pixel
-    count of the step's micro-batches, read ahead; a replacement for a skipped one keeps that divisor.
+    if not unread:
+        return
+    t = run.recipe.train
+    rows = torch.stack([r.flags for _, _, r in unread]).tolist()
+    for (step, lr, result), micro_batches in zip(unread, rows):
+        for kept, total, loss, aux in micro_batches:
+            if kept:
+                run.bad_in_row, run.last = 0, StepLosses(total, loss, aux)
+                continue
+            run.bad_steps_total += 1
+            run.bad_in_row += 1
+            run.events.write("bad_step", step=step, loss=total)
+            run.progress.message(f"[ann] step {step}: non-finite loss, step skipped ({run.bad_in_row} in a row)")
+            if run.bad_in_row >= t.max_bad_steps:
+                raise UserError(
+                    f"{run.bad_in_row} non-finite losses in a row at step {step}; stopping. Last good checkpoint: "
+                    f"{run.checkpointer.latest() or 'none'}. Lower optim.lr or use train.precision=fp32/bf16."
+                )
+        if step % t.log_every == 0 or step == t.iters:
+            _log(run, step, result, lr)
+
+
+def _train_step(run: _Run, step: int) -> StepResult:
+    """One optimizer step over the split's accumulation steps; nothing in it reads the device.
+
+    A micro-batch whose loss is non-finite on any rank is skipped on every rank (train.skip: it adds
+    nothing to the gradients, and a step with no kept micro-batch changes no weight); `_read_back`
+    counts it. `loss.normalize: global` divides by the pixel count of the step's micro-batches, read ahead.
     """
     import torch
 
     from anncli.data.transforms import normalize_batch
     from anncli.tuning import use_channels_last
+    from anncli.train.losses import check_labels
 
     t, info, accum, a = run.recipe.train, run.info, run.stream.accum_steps, run.recipe.augment
     torch.manual_seed(step_seed(t.seed, step, info.rank))  # dropout: a function of (seed, step, rank)
-    pending = [next(run.batches) for _ in range(accum)]
+    batches = [next(run.batches) for _ in range(accum)]
     criterion = run.criterion
     if run.recipe.loss.normalize == "global":
-        denominator = run.criterion.global_denominator([b["label"] for b in pending], info.world_size, info.device)
+        denominator = run.criterion.global_denominator([b["label"] for b in batches], info.world_size, info.device)
         criterion = functools.partial(run.criterion, denominator=denominator)
-    good = images = skipped = bad_in_row = 0
-    indices, keys = [], []
-    while good < accum:
-        batch = pending.pop(0) if pending else next(run.batches)
+    images, flags, indices, keys = 0, [], [], []
+    for i, batch in enumerate(batches):
+        check_labels(batch["label"], run.recipe.model.num_classes)  # on the host batch, before it moves
         # uint8 crops travel to the device; normalising there moves a quarter of the bytes.
         x = normalize_batch(batch["image"].to(info.device, non_blocking=True), a.mean, a.std, a.bgr,
                             use_channels_last(run.recipe.model.channels_last, info.device))
         y = batch["label"].to(info.device, non_blocking=True).long()
-        stats, finite = run.engine.micro_step(x, y, criterion, boundary=good + 1 == accum)
+        stats, kept = run.engine.micro_step(x, y, criterion, boundary=i + 1 == accum)
+        flags.append(torch.cat([kept.float().reshape(1), stats]))
         images += x.shape[0] * info.world_size
-        if finite:
-            good, bad_in_row = good + 1, 0
-            indices += batch["indices"]
-            keys += batch["keys"]
-            continue
-        skipped, bad_in_row = skipped + 1, bad_in_row + 1
-        run.events.write("bad_step", step=step, loss=float(stats[0]))
-        run.progress.message(f"[ann] step {step}: non-finite loss, step skipped ({bad_in_row} in a row)")
-        if bad_in_row >= t.max_bad_steps:
-            raise UserError(
-                f"{bad_in_row} non-finite losses in a row at step {step}; stopping. Last good checkpoint: "
-                f"{run.checkpointer.latest() or 'none'}. Lower optim.lr or use train.precision=fp32/bf16."
-            )
-    if skipped:
-        _back_on_grid(run)
+        indices += batch["indices"]
+        keys += batch["keys"]
     run.engine.optimizer_step()
-    total, loss, aux = stats.tolist()
-    return StepResult(total=total, loss=loss, aux=aux, images=images, skipped=skipped, indices=indices, keys=keys)
-
-
-def _back_on_grid(run: _Run) -> None:
-    """After a step that replaced skipped micro-batches, drop the rest of the effective batch they began, so
-    that the data position stays a multiple of the effective batch: any world that splits it can resume."""
-    while run.stream.next_micro_batch % run.stream.accum_steps:
-        next(run.batches)
+    return StepResult(flags=torch.stack(flags), images=images, indices=indices, keys=keys)
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -207,22 +237,19 @@ def step_seed(seed: int, step: int, rank: int) -> int:
 
 
 def _log(run: _Run, step: int, result: StepResult, lr: float) -> None:
+    """The `step` event of a log step, from the losses `_read_back` read."""
     t = run.recipe.train
-    run.meter.images += result.images
-    if step % t.log_every == 0 or step == t.iters:
-        record = run.meter.record(result, lr, run.engine.scale(), run.info.device)
-        record["samples_skipped"] = run.stream.samples_skipped  # this rank's unreadable samples so far
-        if t.trace_samples:  # collective: every rank logs the same steps
-            from anncli.data.order import gather_samples_sha256
+    record = run.meter.record(run.last, lr, run.engine.scale(), run.info.device)
+    record["samples_skipped"] = run.stream.samples_skipped  # this rank's unreadable samples so far
+    if t.trace_samples:  # collective: every rank logs the same steps
+        from anncli.data.order import gather_samples_sha256
 
-            record["samples_sha256"] = gather_samples_sha256(result.indices, result.keys)
-        run.events.write("step", step=step, **record)
-        series = {f"train/{k}": v for k, v in record.items() if k != "samples_sha256"}
-        run.tb.scalars(step, series)
-        run.trackers.scalars(step, series)
-        run.progress.update(step, {k: record[k] for k in ("loss", "lr", "img_per_s")}, log_line=True)
-    else:
-        run.progress.update(step, {"loss": result.loss, "lr": lr}, log_line=False)
+        record["samples_sha256"] = gather_samples_sha256(result.indices, result.keys)
+    run.events.write("step", step=step, **record)
+    series = {f"train/{k}": v for k, v in record.items() if k != "samples_sha256"}
+    run.tb.scalars(step, series)
+    run.trackers.scalars(step, series)
+    run.progress.update(step, {k: record[k] for k in ("loss", "lr", "img_per_s")}, log_line=True)
 
 
 def _validate(run: _Run, step: int) -> None:
@@ -267,7 +294,7 @@ def _set_up(recipe: Recipe, opts: TrainOptions, info, stop: StopFlag) -> _Run:
         from anncli.interop.weights import init_from
         init_from(model, opts.init_from, recipe, opts.init_skip)
     engine = build_engine(model, recipe, info, split)
-    criterion = SegLoss(recipe.loss, recipe.model.num_classes).to(info.device)
+    criterion = SegLoss(recipe.loss, recipe.model.num_classes, check=False).to(info.device)  # _train_step checks
     stream = _build_stream(recipe, urls, counts, info, split)
     events = EventLog(checkpointer.run_dir / "events.jsonl" if info.is_main else None)
     print(f"[ann] {describe_rank(info)}; run directory {checkpointer.run_dir}; batch split {split.why}",

@@ -42,10 +42,38 @@ def test_training_step_on_cpu_reports_flops_that_scale_with_pixels(bench):
     cfg = bench.bench_recipe("small", 5, "fp32", False, 2).model
     small, large = bench.model_flops_per_image(cfg, (32, 64)), bench.model_flops_per_image(cfg, (64, 128))
     assert 3.0 < large / small < 4.2  # convolutions grow with the pixels; the pooled anchors do not
-    run = bench.measure_training("small", 5, (32, 64), 2, "bf16", True, steps=1, warmup=1, device=torch.device("cpu"))
+    run = bench.measure_training("small", 5, (32, 64), 2, "bf16", True, steps=2, warmup=1, device=torch.device("cpu"))
     assert run["flops_per_image"] == small
-    assert run["img_per_s"] > 0 and run["achieved_tflops"] >= 0
+    # the rates follow from the JSON's own FLOPs, images and measured seconds
+    assert run["img_per_s"] == pytest.approx(2 * 2 / run["seconds_timed"], abs=1e-3)
+    assert run["achieved_tflops"] == pytest.approx(small * 2 * 2 / run["seconds_timed"] / 1e12, rel=1e-3, abs=1e-6)
+    assert run["s_per_step"] == pytest.approx(run["seconds_timed"] / 2, abs=1e-4)
     assert run["precision"] == "bf16" and run["channels_last"] is True
+
+
+def test_the_flop_count_matches_the_convolutions_counted_by_hand(bench):
+    """Independently of torch's FlopCounterMode: every convolution's multiply-adds from its output shape,
+    forward once, backward once for the weights and once more for the inputs (except the stem's)."""
+    from anncli.models.ann import build_model
+
+    cfg = bench.bench_recipe("small", 5, "fp32", False, 2).model
+    conv_forward = []
+
+    def count(module, inputs, output):
+        k_h, k_w = module.kernel_size
+        per_output = 2 * module.in_channels // module.groups * k_h * k_w
+        conv_forward.append(per_output * output.numel())
+
+    model = build_model(cfg).train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_hook(count)
+    with torch.no_grad():
+        model(torch.zeros(1, 3, 32, 64))
+    stem = conv_forward[0]
+    by_hand = 3 * sum(conv_forward) - stem  # the image needs no gradient
+    counted = bench.model_flops_per_image(cfg, (32, 64))
+    assert by_hand <= counted <= 1.1 * by_hand  # the rest: attention matmuls, a few percent
 
 
 @pytest.mark.slow
@@ -64,3 +92,30 @@ def test_quick_run_writes_every_setting(tmp_path):
     gpu = result["gpu"]
     assert ("skipped" in gpu) != torch.cuda.is_available()
     assert gpu.get("flops_per_image_r101_769", 1) > 0
+
+
+def test_cli_shards_are_cityscapes_sized_pngs_the_reader_accepts(bench, tmp_path):
+    import numpy as np
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    from train_cli import write_cityscapes_like_shards
+
+    from anncli.data.counts import shard_counts
+    from anncli.data.manifest import resolve_urls
+    from anncli.data.shards import decode_sample, iter_shard
+
+    root = write_cityscapes_like_shards(tmp_path / "shards", 3)
+    urls = resolve_urls(str(root), "cityscapes", "train")
+    assert shard_counts(urls, str(root), announce=False) == [3]
+    for key, fields in iter_shard(urls[0]):
+        assert fields["img.png"][:4] == b"\x89PNG"
+        image, label = decode_sample(key, fields)
+        assert image.shape == (1024, 2048, 3) and label.shape == (1024, 2048)
+        assert set(np.unique(label)) <= set(range(19)) | {255}
+
+
+def test_cli_small_sets_cpu_defaults_but_keeps_what_the_command_line_says(bench):
+    args = bench.parse_args(["--cli", "--cli-small", "--cli-iters", "6"])
+    assert (args.cli_backbone, args.cli_crop, args.cli_iters, args.cli_workers) == ("small", (129, 129), 6, [2])
+    full = bench.parse_args(["--cli", "--cli-crop", "513x1025"])
+    assert (full.cli_backbone, full.cli_crop, full.cli_precision) == ("resnet101", (513, 1025), "bf16")
