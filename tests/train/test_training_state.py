@@ -118,8 +118,8 @@ def test_a_data_position_no_split_of_this_world_can_continue_is_refused_by_the_p
 
 
 def test_a_skipped_micro_batch_keeps_the_data_position_on_the_grid_of_the_effective_batch(tmp_path):
-    """Effective batch 4 = 2 x 1 rank x 2 steps; the second micro-batch's loss is made non-finite: its
-    replacement is the third, and the position moves on to 8, where every split of 4 can continue."""
+    """Effective batch 4 = 2 x 1 rank x 2 steps; the second micro-batch's loss is made non-finite: it is skipped,
+    not replaced by the next one, so the position moves on to 4, where every split of 4 can continue."""
     from conftest import tiny_overrides
     from anncli.cluster.distributed import init_distributed
     from anncli.train import loop
@@ -138,7 +138,7 @@ def test_a_skipped_micro_batch_keeps_the_data_position_on_the_grid_of_the_effect
     run.criterion = second_call_overflows
     try:
         result = loop._train_step(run, 0)
-        assert result.skipped == 1 and len(calls) == 3
-        assert run.stream.state_dict()["next_sample"] == 8
+        assert result.flags[:, 0].tolist() == [1.0, 0.0] and len(calls) == 2  # kept, skipped
+        assert run.stream.state_dict()["next_sample"] == 4
     finally:
         run.close()
