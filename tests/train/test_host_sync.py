@@ -54,8 +54,9 @@ def _set_up_run(tmp_path: Path, synth_root: Path, device: torch.device, **change
     return _set_up(recipe, opts, info, StopFlag())
 
 
-def _host_reads_of_a_run(tmp_path, synth_root, iters: int) -> dict:
-    """A whole run of `iters` steps logged once, at its last step (where it also checkpoints).
+def _host_reads_of_a_run(tmp_path, synth_root, iters: int, log_every: int = 1000) -> dict:
+    """A whole run of `iters` steps, logged every `log_every` steps and at its last step (where it also
+    checkpoints).
 
     SGD, the Cityscapes recipes' optimizer: torch's AdamW keeps its step counter in a CPU tensor on every
     device and reads it with `.item()` each step, a host read that never touches a GPU (the CUDA test
@@ -63,7 +64,7 @@ def _host_reads_of_a_run(tmp_path, synth_root, iters: int) -> dict:
     from anncli.train.loop import _loop
 
     run = _set_up_run(tmp_path, synth_root, torch.device("cpu"),
-                      **{"train.iters": iters, "train.log_every": 1000, "optim.name": "sgd"})
+                      **{"train.iters": iters, "train.log_every": log_every, "optim.name": "sgd"})
     try:
         with counting_host_reads() as counts:
             assert _loop(run) == 0
@@ -82,18 +83,7 @@ def test_steps_between_log_steps_read_nothing_back(tmp_path, synth_root):
 
 def test_log_every_step_reads_once_per_step(tmp_path, synth_root):
     """The counter sees the loop's reads: logging every step costs one more read per step."""
-    from anncli.train.loop import _loop
-
-    counts = []
-    for iters in (2, 4):
-        run = _set_up_run(tmp_path, synth_root, torch.device("cpu"),
-                          **{"train.iters": iters, "train.log_every": 1, "optim.name": "sgd"})
-        try:
-            with counting_host_reads() as c:
-                assert _loop(run) == 0
-        finally:
-            run.close()
-        counts.append(c["tolist"])
+    counts = [_host_reads_of_a_run(tmp_path, synth_root, iters, log_every=1)["tolist"] for iters in (2, 4)]
     assert counts[1] - counts[0] == 2
 
 
