@@ -51,6 +51,9 @@ RULES = [
     Rule(r"sbatch ", "skip", "needs a SLURM cluster; tests/cluster/test_slurm.py submits the templates to a real one"),
     Rule(r"ann weights ", "skip", "needs the published checkpoints (downloads of hundreds of MB); "
          "tests/interop/test_weights.py imports the committed fixtures of both formats"),
+    Rule(r"ann (eval|predict) .*--(pred-)?format cityscapes", "skip",
+         "needs a 19-class Cityscapes model; tests/eval/test_pred_formats.py and test_cityscapes_official.py "
+         "write these files from one and score them with the official script"),
     Rule(r"ann eval recipes/ann_r\d+-d8\S* --checkpoint ckpt/", "skip",
          "evaluates weights that `ann weights import` (skipped) wrote, on Cityscapes"),
     Rule(r"ann train recipes/(?!demo)", "dry-run",

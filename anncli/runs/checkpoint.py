@@ -163,12 +163,13 @@ class SavedSplit(NamedTuple):
 
 
 def saved_split(path: Path) -> SavedSplit:
+    effective_batch = saved_effective_batch(path)  # imported weights and old files: one line saying what to do
     state = read_state(path)
     try:
         position = int(json.loads((Path(path) / DATA_FILE).read_text()).get("next_sample", 0))
     except (OSError, ValueError, AttributeError):
         position = 0  # Checkpointer.load names a missing or damaged data.json
-    return SavedSplit(int(state.get("effective_batch") or 0), int(state.get("world_size") or 0),
+    return SavedSplit(effective_batch, int(state.get("world_size") or 0),
                       int(state.get("batch_size") or 0), position)
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from anncli.errors import EXIT_PREEMPTED
-from conftest import ann_cmd, run_ann, start_until_checkpoint, tiny_overrides
+from conftest import ann_cmd, kill_tree, run_ann, start_until_checkpoint, tiny_overrides
 
 # SGD, not the demo's AdamW: Adam divides by the gradient's magnitude, so the conv biases that batch norm
 # makes irrelevant (zero true gradient) take full-size steps on float noise, which differs with the split
@@ -39,10 +39,10 @@ def _steps(run: Path) -> dict[int, dict]:
 
 
 def _run_until_checkpoint(args: list, run: Path, step: int, sig: int) -> int:
-    """Train until checkpoint `step` is complete, then send `sig` (SIGKILL: the whole process group)."""
+    """Train until checkpoint `step` is complete, then send `sig` (SIGKILL: to every process of the run)."""
     proc = start_until_checkpoint(ann_cmd(*args), run, step, run.parent / f"{run.name}-{step}.log")
     if sig == signal.SIGKILL:
-        os.killpg(proc.pid, sig)
+        kill_tree(proc.pid)
     else:
         proc.send_signal(sig)
     return proc.wait(timeout=300)

@@ -132,9 +132,9 @@ def test_outputs_of_predict_plot_viz_export_and_weights_import_are_checked_befor
     cases = [
         (["predict", tmp_path, "--checkpoint", missing, "--out", blocker], f"--out {blocker}: is a file"),
         (["predict", tmp_path, "--model", missing / "m.onnx", "--out", blocker], f"--out {blocker}: is a file"),
-        (["plot", missing, "--out", blocker / "x.png"], f"--out {blocker}: is a file"),
+        (["plot", missing, "--out", blocker / "x.png"], f"--out {blocker / 'x.png'}: directory {blocker} is a file"),
         (["viz", "attention", tmp_path / "x.png", "--checkpoint", missing, "--pixel", "1,1", "--out", blocker / "a.png"],
-         f"--out {blocker}: is a file"),
+         f"--out {blocker / 'a.png'}: directory {blocker} is a file"),
         (["export", "--checkpoint", missing, "--out", tmp_path], f"--out {tmp_path}: is a directory"),
         (["weights", "import", "mmseg", missing / "w.pth", "--out", blocker / "ckpt"], f"--out {blocker}: is a file"),
     ]
