@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints/cpu.txt
 # each at a time (a file's module fixtures, such as a trained tiny run, are built once).
 PARALLEL ?= -n 2 --dist loadfile
 test: $(STAMP)
-	$(PY) -m pytest -q $(PARALLEL) -m "not gpu and not demo and not chaos and not long"
+	$(PY) -m pytest -q $(PARALLEL) --durations=25 -m "not gpu and not demo and not chaos and not long"
 
 # The quick subset (plain `pytest`): no SLURM cluster, no multi-minute runs.
 test-fast: $(STAMP)
@@ -69,7 +69,8 @@ test-chaos: $(STAMP)
 	$(PY) -m pytest -q -m chaos
 
 # The whole ZeRO-0/1/2 state matrix: every stage and optimizer saved on 2 ranks and loaded on 1, 2 and 3,
-# and across stages (test_elastic and test_train cover ZeRO-1/2 resume end to end in `make test`).
+# and across stages (test_elastic and test_train cover ZeRO-1/2 resume end to end in `make test`), and a
+# compiled training run resumed, evaluated and exported (minutes of compilation on 2 cores).
 test-long: $(STAMP)
 	$(PY) -m pytest -q -m long
 

@@ -25,7 +25,7 @@ def test_compile_flag_sets_the_recipe_key_and_a_bad_backend_is_one_line(tmp_path
     assert "Traceback" not in res.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.long  # minutes of compilation on 2 CPU cores: `make test-long`
 def test_compiled_training_resumes_bitwise_and_its_checkpoint_evaluates_and_exports(tmp_path, synth_root):
     """About two minutes on 2 cores: two compiled runs, one eager run, eval and export."""
     sets = tiny_overrides(synth_root, **{"train.iters": 4, "train.checkpoint_every": 2})
