@@ -17,6 +17,7 @@ the input's shape makes it cheaper:
 from __future__ import annotations
 
 import contextlib
+import functools
 from contextvars import ContextVar
 from typing import Sequence
 
@@ -166,6 +167,21 @@ class AttentionBranch(nn.Module):
         return out if after is None else F.conv2d(out, after[:, :, None, None])
 
 
+def grads_in_own_layout(*params: nn.Parameter) -> None:
+    """Gradients of these 1x1 weights come back in the weight's own strides.
+
+    The savings apply the value projection W and the fuse conv's columns as matrices; the gradient of a
+    matrix product has contiguous strides, while a 1x1 weight in channels_last has others for its size-1
+    dimensions (the same bytes in the same order). DDP lays out its gradient buckets like the parameters
+    and warned "Grad strides do not match bucket view strides" (then copied) for such a gradient."""
+    for param in params:
+        param.register_hook(functools.partial(_like, param))
+
+
+def _like(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    return grad if grad.stride() == param.stride() else torch.empty_like(param).copy_(grad)
+
+
 def fuse_concat(conv: nn.Conv2d, branch: AttentionBranch, rest: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
     """`conv(cat[branch(*inputs), rest])` for a 1x1 conv, with the conv's columns that read the branch
     folded into the branch's output map when it folds (`AttentionBranch.folds`); the literal concat otherwise."""
@@ -222,6 +238,7 @@ class APNB(nn.Module):
             nn.Conv2d(out_channels + in_channels, out_channels, 1), nn.BatchNorm2d(out_channels),
             nn.ReLU(inplace=True), nn.Dropout2d(dropout),
         )
+        grads_in_own_layout(self.fuse[0].weight, self.attention.W.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fuse[1:](fuse_concat(self.fuse[0], self.attention, x, x))
@@ -243,6 +260,7 @@ class AFNB(nn.Module):
             nn.Conv2d(out_channels + high_channels, out_channels, 1), nn.BatchNorm2d(out_channels),
             nn.Dropout2d(dropout),
         )
+        grads_in_own_layout(self.fuse[0].weight, self.attention.W.weight)
 
     def forward(self, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
         return self.fuse[1:](fuse_concat(self.fuse[0], self.attention, high, high, low))
