@@ -1,7 +1,6 @@
 """Shared test helpers: run the real `ann` CLI in a subprocess on a tiny synthetic set."""
 
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -47,29 +46,6 @@ def start_until_checkpoint(cmd: list, run: Path, step: int, log: Path, timeout: 
         assert time.time() < deadline, f"no checkpoint {step} after {timeout} s: {log.read_text()[-3000:]}"
         time.sleep(0.05)
     return proc
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL `pid` and every process below it, as a node crash would: `ann` starts torchrun and the ranks in
-    sessions of their own, out of reach of a process-group kill, and its ranks save and exit on their own when
-    only their parents die."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    todo, tree = [pid], []
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo += children.get(p, [])
-    for p in tree:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def tiny_overrides(data_root: Path, **changes) -> list[str]:

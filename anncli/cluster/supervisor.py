@@ -64,7 +64,7 @@ def execute(plan: LaunchPlan, checkpoint_note: Optional[Callable[[], str]] = Non
         received.append(signum)
         if not in_step:
             if signum == signal.SIGINT:
-                _kill_tree(child.pid)
+                kill_tree(child.pid)
                 return
             try:
                 os.killpg(child.pid, signum)
@@ -83,7 +83,7 @@ def execute(plan: LaunchPlan, checkpoint_note: Optional[Callable[[], str]] = Non
     return _exit_code(plan, rc, received, host, checkpoint_note)
 
 
-def _descendants(pid: int) -> list[int]:
+def descendants(pid: int) -> list[int]:
     """Every process below `pid` (Linux /proc), found before any of them is killed and reparented."""
     found, todo = [], [pid]
     while todo:
@@ -103,9 +103,10 @@ def _descendants(pid: int) -> list[int]:
     return found
 
 
-def _kill_tree(pid: int) -> None:
-    """SIGKILL torchrun and everything below it: its workers run in sessions of their own."""
-    for p in [pid, *_descendants(pid)]:
+def kill_tree(pid: int) -> None:
+    """SIGKILL `pid` (torchrun) and everything below it: its workers run in sessions of their own, out of
+    reach of a process-group kill."""
+    for p in [pid, *descendants(pid)]:
         try:
             os.kill(p, signal.SIGKILL)
         except ProcessLookupError:

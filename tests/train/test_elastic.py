@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from anncli.errors import EXIT_PREEMPTED
-from conftest import ann_cmd, kill_tree, run_ann, start_until_checkpoint, tiny_overrides
+from anncli.cluster.supervisor import kill_tree
+from conftest import ann_cmd, run_ann, start_until_checkpoint, tiny_overrides
 
 # SGD, not the demo's AdamW: Adam divides by the gradient's magnitude, so the conv biases that batch norm
 # makes irrelevant (zero true gradient) take full-size steps on float noise, which differs with the split
@@ -39,7 +40,8 @@ def _steps(run: Path) -> dict[int, dict]:
 
 
 def _run_until_checkpoint(args: list, run: Path, step: int, sig: int) -> int:
-    """Train until checkpoint `step` is complete, then send `sig` (SIGKILL: to every process of the run)."""
+    """Train until checkpoint `step` is complete, then send `sig` (SIGKILL: to every process of the run, as a
+    node crash would; its ranks save and exit on their own when only their parents die)."""
     proc = start_until_checkpoint(ann_cmd(*args), run, step, run.parent / f"{run.name}-{step}.log")
     if sig == signal.SIGKILL:
         kill_tree(proc.pid)
