@@ -21,19 +21,20 @@ from anncli.runs.integrity import load_torch
 from anncli.cluster.distributed import DistInfo, all_reduce_sum_, barrier
 from anncli.errors import UserError
 from anncli.train.plan import lr_at, scaled_lr
-from anncli.train.skip import NonFiniteSkip
+from anncli.train.skip import FlatBuffers, SkippingAdamW, SkippingOptimizer, SkippingSGD, total_norm
 from anncli.precision import AUTOCAST_DTYPES
 from anncli.recipe import Recipe
 
 
 def build_optimizer(params, recipe: Recipe, world_size: int, effective: int | None = None) -> torch.optim.Optimizer:
+    """Torch's fused SGD or AdamW (one kernel per step, and a skip on the device: train.skip)."""
     o = recipe.optim
     # The LR of step 0 of the schedule; the loop sets each step's LR with `set_lr` before the step.
     lr = lr_at(0, scaled_lr(recipe, world_size, effective)[0], recipe)
     # The official recipe decays every parameter, BN and biases included.
     if o.name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    return torch.optim.AdamW(params, lr=lr, betas=o.betas, weight_decay=o.weight_decay)
+        return SkippingSGD(params, lr=lr, momentum=o.momentum, weight_decay=o.weight_decay, fused=True)
+    return SkippingAdamW(params, lr=lr, betas=o.betas, weight_decay=o.weight_decay, fused=True)
 
 
 def compile_backend(recipe: Recipe) -> str:
@@ -48,40 +49,37 @@ def compile_backend(recipe: Recipe) -> str:
 class _Engine:
     module: nn.Module  # the network itself (never a DDP or compile wrapper): what checkpoints save
     optimizer: torch.optim.Optimizer
+    guard: SkippingOptimizer  # the torch optimizer that takes the skip flag
+    buffers: FlatBuffers
+    step_check: torch.Tensor | None = None  # non-finite when a micro-batch of this step was, on some rank
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def _agree(self, total: torch.Tensor, parts: dict, saved: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean loss values over ranks, and the loss to back-propagate: 0 unless every rank's loss and buffers
-        (batch-norm statistics after this forward) are finite. One all-reduce; both stay on the device (no host
-        read); `self.skip.finite` says whether the micro-batch counts."""
-        bad_buffers = (~buffers_finite(saved)).float().to(total.device)
-        stats = torch.stack([total.detach().float(), parts["loss"].detach().float(), parts["aux_loss"].detach().float(),
-                             bad_buffers])
-        stats = all_reduce_sum_(stats) / self.info.world_size
-        ok = torch.isfinite(stats[:3]).all() & (stats[3] == 0)
-        return stats[:3], self.skip.decide(ok, total)
+    def _check_forward(self, total: torch.Tensor, parts: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean loss values over ranks, finite): `finite` is true when every rank's losses and batch-norm
+        statistics after this forward are finite. One all-reduce; both stay on the device (no host read).
 
+        The statistics enter as their sum, which is non-finite exactly when one of them is (no running
+        statistic comes near float32's 3e38), and the step's check adds up every micro-batch's values."""
+        with torch.no_grad():
+            stats = torch.stack([total, parts["loss"], parts["aux_loss"], self.buffers.total()])
+            all_reduce_sum_(stats)
+            check = stats.sum()
+            self.step_check = check if self.step_check is None else self.step_check + check
+            losses = stats[:3] / self.info.world_size if self.info.world_size > 1 else stats[:3]
+            return losses, torch.isfinite(check)
 
-def snapshot_buffers(module: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(buffer, copy) of every buffer (batch-norm running statistics, num_batches_tracked) before a forward."""
-    return [(b, b.detach().clone()) for b in module.buffers()]
+    def _skip_unless_finite(self, norm: torch.Tensor | None = None) -> torch.Tensor:
+        """The skip flag of this step: its micro-batches' checks and the gradients' norm, non-finite."""
+        check = self.step_check if norm is None else self.step_check + norm
+        self.step_check = None
+        return ~torch.isfinite(check)
 
-
-def buffers_finite(saved: list) -> torch.Tensor:
-    flags = [torch.isfinite(b).all() for b, _ in saved if b.is_floating_point()]
-    return torch.stack(flags).all() if flags else torch.tensor(True)
-
-
-def settle_buffers(saved: list, keep: torch.Tensor) -> None:
-    """A skipped micro-batch leaves no trace: unless `keep` (a bool tensor agreed by every rank), every buffer
-    gets back its value from before the forward, on every rank alike (sync-BN spread the statistics to all of
-    them; DDP broadcasts rank 0's at the next forward). torch.where: no host sync."""
-    with torch.no_grad():
-        for buf, old in saved:
-            buf.copy_(torch.where(keep.to(buf.device), buf, old))
+    def _applied(self) -> torch.Tensor:
+        """After a step: whether it changed the weights (a device bool)."""
+        return self.guard.skipped == 0
 
 
 class DDPEngine(_Engine):
@@ -93,6 +91,7 @@ class DDPEngine(_Engine):
         self.precision = recipe.train.precision
         self.grad_clip = recipe.optim.grad_clip
         self.accum_steps = split.accum_steps if split else recipe.train.accum_steps
+        self.buffers = FlatBuffers(model)  # before DDP, which keeps the buffers it broadcasts
         if info.distributed:
             device_ids = [info.device.index] if info.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
@@ -101,8 +100,9 @@ class DDPEngine(_Engine):
         if recipe.model.compile:  # compile around DDP: dynamo splits the graph at DDP's gradient buckets
             self.model = torch.compile(self.model, backend=compile_backend(recipe))
         self.optimizer = build_optimizer(model.parameters(), recipe, info.world_size, split and split.effective_batch)
+        self.guard = self.optimizer
+        self.params = [p for p in model.parameters() if p.requires_grad]
         self.scaler = torch.amp.GradScaler(info.device.type) if self.precision == "fp16" else None
-        self.skip = NonFiniteSkip(model, info.device)
 
     def _autocast(self):
         dtype = AUTOCAST_DTYPES.get(self.precision)
@@ -111,33 +111,36 @@ class DDPEngine(_Engine):
         return torch.autocast(self.info.device.type, dtype=dtype)
 
     def micro_step(self, images, labels, criterion, boundary: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """(mean losses over ranks, kept): device tensors; a non-finite micro-batch adds nothing."""
+        """(mean losses over ranks, finite): device tensors. A non-finite micro-batch keeps no batch-norm
+        statistics, and its optimizer step is skipped."""
         no_sync = self.info.distributed and not boundary
-        saved = snapshot_buffers(self.module)
+        self.buffers.snapshot()
         with self.model.no_sync() if no_sync else contextlib.nullcontext():
             with self._autocast():
                 main, aux = self.model(images)
             total, parts = criterion(main, aux, labels)
-            stats, kept_total = self._agree(total, parts, saved)
-            loss = kept_total / self.accum_steps
+            stats, finite = self._check_forward(total, parts)
+            loss = total / self.accum_steps if self.accum_steps > 1 else total
             (self.scaler.scale(loss) if self.scaler else loss).backward()
-        settle_buffers(saved, self.skip.finite)  # after the backward, which may still read them
-        return stats, self.skip.finite
+        self.buffers.restore_unless(finite)  # after the backward, which may still read them
+        return stats, finite
 
-    def optimizer_step(self) -> None:
-        self.skip.optimizer_step(self._optimizer_step, list(self.module.parameters()), self.optimizer)
-
-    def _optimizer_step(self) -> None:
+    def optimizer_step(self) -> torch.Tensor:
+        """Clip, step and zero the gradients; returns whether the step was applied (a device bool). One fused
+        norm checks the gradients (DDP averaged them: every rank decides alike)."""
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
+        norm = total_norm([p.grad for p in self.params if p.grad is not None])
         if self.grad_clip:
-            nn.utils.clip_grad_norm_(self.module.parameters(), self.grad_clip)
+            nn.utils.clip_grads_with_norm_(self.params, self.grad_clip, norm)
+        self.optimizer.skip = self._skip_unless_finite(norm)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return self._applied()
 
     def save(self, directory: Path) -> None:
         if self.info.is_main:
@@ -222,9 +225,10 @@ class DeepSpeedEngine(_Engine):
         deepspeed.init_distributed(dist_backend="nccl" if info.device.type == "cuda" else "gloo")
         self.info = info
         self.module = model
+        self.buffers = FlatBuffers(model)
         optimizer = build_optimizer(model.parameters(), recipe, info.world_size, split and split.effective_batch)
-        self.skip = NonFiniteSkip(model, info.device)
-        self._torch_optimizer = optimizer  # ZeRO's partitions are its parameters once initialised
+        optimizer.check_gradients = True  # ZeRO hands it this rank's partition of the reduced gradients
+        self.guard = optimizer  # ZeRO's partitions are its parameters once initialised
         self.model, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(recipe, split)
         )
@@ -232,20 +236,21 @@ class DeepSpeedEngine(_Engine):
             self.model.compile(backend=compile_backend(recipe))
 
     def micro_step(self, images, labels, criterion, boundary: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        saved = snapshot_buffers(self.module)
+        self.buffers.snapshot()
         main, aux = self.model(images)
         total, parts = criterion(main, aux, labels)
-        stats, kept_total = self._agree(total, parts, saved)
-        self.model.backward(kept_total)
-        if self.model.is_gradient_accumulation_boundary():
-            self.skip.optimizer_step(self.model.step, list(self.module.parameters()), self._torch_optimizer)
-        else:
-            self.model.step()
-        settle_buffers(saved, self.skip.finite)  # after the backward, which may still read them
-        return stats, self.skip.finite
+        stats, finite = self._check_forward(total, parts)
+        self.model.backward(total)
+        if not boundary:
+            self.model.step()  # DeepSpeed counts every micro-batch; it updates at the boundary (optimizer_step)
+        self.buffers.restore_unless(finite)  # after the backward, which may still read them
+        return stats, finite
 
-    def optimizer_step(self) -> None:
-        pass  # `engine.step()` in micro_step steps the optimizer at the accumulation boundary
+    def optimizer_step(self) -> torch.Tensor:
+        """DeepSpeed's boundary step: reduce, clip, update (skipped on the device when non-finite)."""
+        self.guard.skip = self._skip_unless_finite()
+        self.model.step()
+        return self._applied()
 
     def _grad_scaler(self):
         return getattr(self.model, "torch_autocast_z0_gradscaler", None) or getattr(

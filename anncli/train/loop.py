@@ -47,12 +47,21 @@ class StopFlag:
 
 
 class StepResult(NamedTuple):
-    """One optimizer step. `flags` stays on the device until a log step reads it: one row per micro-batch,
-    (kept, total, loss, aux) with the losses as means over ranks."""
-    flags: Any
+    """One optimizer step, on the device until a log step reads it: `losses`, one row per micro-batch of
+    (total, loss, aux) as means over ranks; `finite`, per micro-batch; `applied`, whether the step changed
+    the weights (a non-finite micro-batch or gradient skips it whole)."""
+    losses: Any
+    finite: Any
+    applied: Any
     images: int  # over all ranks, skipped micro-batches included
     indices: list  # this rank's global sample indices and keys in the step (for the sample trace)
     keys: list
+
+    def row(self):
+        """(applied, finite..., losses...) as one flat tensor: the read-back stacks one per step."""
+        import torch
+
+        return torch.cat([self.applied.float().reshape(1), self.finite.float(), self.losses.flatten()])
 
 
 class StepLosses(NamedTuple):
@@ -143,6 +152,9 @@ def _loop(run: _Run) -> int:
             run.meter.images += result.images
             unread.append((step, lr, result))
             preempted = vote.agreed(run.stop.signum is not None)
+            validating = bool(t.val_every) and step % t.val_every == 0
+            if validating and not preempted:  # a signal is honoured before a validation that could outlast its lead
+                preempted = vote.now(run.stop.signum is not None)
             save = step % t.checkpoint_every == 0 or step == t.iters or preempted
             if save or step % t.log_every == 0:
                 _read_back(run, unread)
@@ -152,7 +164,7 @@ def _loop(run: _Run) -> int:
             if save:
                 path = run.checkpointer.save(step, run.engine, run.stream, bad_steps_total=run.bad_steps_total)
                 run.events.write("checkpoint", step=step, path=str(path))
-            if t.val_every and step % t.val_every == 0 and not preempted:
+            if validating and not preempted:
                 _validate(run, step)
             if preempted:
                 run.progress.message(f"[ann] preempted at step {step}: checkpoint saved; exiting with {EXIT_PREEMPTED} to be requeued")
@@ -166,27 +178,30 @@ def _loop(run: _Run) -> int:
 
 
 def _read_back(run: _Run, unread: list) -> None:
-    """One host read of the flags of every step since the last read: skipped micro-batches are counted and
-    reported (`train.max_bad_steps` in a row stop the run), and a log step gets its `step` event."""
+    """One host read of the flags of every step since the last read: skipped steps are counted and reported
+    (`train.max_bad_steps` in a row stop the run), and a log step gets its `step` event."""
     import torch
 
     if not unread:
         return
     t = run.recipe.train
-    rows = torch.stack([r.flags for _, _, r in unread]).tolist()
-    for (step, lr, result), micro_batches in zip(unread, rows):
-        for kept, total, loss, aux in micro_batches:
-            if kept:
-                run.bad_in_row, run.last = 0, StepLosses(total, loss, aux)
-                continue
+    rows = torch.stack([r.row() for _, _, r in unread]).tolist()
+    for (step, lr, result), row in zip(unread, rows):
+        micro = result.losses.shape[0]
+        applied, finite, losses = row[0], row[1:1 + micro], row[1 + micro:]
+        if applied:
+            run.bad_in_row, run.last = 0, StepLosses(*losses[-3:])
+        else:
             run.bad_steps_total += 1
             run.bad_in_row += 1
-            run.events.write("bad_step", step=step, loss=total)
-            run.progress.message(f"[ann] step {step}: non-finite loss, step skipped ({run.bad_in_row} in a row)")
+            bad = [i for i, ok in enumerate(finite) if not ok]
+            cause = f"non-finite loss in micro-batch {bad[0] + 1} of {micro}" if bad else "non-finite gradients"
+            run.events.write("bad_step", step=step, loss=losses[3 * bad[0]] if bad else losses[-3], cause=cause)
+            run.progress.message(f"[ann] step {step}: {cause}, step skipped ({run.bad_in_row} in a row)")
             if run.bad_in_row >= t.max_bad_steps:
                 raise UserError(
-                    f"{run.bad_in_row} non-finite losses in a row at step {step}; stopping. Last good checkpoint: "
-                    f"{run.checkpointer.latest() or 'none'}. Lower optim.lr or use train.precision=fp32/bf16."
+                    f"{run.bad_in_row} skipped steps in a row at step {step} ({cause}); stopping. Last good "
+                    f"checkpoint: {run.checkpointer.latest() or 'none'}. Lower optim.lr or use train.precision=fp32/bf16."
                 )
         if step % t.log_every == 0 or step == t.iters:
             _log(run, step, result, lr)
@@ -195,15 +210,13 @@ def _read_back(run: _Run, unread: list) -> None:
 def _train_step(run: _Run, step: int) -> StepResult:
     """One optimizer step over the split's accumulation steps; nothing in it reads the device.
 
-    A micro-batch whose loss is non-finite on any rank is skipped on every rank (train.skip: it adds
-    nothing to the gradients, and a step with no kept micro-batch changes no weight); `_read_back`
-    counts it. `loss.normalize: global` divides by the pixel count of the step's micro-batches, read ahead.
+    A step with a non-finite loss, batch-norm statistic or gradient on any rank is skipped on every rank
+    (train.skip: it changes no weight, optimizer state or batch-norm buffer); `_read_back` counts it. `loss.normalize: global` divides by the pixel count of the step's micro-batches, read ahead.
     """
     import torch
 
     from anncli.data.transforms import normalize_batch
     from anncli.tuning import use_channels_last
-    from anncli.train.losses import check_labels
 
     t, info, accum, a = run.recipe.train, run.info, run.stream.accum_steps, run.recipe.augment
     torch.manual_seed(step_seed(t.seed, step, info.rank))  # dropout: a function of (seed, step, rank)
@@ -212,20 +225,21 @@ def _train_step(run: _Run, step: int) -> StepResult:
     if run.recipe.loss.normalize == "global":
         denominator = run.criterion.global_denominator([b["label"] for b in batches], info.world_size, info.device)
         criterion = functools.partial(run.criterion, denominator=denominator)
-    images, flags, indices, keys = 0, [], [], []
-    for i, batch in enumerate(batches):
-        check_labels(batch["label"], run.recipe.model.num_classes)  # on the host batch, before it moves
+    images, losses, finite, indices, keys = 0, [], [], [], []
+    for i, batch in enumerate(batches):  # labels were checked by the data stream
         # uint8 crops travel to the device; normalising there moves a quarter of the bytes.
         x = normalize_batch(batch["image"].to(info.device, non_blocking=True), a.mean, a.std, a.bgr,
                             use_channels_last(run.recipe.model.channels_last, info.device))
         y = batch["label"].to(info.device, non_blocking=True).long()
-        stats, kept = run.engine.micro_step(x, y, criterion, boundary=i + 1 == accum)
-        flags.append(torch.cat([kept.float().reshape(1), stats]))
+        stats, ok = run.engine.micro_step(x, y, criterion, boundary=i + 1 == accum)
+        losses.append(stats)
+        finite.append(ok)
         images += x.shape[0] * info.world_size
         indices += batch["indices"]
         keys += batch["keys"]
-    run.engine.optimizer_step()
-    return StepResult(flags=torch.stack(flags), images=images, indices=indices, keys=keys)
+    applied = run.engine.optimizer_step()
+    return StepResult(losses=torch.stack(losses), finite=torch.stack(finite), applied=applied, images=images,
+                      indices=indices, keys=keys)
 
 
 def step_seed(seed: int, step: int, rank: int) -> int:
@@ -294,7 +308,7 @@ def _set_up(recipe: Recipe, opts: TrainOptions, info, stop: StopFlag) -> _Run:
         from anncli.interop.weights import init_from
         init_from(model, opts.init_from, recipe, opts.init_skip)
     engine = build_engine(model, recipe, info, split)
-    criterion = SegLoss(recipe.loss, recipe.model.num_classes, check=False).to(info.device)  # _train_step checks
+    criterion = SegLoss(recipe.loss, recipe.model.num_classes, check=False).to(info.device)  # the data stream checks the labels
     stream = _build_stream(recipe, urls, counts, info, split)
     events = EventLog(checkpointer.run_dir / "events.jsonl" if info.is_main else None)
     print(f"[ann] {describe_rank(info)}; run directory {checkpointer.run_dir}; batch split {split.why}",

@@ -125,20 +125,60 @@ def _state(engine) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("optim", ["sgd", "adamw"])
-def test_a_non_finite_micro_batch_adds_nothing_to_the_step(optim):
-    """[good, poisoned] with 2 accumulation steps updates the weights exactly as [good, zero gradient]."""
+def test_a_non_finite_micro_batch_skips_its_whole_step(optim):
+    """[good, poisoned] with 2 accumulation steps: the step is skipped whole (GradScaler's policy), and the
+    next step is the one an engine that never saw the poisoned step takes."""
     skipping, criterion = _engine(accum=2, optim=optim)
-    stats, kept = skipping.micro_step(*_batch(1), criterion, boundary=False)
+    skipping.micro_step(*_batch(1), criterion, boundary=False)
+    skipping.optimizer_step()  # a first step: optimizer state exists
+    before = _state(skipping)
+    stats, kept = skipping.micro_step(*_batch(2), criterion, boundary=False)
     assert bool(kept) and torch.isfinite(stats).all()
-    stats, kept = skipping.micro_step(*_batch(2, poisoned=True), criterion, boundary=True)
+    stats, kept = skipping.micro_step(*_batch(3, poisoned=True), criterion, boundary=True)
     assert not bool(kept) and not torch.isfinite(stats).all()
-    skipping.optimizer_step()
+    assert not bool(skipping.optimizer_step())
+    assert all(torch.equal(a, b) for a, b in zip(before, _state(skipping)))
 
     reference, _ = _engine(accum=2, optim=optim)
-    reference.micro_step(*_batch(1), criterion, boundary=True)  # the same good gradient, divided by 2
+    reference.micro_step(*_batch(1), criterion, boundary=False)
     reference.optimizer_step()
+    for engine in (skipping, reference):
+        engine.micro_step(*_batch(4), criterion, boundary=False)
+        assert bool(engine.optimizer_step())
     for a, b in zip(_state(skipping), _state(reference)):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adamw"])
+def test_a_non_finite_gradient_from_a_finite_loss_is_skipped_like_a_non_finite_loss(optim):
+    engine, criterion = _engine(accum=1, optim=optim)
+    engine.micro_step(*_batch(1), criterion, boundary=True)
+    engine.optimizer_step()
+    before = _state(engine)
+    hook = engine.module.conv.bias.register_hook(lambda g: g * float("nan"))  # one poisoned gradient
+    stats, finite = engine.micro_step(*_batch(2), criterion, boundary=True)
+    hook.remove()
+    assert bool(finite) and torch.isfinite(stats).all()  # the loss itself is fine
+    assert not bool(engine.optimizer_step())
+    after = _state(engine)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert all(p.grad is None for p in engine.module.parameters())  # nothing carried into the next step
+
+
+@pytest.mark.parametrize("optim", ["sgd", "adamw"])
+def test_a_skipped_first_step_leaves_the_next_step_as_a_first_step(optim):
+    """Fused SGD's first step creates its momentum buffers uninitialised; skipped, garbage would reach the
+    weights at the next step. The next step after a skipped first one equals a fresh engine's first step."""
+    skipped, criterion = _engine(accum=1, optim=optim)
+    skipped.micro_step(*_batch(1, poisoned=True), criterion, boundary=True)
+    assert not bool(skipped.optimizer_step())
+    fresh, _ = _engine(accum=1, optim=optim)
+    for engine in (skipped, fresh):
+        engine.micro_step(*_batch(2), criterion, boundary=True)
+        assert bool(engine.optimizer_step())
+    for a, b in zip(_state(skipped), _state(fresh)):
+        assert torch.equal(a, b)
+    assert all(torch.isfinite(t).all() for t in _state(skipped))
 
 
 @pytest.mark.parametrize("optim", ["sgd", "adamw"])
@@ -183,7 +223,7 @@ def test_cuda_steps_between_log_steps_never_synchronise(tmp_path, synth_root, pr
             results = [_train_step(run, step) for step in range(1, 5)]
         finally:
             torch.cuda.set_sync_debug_mode("default")
-        flags = torch.stack([r.flags for r in results]).tolist()  # the log step's one read
-        assert all(kept == 1.0 for step in flags for kept, *_ in step)
+        rows = torch.stack([r.row() for r in results]).tolist()  # the log step's one read
+        assert all(row[0] == 1.0 for row in rows)  # every step applied
     finally:
         run.close()

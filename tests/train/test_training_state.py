@@ -138,7 +138,8 @@ def test_a_skipped_micro_batch_keeps_the_data_position_on_the_grid_of_the_effect
     run.criterion = second_call_overflows
     try:
         result = loop._train_step(run, 0)
-        assert result.flags[:, 0].tolist() == [1.0, 0.0] and len(calls) == 2  # kept, skipped
+        assert result.finite.tolist() == [True, False] and len(calls) == 2  # kept, skipped
+        assert not bool(result.applied)
         assert run.stream.state_dict()["next_sample"] == 4
     finally:
         run.close()
