@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -31,10 +32,23 @@ def pool_then_project(x: torch.Tensor, conv: nn.Conv2d, sampler: nn.Module) -> t
 def _bin_means(length: int, sizes: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """(length, sum(sizes)): column j averages adaptive-pooling bin j (floor/ceil edges, as torch's).
 
-    Built from torch ops on every call, so torch.compile traces it without a graph break (and folds it
-    into a constant for a fixed size) and torch.export sees no tensor cached from another trace. The
-    weights are 1/count in float64, then cast to `dtype`.
+    Eager calls get a matrix built once per (length, sizes, device, dtype). While torch.compile, torch.export
+    or a TorchScript trace runs, it is built from torch ops instead: traced without a graph break (folded
+    into a constant for a fixed size), and no trace sees a tensor cached from another one.
     """
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return _build_bin_means(length, sizes, device, dtype)
+    return _cached_bin_means(length, sizes, device, dtype)
+
+
+@functools.lru_cache(maxsize=256)  # whole-image evaluation meets many sizes; each matrix is a few KB
+def _cached_bin_means(length: int, sizes: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    with torch.inference_mode(False), torch.no_grad():  # usable by autograd even if first built for inference
+        return _build_bin_means(length, sizes, device, dtype)
+
+
+def _build_bin_means(length: int, sizes: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The weights are 1/count in float64, then cast to `dtype`."""
     positions = torch.arange(length, device=device).unsqueeze(1)  # (length, 1)
     columns = []
     for s in sizes:
