@@ -29,6 +29,16 @@ class StopVote:
         self._pending = (vote, dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self._group, async_op=True))
         return previous
 
+    def now(self, flag: bool) -> bool:
+        """A blocking vote, where every rank waits anyway (before validation): True on every rank when one
+        has voted True, in this call or the one in flight."""
+        if not self._distributed:
+            return flag
+        previous = self._collect()
+        vote = torch.tensor([int(flag)], dtype=torch.int32)
+        dist.all_reduce(vote, op=dist.ReduceOp.MAX, group=self._group)
+        return previous or bool(vote.numpy()[0])
+
     def _collect(self) -> bool:
         if self._pending is None:
             return False
