@@ -10,16 +10,16 @@ of every step; only float sums change. `_set_up` builds a run once; `_loop` runs
 from __future__ import annotations
 
 import faulthandler
-import functools
 import os
 import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator
 
-from anncli.errors import EXIT_PREEMPTED, UserError
+from anncli.errors import EXIT_PREEMPTED
 from anncli.train.plan import bn_images, lr_at, run_split, scaled_lr
+from anncli.train.step import StepLosses, read_back, train_step
 from anncli.recipe import Recipe
 
 
@@ -44,31 +44,6 @@ class StopFlag:
 
     def _handler(self, signum, frame) -> None:
         self.signum = signum
-
-
-class StepResult(NamedTuple):
-    """One optimizer step, on the device until a log step reads it: `losses`, one row per micro-batch of
-    (total, loss, aux) as means over ranks; `finite`, per micro-batch; `applied`, whether the step changed
-    the weights (a non-finite micro-batch or gradient skips it whole)."""
-    losses: Any
-    finite: Any
-    applied: Any
-    images: int  # over all ranks, skipped micro-batches included
-    indices: list  # this rank's global sample indices and keys in the step (for the sample trace)
-    keys: list
-
-    def row(self):
-        """(applied, finite..., losses...) as one flat tensor: the read-back stacks one per step."""
-        import torch
-
-        return torch.cat([self.applied.float().reshape(1), self.finite.float(), self.losses.flatten()])
-
-
-class StepLosses(NamedTuple):
-    """What a log step reads back: the losses of the step's last kept micro-batch."""
-    total: float
-    loss: float
-    aux: float
 
 
 @dataclass
@@ -132,7 +107,7 @@ def _loop(run: _Run) -> int:
     """Until train.iters: next batches → step → log → checkpoint → validate → stop if preempted.
 
     Nothing in a step waits for the device: the losses stay there until a log or checkpoint step reads
-    every step since the last one at once (`_read_back`), and the stop flag is agreed asynchronously
+    every step since the last one at once (`step.read_back`), and the stop flag is agreed asynchronously
     (cluster.stop.StopVote: one step late, on every rank at the same step)."""
     from anncli.cluster.distributed import set_train_timeout
     from anncli.cluster.stop import StopVote
@@ -140,12 +115,12 @@ def _loop(run: _Run) -> int:
     t = run.recipe.train
     step = run.start
     vote = StopVote(run.info.device)
-    unread: list[tuple[int, float, StepResult]] = []
+    unread: list = []  # (step, lr, step.StepResult) not yet read back
     try:
         while step < t.iters:
             lr = lr_at(step, run.base_lr, run.recipe)
             run.engine.set_lr(lr)
-            result = _train_step(run, step)
+            result = train_step(run, step)
             step += 1
             if step == run.start + 1:
                 set_train_timeout()
@@ -157,7 +132,7 @@ def _loop(run: _Run) -> int:
                 preempted = vote.now(run.stop.signum is not None)
             save = step % t.checkpoint_every == 0 or step == t.iters or preempted
             if save or step % t.log_every == 0:
-                _read_back(run, unread)
+                read_back(run, unread)
                 unread = []
             else:
                 run.progress.update(step, {"loss": run.last.loss, "lr": lr}, log_line=False)
@@ -175,95 +150,6 @@ def _loop(run: _Run) -> int:
     run.events.write("done", step=step)
     run.trackers.finish(step)
     return 0
-
-
-def _read_back(run: _Run, unread: list) -> None:
-    """One host read of the flags of every step since the last read: skipped steps are counted and reported
-    (`train.max_bad_steps` in a row stop the run), and a log step gets its `step` event."""
-    import torch
-
-    if not unread:
-        return
-    t = run.recipe.train
-    rows = torch.stack([r.row() for _, _, r in unread]).tolist()
-    for (step, lr, result), row in zip(unread, rows):
-        micro = result.losses.shape[0]
-        applied, finite, losses = row[0], row[1:1 + micro], row[1 + micro:]
-        if applied:
-            run.bad_in_row, run.last = 0, StepLosses(*losses[-3:])
-        else:
-            run.bad_steps_total += 1
-            run.bad_in_row += 1
-            bad = [i for i, ok in enumerate(finite) if not ok]
-            cause = f"non-finite loss in micro-batch {bad[0] + 1} of {micro}" if bad else "non-finite gradients"
-            run.events.write("bad_step", step=step, loss=losses[3 * bad[0]] if bad else losses[-3], cause=cause)
-            run.progress.message(f"[ann] step {step}: {cause}, step skipped ({run.bad_in_row} in a row)")
-            if run.bad_in_row >= t.max_bad_steps:
-                raise UserError(
-                    f"{run.bad_in_row} skipped steps in a row at step {step} ({cause}); stopping. Last good "
-                    f"checkpoint: {run.checkpointer.latest() or 'none'}. Lower optim.lr or use train.precision=fp32/bf16."
-                )
-        if step % t.log_every == 0 or step == t.iters:
-            _log(run, step, result, lr)
-
-
-def _train_step(run: _Run, step: int) -> StepResult:
-    """One optimizer step over the split's accumulation steps; nothing in it reads the device.
-
-    A step with a non-finite loss, batch-norm statistic or gradient on any rank is skipped on every rank
-    (train.skip: it changes no weight, optimizer state or batch-norm buffer); `_read_back` counts it. `loss.normalize: global` divides by the pixel count of the step's micro-batches, read ahead.
-    """
-    import torch
-
-    from anncli.data.transforms import normalize_batch
-    from anncli.tuning import use_channels_last
-
-    t, info, accum, a = run.recipe.train, run.info, run.stream.accum_steps, run.recipe.augment
-    torch.manual_seed(step_seed(t.seed, step, info.rank))  # dropout: a function of (seed, step, rank)
-    batches = [next(run.batches) for _ in range(accum)]
-    criterion = run.criterion
-    if run.recipe.loss.normalize == "global":
-        denominator = run.criterion.global_denominator([b["label"] for b in batches], info.world_size, info.device)
-        criterion = functools.partial(run.criterion, denominator=denominator)
-    images, losses, finite, indices, keys = 0, [], [], [], []
-    for i, batch in enumerate(batches):  # labels were checked by the data stream
-        # uint8 crops travel to the device; normalising there moves a quarter of the bytes.
-        x = normalize_batch(batch["image"].to(info.device, non_blocking=True), a.mean, a.std, a.bgr,
-                            use_channels_last(run.recipe.model.channels_last, info.device))
-        y = batch["label"].to(info.device, non_blocking=True).long()
-        stats, ok = run.engine.micro_step(x, y, criterion, boundary=i + 1 == accum)
-        losses.append(stats)
-        finite.append(ok)
-        images += x.shape[0] * info.world_size
-        indices += batch["indices"]
-        keys += batch["keys"]
-    applied = run.engine.optimizer_step()
-    return StepResult(losses=torch.stack(losses), finite=torch.stack(finite), applied=applied, images=images,
-                      indices=indices, keys=keys)
-
-
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """The torch RNG seed of one rank's optimizer step: nothing of it needs saving, on any world size."""
-    import numpy as np
-
-    state = int(np.random.SeedSequence([seed & (2**63 - 1), step, rank]).generate_state(1, np.uint64)[0])
-    return state >> 1  # shifted as a Python int: numpy 1.x refuses uint64 >> int
-
-
-def _log(run: _Run, step: int, result: StepResult, lr: float) -> None:
-    """The `step` event of a log step, from the losses `_read_back` read."""
-    t = run.recipe.train
-    record = run.meter.record(run.last, lr, run.engine.scale(), run.info.device)
-    record["samples_skipped"] = run.stream.samples_skipped  # this rank's unreadable samples so far
-    if t.trace_samples:  # collective: every rank logs the same steps
-        from anncli.data.order import gather_samples_sha256
-
-        record["samples_sha256"] = gather_samples_sha256(result.indices, result.keys)
-    run.events.write("step", step=step, **record)
-    series = {f"train/{k}": v for k, v in record.items() if k != "samples_sha256"}
-    run.tb.scalars(step, series)
-    run.trackers.scalars(step, series)
-    run.progress.update(step, {k: record[k] for k in ("loss", "lr", "img_per_s")}, log_line=True)
 
 
 def _validate(run: _Run, step: int) -> None:

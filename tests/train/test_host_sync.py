@@ -210,7 +210,7 @@ def test_a_step_without_a_kept_micro_batch_changes_no_weight_and_no_optimizer_st
 @pytest.mark.parametrize("precision,ohem", [("fp32", False), ("bf16", False), ("bf16", True)])
 def test_cuda_steps_between_log_steps_never_synchronise(tmp_path, synth_root, precision, ohem):
     """OHEM (the Cityscapes recipes' loss) selects its pixels with masks, never with sizes read back."""
-    from anncli.train.loop import _train_step
+    from anncli.train.step import train_step as _train_step
 
     run = _set_up_run(tmp_path, synth_root, torch.device("cuda", 0),
                       **{"train.iters": 8, "train.log_every": 1000, "train.precision": precision,

@@ -123,6 +123,7 @@ def test_a_skipped_micro_batch_keeps_the_data_position_on_the_grid_of_the_effect
     from conftest import tiny_overrides
     from anncli.cluster.distributed import init_distributed
     from anncli.train import loop
+    from anncli.train.step import train_step
 
     sets = tiny_overrides(tmp_path / "synth", **{"train.accum_steps": 2})[1::2]
     recipe = load_recipe(DEMO, sets)
@@ -137,7 +138,7 @@ def test_a_skipped_micro_batch_keeps_the_data_position_on_the_grid_of_the_effect
 
     run.criterion = second_call_overflows
     try:
-        result = loop._train_step(run, 0)
+        result = train_step(run, 0)
         assert result.finite.tolist() == [True, False] and len(calls) == 2  # kept, skipped
         assert not bool(result.applied)
         assert run.stream.state_dict()["next_sample"] == 4
