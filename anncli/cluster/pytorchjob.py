@@ -5,14 +5,17 @@ What kubeflow/training-operator (pkg/controller.v1/pytorch) sets in every pod:
                                    PET_NNODES=N or MIN:MAX, and when given PET_NPROC_PER_NODE,
                                    PET_MAX_RESTARTS, PET_RDZV_ID, PET_RDZV_CONF
     with a Master replica          MASTER_ADDR=<job>-master-0, MASTER_PORT, WORLD_SIZE=<pods>, RANK=<pod index>
-Both become a c10d rendezvous (node ranks follow arrival). Kubernetes itself sets KUBERNETES_SERVICE_HOST.
+Both become a c10d rendezvous (node ranks follow arrival) of this pod's torchrun agent (`pod_plan`).
+Kubernetes itself sets KUBERNETES_SERVICE_HOST.
 """
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
+from anncli.cluster.command import LaunchPlan, LaunchRequest, child_env, describe, split_endpoint, torchrun_command
 from anncli.errors import UserError
 
 
@@ -65,3 +68,18 @@ def read_pytorchjob(env: Mapping[str, str], nodes: Optional[int] = None) -> PodJ
     return PodJob(endpoint=endpoint, nnodes=nnodes, most=most, nproc=int(per_pod) if per_pod.isdigit() else None,
                   max_restarts=int(restarts), rdzv_id=env.get("PET_RDZV_ID") or env.get("ANN_RDZV_ID") or "ann",
                   rdzv_conf=env.get("PET_RDZV_CONF", ""))
+
+
+def pod_plan(req: LaunchRequest, env: Mapping[str, str], gpus: Callable[[], int]) -> LaunchPlan:
+    """A pod of a Kubeflow PyTorchJob: this pod's torchrun agent. The PET_* variables are not passed on:
+    torchrun reads PET_* as its options' defaults, and PET_STANDALONE would override the rendezvous."""
+    job = read_pytorchjob(env, req.nodes)
+    endpoint = req.rdzv_endpoint or job.endpoint
+    split_endpoint(endpoint)
+    nproc = req.nproc_per_node or job.nproc or max(1, gpus())
+    restarts = req.max_restarts or job.max_restarts  # --max-restarts wins over elasticPolicy.maxRestarts
+    cmd = torchrun_command(req.argv, env, job.nnodes, nproc, restarts, endpoint, job.rdzv_id, job.rdzv_conf)
+    passed = child_env({k: v for k, v in env.items() if not k.startswith("PET_")}, nproc)
+    plan = LaunchPlan("torchrun-node", cmd, passed, job.most * nproc, job.most, nproc, endpoint)
+    return describe(plan, f"torchrun agent in Kubernetes pod {env.get('HOSTNAME', socket.gethostname())}, c10d "
+                          f"rendezvous at {endpoint} (id {job.rdzv_id}, {job.nnodes} pod(s), max restarts {restarts})")

@@ -17,7 +17,7 @@ import sys
 from typing import Callable, Optional
 
 from anncli.errors import EXIT_PREEMPTED, UserError
-from anncli.cluster.launch import DEFAULT_RDZV_TIMEOUT, LaunchPlan
+from anncli.cluster.command import DEFAULT_RDZV_TIMEOUT, LaunchPlan
 from anncli.cluster.lifetime import die_with_parent
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)

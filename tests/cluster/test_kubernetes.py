@@ -11,7 +11,8 @@ import pytest
 import torch
 import yaml
 from anncli.cluster.env import environment_lines
-from anncli.cluster.launch import LaunchRequest, plan_launch
+from anncli.cluster.command import LaunchRequest
+from anncli.cluster.launch import plan_launch
 from anncli.errors import UserError
 from test_multinode import ROOT, checkpoints, env, free_port, start, synth, train_cmd  # noqa: F401 (synth: fixture)
 
