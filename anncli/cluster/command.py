@@ -4,6 +4,9 @@ started command. Every row of the launch matrix (`launch.py`, `slurm.py`, `pytor
 Environment variables read here:
     ANN_RDZV_TIMEOUT       seconds every node has to join the rendezvous (default 900)
     ANN_SHUTDOWN_TIMEOUT   seconds workers get to save after SIGTERM/SIGUSR1 before SIGKILL (default 300)
+Set for the workers of an elastic node range (and read by train/plan.py's run_split):
+    ANN_ELASTIC_WORLD_SIZE the range's largest world: a new run's effective batch is the one of that world on
+                           any number of nodes, so it does not depend on how many joined first
 """
 
 from __future__ import annotations
@@ -37,7 +40,11 @@ class LaunchRequest:
 
 @dataclass
 class LaunchPlan:
-    """What to start (command None: run in this process), with the environment to start it with."""
+    """What to start (command None: run in this process), with the environment to start it with.
+
+    `nnodes` is the number of nodes the plan assumes. An elastic node range (torchrun's `--nnodes MIN:MAX`,
+    named in messages as `nnodes_source`) also sets `min_nnodes`: the job may start, and restart, on any
+    number of nodes in between; `nnodes` and `world_size` are then the largest."""
 
     kind: str  # "in-process" | "torchrun-standalone" | "torchrun-node" | "srun" | "worker"
     command: Optional[list[str]]
@@ -47,6 +54,38 @@ class LaunchPlan:
     nproc_per_node: int
     rdzv_endpoint: Optional[str] = None
     lines: list[str] = field(default_factory=list)
+    min_nnodes: Optional[int] = None
+    nnodes_source: str = ""
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_nnodes is not None and self.min_nnodes < self.nnodes
+
+    def node_counts(self) -> list[int]:
+        """Every number of nodes this plan may run on, smallest first."""
+        return list(range(self.min_nnodes if self.elastic else self.nnodes, self.nnodes + 1))
+
+    def nodes_text(self) -> str:
+        """'4 node(s)', or '2 to 4 node(s)' for an elastic range."""
+        return f"{self.min_nnodes} to {self.nnodes} node(s)" if self.elastic else f"{self.nnodes} node(s)"
+
+    def worlds_text(self) -> str:
+        """'32', or '16 to 32' for an elastic range."""
+        return f"{self.min_nnodes * self.nproc_per_node} to {self.world_size}" if self.elastic else str(self.world_size)
+
+
+ELASTIC_WORLD_ENV = "ANN_ELASTIC_WORLD_SIZE"
+
+
+def elastic_world_size(env: Mapping[str, str]) -> Optional[int]:
+    """The largest world of the elastic node range this worker belongs to (None outside one)."""
+    raw = env.get(ELASTIC_WORLD_ENV, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise UserError(f"{ELASTIC_WORLD_ENV}={raw!r}: expected a number of ranks (ann sets it for the workers "
+                        "of an elastic node range)")
+    return int(raw)
 
 
 def int_env(env: Mapping[str, str], name: str, default: int) -> int:
@@ -76,6 +115,7 @@ def child_env(env: Mapping[str, str], nproc: Optional[int] = None) -> dict[str, 
     torchrun would otherwise pick 1 and print a banner about it.
     """
     out = dict(env)
+    out.pop(ELASTIC_WORLD_ENV, None)  # only the plan of an elastic range sets it, for its own workers
     out["PYTHONFAULTHANDLER"] = "1"
     out.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     out.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")
