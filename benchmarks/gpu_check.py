@@ -8,7 +8,7 @@ start `python3 -m anncli`, which PYTHONPATH finds). The parts:
    ratios of the plain non-local block over APNB, beside the paper's (about 6× and 28×);
 2. training: ANN-R101 (aux, 19 classes) at 769×769, batch 2, one process, fp32 against bf16 +
    channels_last — img/s, peak memory, FLOPs per image from FlopCounterMode and the achieved fraction of
-   the device's peak FLOP/s (benchmarks/train_throughput.py's measurement);
+   the device's peak FLOP/s (benchmarks/train_step.py's measurement);
 3. eval memory: sliding-window inference (864×864 windows at stride 576) of a 2048×1024 image at
    scales 1.0 and 1.75, peak allocated memory (benchmarks/eval_memory.py's measurement);
 4. matmul: the device's bf16 matmul TFLOP/s, the yardstick of (6);
@@ -78,7 +78,8 @@ def attention_part(cfg: dict, device: str) -> dict:
 
 def train_part(cfg: dict, device) -> dict:
     import torch
-    from train_throughput import measure_training, peak_tflops
+    from train_step import measure_training
+    from train_throughput import peak_tflops
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     peaks = peak_tflops(name)

@@ -61,7 +61,7 @@ def matmul_part(device, dry: bool) -> dict:
 def cudnn_part(cfg: dict, device) -> dict:
     """The bf16 channels_last training step with cuDNN's autotuner off and on."""
     import torch
-    from train_throughput import measure_training
+    from train_step import measure_training
 
     before = torch.backends.cudnn.benchmark
     runs = {}
@@ -78,7 +78,7 @@ def cudnn_part(cfg: dict, device) -> dict:
 
 def batch8_part(cfg: dict, device, matmul_tflops: float | None) -> dict:
     """The bf16 channels_last step at batch 8: its FLOP/s as a fraction of the measured bf16 matmul rate."""
-    from train_throughput import measure_training
+    from train_step import measure_training
 
     run = measure_training(cfg["backbone"], 19, cfg["crop"], 8, "bf16", True, cfg["steps"], cfg["warmup"], device)
     achieved = run["flops_per_image"] * run["img_per_s"] / 1e12

@@ -4,7 +4,7 @@ Writes shards of generated 2048x1024 PNG images and labels (smooth regions plus 
 like Cityscapes' leftImg8bit, 19 classes), runs `python -m anncli train recipes/cityscapes.yaml` on them
 for a fixed number of steps with one process (batch 2, plain BN, the given backbone, crop and
 precision), and reads img/s from its `step` events (median after the warm-up records). Beside it, the
-model-only step (train_throughput.measure_training: the same recipe's network, loss and engine on
+model-only step (train_step.measure_training: the same recipe's network, loss and engine on
 tensors already on the device) at the same settings. The ratio CLI / model-only says how much the data
 pipeline and the loop cost; on a GPU the target is >= 0.9. Worker counts are tried in order until one
 reaches the target (all of them on a CPU, where the workers compete with the step for the cores).
@@ -21,6 +21,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from train_step import measure_training, read_steps, summarize_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "recipes/cityscapes.yaml"
@@ -102,8 +104,6 @@ def run_cli(args, data_root: Path, scratch: Path, workers: int, name: str | None
             flags: tuple[str, ...] = (), timeout: float | None = None) -> dict:
     """One `ann train` run (`extra` --set values and `flags` on top of cli_sets): img/s from its step events,
     and the seconds from its `start` event to its first `step` event (set-up excluded)."""
-    from train_throughput import read_steps, summarize_steps
-
     work_dir = scratch / (name or f"workers-{workers}")
     cmd = [sys.executable, "-m", "anncli", "train", RECIPE, "--work-dir", str(work_dir), "--resume", "never", *flags]
     for key, value in {**cli_sets(args, data_root, workers), **(extra or {})}.items():
@@ -132,8 +132,6 @@ def _first_step(events: Path) -> dict:
 
 def model_only(args, device) -> dict:
     """The training step on device tensors at the CLI's settings (its recipe: network, loss, engine)."""
-    from train_throughput import measure_training
-
     recipe = bench_recipe_of(cli_sets(args, Path("unused"), 0))
     steps = max(args.cli_iters - args.cli_warmup_records * args.cli_log_every, 1)
     return measure_training(args.cli_backbone, 19, tuple(args.cli_crop), args.cli_batch, args.cli_precision,

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 from typing import Mapping, Optional
 
-from anncli.cluster.launch import NETWORK_PREFIXES, visible_gpus, where_am_i
+from anncli.cluster.command import NETWORK_PREFIXES
+from anncli.cluster.launch import visible_gpus, where_am_i
 
 K8S_KEYS = ("HOSTNAME", "KUBERNETES_SERVICE_HOST", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK")
 SLURM_KEYS = ("SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_JOB_NODELIST", "SLURM_JOB_NUM_NODES", "SLURM_STEP_ID",

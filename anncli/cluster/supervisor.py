@@ -17,7 +17,7 @@ import sys
 from typing import Callable, Optional
 
 from anncli.errors import EXIT_PREEMPTED, UserError
-from anncli.cluster.launch import DEFAULT_RDZV_TIMEOUT, LaunchPlan
+from anncli.cluster.command import DEFAULT_RDZV_TIMEOUT, LaunchPlan
 from anncli.cluster.lifetime import die_with_parent
 
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -47,8 +47,8 @@ def execute(plan: LaunchPlan, checkpoint_note: Optional[Callable[[], str]] = Non
     """
     assert plan.command is not None, "an in-process plan has nothing to execute"
     host = socket.gethostname()
-    print(f"ann: {plan.lines[0]} on {host}: {plan.nnodes} node(s) x {plan.nproc_per_node} process(es) "
-          f"= world size {plan.world_size}", file=sys.stderr, flush=True)
+    print(f"ann: {plan.lines[0]} on {host}: {plan.nodes_text()} x {plan.nproc_per_node} process(es) "
+          f"= world size {plan.worlds_text()}", file=sys.stderr, flush=True)
     try:
         child = subprocess.Popen(plan.command, env=plan.env, start_new_session=True,
                                  preexec_fn=_terminate_with_parent)
@@ -139,7 +139,8 @@ def _exit_code(plan: LaunchPlan, rc: int, received: list[int], host: str,
         hint = "srun names the failing task and node above"
     elif plan.nnodes > 1:
         timeout = plan.env.get("ANN_RDZV_TIMEOUT", DEFAULT_RDZV_TIMEOUT)
-        hint += (f"; a RendezvousTimeoutError means not all {plan.nnodes} nodes reached {plan.rdzv_endpoint} "
+        needed = f"at least {plan.min_nnodes}" if plan.elastic else f"all {plan.nnodes}"
+        hint += (f"; a RendezvousTimeoutError means not {needed} nodes reached {plan.rdzv_endpoint} "
                  f"within ANN_RDZV_TIMEOUT={timeout} s (same command on every node? head node reachable?)")
     print(f"ann: error: {plan.kind} on {host} exited with code {rc}; {hint}", file=sys.stderr, flush=True)
     return rc

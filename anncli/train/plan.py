@@ -1,10 +1,13 @@
-"""The plan of a training run: how a step's batch is split over this world, the LR for it, its schedule,
-and the `--dry-run` summary."""
+"""The plan of a training run: how a step's batch is split over this world (and over every world of an
+elastic node range), the LR for it, its schedule, and the `--dry-run` summary."""
 
 from __future__ import annotations
 
+import math
+import os
 from typing import NamedTuple
 
+from anncli.cluster.command import elastic_world_size
 from anncli.errors import UserError
 from anncli.recipe import Recipe, recipe_to_yaml
 
@@ -18,24 +21,79 @@ class Split(NamedTuple):
     bn_note: str = ""  # on a resume that changes the images per batch-norm batch: what changed, how to keep it
 
 
-def run_split(recipe: Recipe, world_size: int, saved=None) -> Split:
-    """A fresh run splits as the recipe says; a resumed one (`saved`: checkpoint.SavedSplit) keeps its
-    checkpoint's effective batch on this world (`order.choose_split`: the recipe's per-rank batch is the
-    largest allowed), starting where the checkpoint's data stream stopped, or fails in one line."""
+def run_split(recipe: Recipe, world_size: int, saved=None, planned_world: int | None = None) -> Split:
+    """A fresh run splits as the recipe says on `planned_world` ranks (default: this world, or in a worker of
+    an elastic node range the range's largest world, ANN_ELASTIC_WORLD_SIZE) and keeps that effective batch
+    on this world; a resumed one (`saved`: checkpoint.SavedSplit) keeps its checkpoint's effective batch on
+    this world, starting where the checkpoint's data stream stopped. Both use `order.choose_split` (the
+    recipe's per-rank batch is the largest allowed) and fail in one line."""
     from anncli.data.order import choose_split
 
     t = recipe.train
     if saved is None:
-        e = t.batch_size * world_size * t.accum_steps
-        return Split(t.batch_size, t.accum_steps, e,
-                     f"{t.batch_size} x {world_size} ranks x {t.accum_steps} accumulation step(s) = {e}")
+        return _fresh_split(recipe, world_size, planned_world or elastic_world_size(os.environ) or world_size)
     try:
         b, a, why = choose_split(saved.effective_batch, world_size, t.batch_size, saved.next_sample)
     except ValueError as e:
         raise UserError(f"cannot resume on {world_size} rank(s): {e} (the checkpoint's effective batch "
-                        f"{saved.effective_batch}); use a world size that divides it, or --resume never") from None
+                        f"{saved.effective_batch}); use a world size that divides it, or start a new run: "
+                        "--fresh, or another --work-dir") from None
     return Split(b, a, saved.effective_batch, f"{why}, the checkpoint's effective batch",
                  _bn_note(recipe, saved, b, world_size))
+
+
+def _fresh_split(recipe: Recipe, world_size: int, planned_world: int) -> Split:
+    from anncli.data.order import choose_split
+
+    t = recipe.train
+    e = t.batch_size * planned_world * t.accum_steps
+    if planned_world == world_size:
+        return Split(t.batch_size, t.accum_steps, e,
+                     f"{t.batch_size} x {world_size} ranks x {t.accum_steps} accumulation step(s) = {e}")
+    whose = f"the effective batch of the node range's largest world ({planned_world} ranks)"
+    try:
+        b, a, why = choose_split(e, world_size, t.batch_size)
+    except ValueError as err:
+        raise UserError(f"cannot start on {world_size} rank(s): {err} ({whose})") from None
+    return Split(b, a, e, f"{why}, {whose}")
+
+
+def range_splits(recipe: Recipe, plan, saved=None) -> dict[int, Split]:
+    """{nodes: split} for every number of nodes of an elastic launch plan (cluster.command.LaunchPlan), all
+    keeping one effective batch; a range in which some size cannot is refused in one line naming those that can."""
+    splits, refused = {}, []
+    for n in plan.node_counts():
+        try:
+            splits[n] = run_split(recipe, n * plan.nproc_per_node, saved, planned_world=plan.world_size)
+        except UserError:
+            refused.append(n)
+    if refused:
+        raise UserError(_range_refusal(recipe, plan, saved, list(splits), refused))
+    return splits
+
+
+def _range_refusal(recipe: Recipe, plan, saved, can: list[int], cannot: list[int]) -> str:
+    t, p = recipe.train, plan.nproc_per_node
+    if saved is not None:
+        batch = f"{saved.effective_batch}, the checkpoint's effective batch"
+        fix = "start a new run (--fresh, or another --work-dir)"
+    else:
+        # n nodes split b x largest x P x A when n divides b x largest x A: the smallest A for every n
+        lcm = math.lcm(*plan.node_counts())
+        accum = lcm // math.gcd(lcm, t.batch_size * plan.nnodes)
+        batch = (f"{t.batch_size * plan.world_size * t.accum_steps}, the effective batch of its largest world "
+                 f"({plan.world_size} ranks)")
+        fix = (f"set train.accum_steps={accum} (effective batch {t.batch_size * plan.world_size * accum}, which "
+               "every size splits)")
+    good = f"the sizes that can: {_either(can)} node(s) ({_either(can, p)} ranks)" if can else "no size in it can"
+    return (f"{plan.nnodes_source or 'the node range'} ({plan.nodes_text()} x {p} process(es)) cannot keep one "
+            f"effective batch: {_either(cannot, p)} ranks ({_either(cannot)} node(s)) cannot split {batch}; {good}. "
+            f"Use a range of those sizes (or min == max), or {fix}")
+
+
+def _either(node_counts: list[int], per_node: int = 1) -> str:
+    """'2 or 4' (nodes), or with `per_node` the ranks of those nodes."""
+    return " or ".join(str(n * per_node) for n in node_counts)
 
 
 def bn_images(recipe: Recipe, batch_size: int, world_size: int) -> int:
@@ -93,7 +151,10 @@ def plan_split(recipe: Recipe, opts, plan):
 
     new_run = opts.fresh or (opts.init_from is not None and opts.resume == "auto")
     resume = None if new_run else resolve_resume(opts.resume, opts.work_dir or default_work_dir(recipe))
-    return run_split(recipe, plan.world_size, saved_split(resume) if resume else None), resume
+    saved = saved_split(resume) if resume else None
+    if plan.elastic:
+        range_splits(recipe, plan, saved)
+    return run_split(recipe, plan.world_size, saved, planned_world=plan.world_size), resume
 
 
 def describe_plan(recipe: Recipe, opts, plan) -> None:
@@ -109,6 +170,7 @@ def describe_plan(recipe: Recipe, opts, plan) -> None:
     rows = [
         ("launch", plan.kind),
         ("world size", f"{world} ({plan.nnodes} node(s) x {plan.nproc_per_node} process(es))"),
+        *(_range_rows(recipe, plan, resume) if plan.elastic else []),
         (f"{'per-GPU' if visible_gpus() else 'per-process'} batch", f"{split.batch_size} x {split.accum_steps} accumulation step(s)"),
         ("effective batch", f"{split.effective_batch} (recipe: {recipe.effective_batch})"),
         ("split", split.why + (f"; resuming {resume}" if resume else "")),
@@ -120,6 +182,21 @@ def describe_plan(recipe: Recipe, opts, plan) -> None:
         *_plan_rows(plan.lines),
     ]
     print("\n".join([recipe_to_yaml(recipe).rstrip(), "---", *(f"{k + ':':<16} {v}".rstrip() for k, v in rows)]))
+
+
+def _range_rows(recipe: Recipe, plan, resume) -> list[tuple[str, str]]:
+    """What the plan of an elastic node range assumes, and the split at every size of it."""
+    from anncli.runs.checkpoint import saved_split
+
+    splits = range_splits(recipe, plan, saved_split(resume) if resume else None)
+    p = plan.nproc_per_node
+    effective = next(iter(splits.values())).effective_batch
+    assumed = (f"{plan.nnodes_source}: the job may start, and restart, on {plan.nodes_text()}; the plan assumes "
+               f"the largest, {plan.nnodes} node(s) ({plan.world_size} ranks), and keeps the effective batch "
+               f"{effective} at every size")
+    per_size = "; ".join(f"{n} node(s): {s.batch_size} x {n * p} ranks x {s.accum_steps} accumulation step(s)"
+                         for n, s in splits.items())
+    return [("node range", assumed), ("at each size", per_size)]
 
 
 def _plan_rows(plan_lines: list[str]) -> list[tuple[str, str]]:

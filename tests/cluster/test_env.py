@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from anncli.cluster.launch import NETWORK_PREFIXES
+from anncli.cluster.command import NETWORK_PREFIXES
 
 
 def ann_env(**extra: str) -> str:

@@ -11,7 +11,8 @@ import pytest
 import torch
 import yaml
 from anncli.cluster.env import environment_lines
-from anncli.cluster.launch import LaunchRequest, plan_launch
+from anncli.cluster.command import LaunchRequest
+from anncli.cluster.launch import plan_launch
 from anncli.errors import UserError
 from test_multinode import ROOT, checkpoints, env, free_port, start, synth, train_cmd  # noqa: F401 (synth: fixture)
 
@@ -55,6 +56,8 @@ def test_bad_operator_variables_are_one_line_errors():
         plan_launch(LaunchRequest(argv=["train"]), {**ELASTIC, "PET_RDZV_BACKEND": "etcd"}, gpus=lambda: 0)
     with pytest.raises(UserError, match="--nodes 8"):
         plan_launch(LaunchRequest(argv=["train"], nodes=8), ELASTIC, gpus=lambda: 0)
+    with pytest.raises(UserError, match=r"PET_NNODES='4:2': the smallest number of pods is above the largest"):
+        plan_launch(LaunchRequest(argv=["train"]), {**ELASTIC, "PET_NNODES": "4:2"}, gpus=lambda: 0)
 
 
 def test_ann_env_shows_the_pod_context():
@@ -70,13 +73,15 @@ def test_the_pytorchjob_template_trains_with_ann_on_the_shared_volume():
     assert job["apiVersion"] == "kubeflow.org/v1" and job["kind"] == "PyTorchJob"
     elastic = job["spec"]["elasticPolicy"]
     assert elastic["rdzvBackend"] == "c10d" and 1 <= elastic["minReplicas"] <= elastic["maxReplicas"]
-    assert elastic["maxRestarts"] >= 1 and elastic["nProcPerNode"] >= 1
+    assert elastic["maxRestarts"] >= 1 and "nProcPerNode" not in elastic  # deprecated: the operator warns
+    per_pod = job["spec"]["nprocPerNode"]
+    assert isinstance(per_pod, str) and int(per_pod) >= 1  # a string in the CRD ("8", or auto/cpu/gpu)
     worker = job["spec"]["pytorchReplicaSpecs"]["Worker"]
     assert elastic["minReplicas"] <= worker["replicas"] <= elastic["maxReplicas"]
     pod = worker["template"]["spec"]
     container = next(c for c in pod["containers"] if c["name"] == "pytorch")  # the operator's container name
     assert any(p["name"] == "pytorchjob-port" for p in container["ports"])  # PET_RDZV_ENDPOINT's port
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == elastic["nProcPerNode"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == int(per_pod)
     script = " ".join(container["command"][2:] + container.get("args", []))
     words = shlex.split(script)
     assert words[:3] == ["exec", "ann", "train"]  # exec: SIGTERM from the kubelet reaches ann itself
@@ -88,6 +93,37 @@ def test_the_pytorchjob_template_trains_with_ann_on_the_shared_volume():
     grace = pod["terminationGracePeriodSeconds"]
     shutdown = next(int(e["value"]) for e in container["env"] if e["name"] == "ANN_SHUTDOWN_TIMEOUT")
     assert 0 < shutdown < grace
+
+
+def _template_pod(job: dict, nnodes: str | None = None) -> tuple[dict, list[str]]:
+    """(what the operator sets in a pod of the template's job, the `ann train` arguments of its container)."""
+    elastic, worker = job["spec"]["elasticPolicy"], job["spec"]["pytorchReplicaSpecs"]["Worker"]
+    container = worker["template"]["spec"]["containers"][0]
+    env = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "HOSTNAME": f"{job['metadata']['name']}-worker-0",
+           "PET_RDZV_ENDPOINT": f"{job['metadata']['name']}-worker-0:23456", "PET_RDZV_BACKEND": "c10d",
+           "PET_NNODES": nnodes or f"{elastic['minReplicas']}:{elastic['maxReplicas']}",
+           "PET_NPROC_PER_NODE": job["spec"]["nprocPerNode"], "PET_MAX_RESTARTS": str(elastic["maxRestarts"])}
+    return env, shlex.split(" ".join(container["args"]))[3:]
+
+
+def test_the_pytorchjob_templates_range_keeps_one_effective_batch_at_every_size(tmp_path):
+    """Its recipe at every pod count of its range (a new run), where the 2:4 it had refuses 3 pods."""
+    from anncli.recipe import load_recipe
+    from anncli.train.loop import TrainOptions
+    from anncli.train.plan import plan_split, range_splits
+
+    job = yaml.safe_load((ROOT / "k8s" / "pytorchjob.yaml").read_text())
+    env, args = _template_pod(job)
+    recipe_path, sets = args[0], [args[i + 1] for i, a in enumerate(args) if a == "--set"]
+    recipe = load_recipe(ROOT / recipe_path, sets)
+    plan = plan_launch(LaunchRequest(argv=["train", *args]), env, gpus=lambda: 0)
+    assert plan.elastic and plan.nproc_per_node == int(job["spec"]["nprocPerNode"])
+    splits = range_splits(recipe, plan)
+    assert list(splits) == plan.node_counts() and len({s.effective_batch for s in splits.values()}) == 1
+    plan_split(recipe, TrainOptions(recipe_path, tmp_path / "run"), plan)
+    old = plan_launch(LaunchRequest(argv=["train", *args]), _template_pod(job, "2:4")[0], gpus=lambda: 0)
+    with pytest.raises(UserError, match=r"24 ranks \(3 node\(s\)\) cannot split 32.*the sizes that can: 2 or 4 node"):
+        range_splits(recipe, old)
 
 
 def _weights(work: Path) -> dict:

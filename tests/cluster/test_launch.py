@@ -7,9 +7,10 @@ import sys
 
 import pytest
 
-from anncli.cluster import launch
+from anncli.cluster import command, launch
 from anncli.errors import UserError
-from anncli.cluster.launch import LaunchRequest, plan_launch
+from anncli.cluster.command import LaunchRequest
+from anncli.cluster.launch import plan_launch
 
 ARGV = ["train", "recipes/demo.yaml", "--set", "train.iters=2"]
 
@@ -76,7 +77,7 @@ def test_standalone_torchrun_for_several_processes_on_one_node():
     assert cmd[:3] == [sys.executable, "-m", "anncli.cluster.torchrun"]  # torch.distributed.run's main
     assert "--standalone" in cmd and "--rdzv-endpoint" not in cmd
     assert opt(cmd, "--nnodes") == "1" and opt(cmd, "--max-restarts") == "3"
-    assert opt(cmd, "--rdzv-conf") == f"join_timeout={launch.DEFAULT_RDZV_TIMEOUT}"
+    assert opt(cmd, "--rdzv-conf") == f"join_timeout={command.DEFAULT_RDZV_TIMEOUT}"
     assert "SIGUSR1" in opt(cmd, "--signals-to-handle")
     assert tail(cmd) == ARGV
     assert plan.env["NCCL_SOCKET_IFNAME"] == "eth0" and plan.env["PYTHONFAULTHANDLER"] == "1"
@@ -86,7 +87,7 @@ def test_standalone_torchrun_for_several_processes_on_one_node():
 
 def test_workers_get_a_fresh_store_per_restart_and_explicit_threads():
     plan = plan_launch(req(nproc_per_node=2), env={}, gpus=lambda: 0)
-    assert plan.env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"  # see launch.child_env
+    assert plan.env["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] == "1"  # see command.child_env
     assert plan.env["OMP_NUM_THREADS"] == str(max(1, len(os.sched_getaffinity(0)) // 2))
     assert any("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in line for line in plan.lines)
     kept = plan_launch(req(nproc_per_node=2), env={"OMP_NUM_THREADS": "3"}, gpus=lambda: 0)

@@ -9,14 +9,14 @@ import sys
 import textwrap
 import time
 
-from anncli.cluster import launch
+from anncli.cluster import command
 from anncli.cluster import supervisor
 from anncli.errors import EXIT_PREEMPTED
 
 
-def _plan(code: str) -> launch.LaunchPlan:
+def _plan(code: str) -> command.LaunchPlan:
     cmd = [sys.executable, "-c", textwrap.dedent(code)]
-    return launch.LaunchPlan("torchrun-standalone", cmd, dict(os.environ), 1, 1, 1, lines=["test child"])
+    return command.LaunchPlan("torchrun-standalone", cmd, dict(os.environ), 1, 1, 1, lines=["test child"])
 
 
 def test_execute_returns_the_exit_code_and_names_the_host(capfd):
@@ -27,7 +27,7 @@ def test_execute_returns_the_exit_code_and_names_the_host(capfd):
 
 def test_execute_passes_the_environment():
     plan = _plan("import os, sys; sys.exit(0 if os.environ['PYTHONFAULTHANDLER'] == '1' else 1)")
-    plan.env = launch.child_env({**os.environ})
+    plan.env = command.child_env({**os.environ})
     assert supervisor.execute(plan) == 0
 
 
@@ -43,9 +43,9 @@ def test_execute_forwards_sigterm_and_reports_preemption(tmp_path, capfd):
     runner = f"""
         import sys
         sys.path.insert(0, {os.getcwd()!r})
-        from anncli.cluster import launch
+        from anncli.cluster import command
         from anncli.cluster import supervisor
-        plan = launch.LaunchPlan("torchrun-node", [sys.executable, "-c", {textwrap.dedent(script)!r}], {{}}, 2, 2, 1,
+        plan = command.LaunchPlan("torchrun-node", [sys.executable, "-c", {textwrap.dedent(script)!r}], {{}}, 2, 2, 1,
                                  lines=["test agent"])
         import os; plan.env = dict(os.environ)
         sys.exit(supervisor.execute(plan))
