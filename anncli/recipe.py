@@ -1,4 +1,4 @@
-"""The recipe: a typed schema, YAML loading and `a.b=c` overrides.
+"""The recipe: a typed schema, loaded from YAML with `a.b=c` overrides (anncli.recipe_yaml).
 
 Every key of a recipe file is validated; an unknown key, a wrong type or a bad value becomes one
 `RecipeError` line naming the file and the dotted key. Key names are a public interface: scripts and
@@ -7,17 +7,13 @@ the SLURM templates set them with `--set`.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Literal, Optional, Union
 
 import yaml
-from anncli.errors import UserError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-
-class RecipeError(UserError):
-    """A recipe that cannot be used; the message is one line for the user."""
+from anncli.recipe_yaml import RecipeError, format_error, parse_override, read_tree, set_dotted
 
 
 _NUMBERS = (int, float, Optional[int], Optional[float])
@@ -242,109 +238,23 @@ class Recipe(_Section):
         return self.train.batch_size * self.train.world_size * self.train.accum_steps
 
 
-def _set_dotted(tree: dict, dotted: str, value, source: str) -> None:
-    parts = dotted.split(".")
-    node = tree
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise RecipeError(f"{source}: --set {dotted}: '{part}' is not a section")
-        node = child
-    if isinstance(node.get(parts[-1]), dict) and isinstance(value, dict):
-        first = next(iter(value), "KEY")
-        raise RecipeError(f"{source}: --set {dotted}=…: would replace the whole section, resetting the keys it "
-                          f"leaves out; set keys one by one (--set {dotted}.{first}=…)")
-    node[parts[-1]] = value
-
-
-def parse_override(text: str) -> tuple[str, object]:
-    """`train.iters=100` → ("train.iters", 100); the value is read as YAML."""
-    key, sep, raw = text.partition("=")
-    key = key.strip()
-    if not sep or not key or any(not p for p in key.split(".")):
-        raise RecipeError(f"--set {text!r}: expected KEY=VALUE with a dotted key, e.g. train.iters=100")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    return key, value
-
-
-def _format_error(source: str, err: ValidationError) -> str:
-    first = err.errors()[0]
-    key = ".".join(str(p) for p in first["loc"]) or "(top level)"
-    msg = first["msg"]
-    if first["type"] == "extra_forbidden":
-        msg = "unknown key"
-    elif first["type"] == "missing":
-        msg = "required key is missing"
-    elif first["type"] == "value_error":  # our validators say "key: why"; the key joins the dotted path
-        msg = msg.removeprefix("Value error, ")
-        named = re.match(r"^([a-z_]+): (.*)$", msg)
-        if named:
-            key, msg = f"{key}.{named.group(1)}" if key != "(top level)" else named.group(1), named.group(2)
-    given = first.get("input")
-    detail = "" if first["type"] in ("extra_forbidden", "missing") or isinstance(given, dict) else f" (got {given!r})"
-    more = f" [+{len(err.errors()) - 1} more]" if len(err.errors()) > 1 else ""
-    return f"{source}: {key}: {msg}{detail}{more}"
-
-
-class _DuplicateKey(yaml.YAMLError):
-    def __init__(self, key, mark):
-        super().__init__(f"duplicate key {key!r}")
-        self.key, self.problem_mark = key, mark
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """safe_load that refuses a key given twice in one mapping (YAML would silently keep the last)."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=True)
-            if key in seen:
-                raise _DuplicateKey(key, key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _read_tree(p: Path, source: str):
-    try:
-        text = p.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise RecipeError(f"{source}: not UTF-8 text (byte {e.start}); save the recipe as UTF-8") from None
-    except OSError as e:
-        raise RecipeError(f"{source}: cannot read: {e.strerror}") from None
-    try:
-        tree = yaml.load(text, Loader=_StrictLoader)
-    except _DuplicateKey as e:
-        raise RecipeError(f"{source}: key {e.key!r} given twice (line {e.problem_mark.line + 1})") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark else ""
-        raise RecipeError(f"{source}: not valid YAML{where}") from None
-    if tree is None:
-        raise RecipeError(f"{source}: the recipe is empty; it needs at least the sections it changes")
-    return tree
-
-
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read, override and validate a recipe; every problem is one `RecipeError` line."""
     source = str(path)
     p = Path(path)
     if not p.is_file():
         raise RecipeError(f"{source}: recipe file not found")
-    tree = _read_tree(p, source)
+    tree = read_tree(p, source)
     if not isinstance(tree, dict):
         raise RecipeError(f"{source}: expected a mapping of sections at the top level")
     tree.setdefault("name", p.stem)
     for text in overrides:
         key, value = parse_override(text)
-        _set_dotted(tree, key, value, source)
+        set_dotted(tree, key, value, source)
     try:
         return Recipe.model_validate(tree)
     except ValidationError as e:
-        raise RecipeError(_format_error(source, e)) from None
+        raise RecipeError(format_error(source, e)) from None
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

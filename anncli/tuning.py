@@ -42,9 +42,3 @@ def configure_algorithms(device: torch.device, deterministic: bool, shapes_repea
         torch.use_deterministic_algorithms(True, warn_only=True)
     elif device.type == "cuda":
         torch.backends.cudnn.benchmark = shapes_repeat
-
-
-def compile_network(module: torch.nn.Module, backend: str = "inductor", fullgraph: bool = False):
-    """`torch.compile` of a network (or its DDP wrapper). The caller keeps the original module to save:
-    its state dict has the plain keys, without the `_orig_mod.` prefix of the compiled wrapper."""
-    return torch.compile(module, backend=backend, fullgraph=fullgraph)

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from anncli.recipe import RecipeError, load_recipe, recipe_to_yaml
+from anncli.recipe import load_recipe, recipe_to_yaml
+from anncli.recipe_yaml import RecipeError
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "recipes").glob("*.yaml"))

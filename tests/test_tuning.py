@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from anncli.recipe import RecipeError, load_recipe
+from anncli.recipe import load_recipe
+from anncli.recipe_yaml import RecipeError
 from anncli.tuning import memory_format, use_channels_last
 from conftest import ROOT, ann_env
 
