@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from anncli.data.guards import hw_text
 from anncli.data.manifest import write_json
 from anncli.data.shards import ShardWriter
 from anncli.data.voc import VOC_CLASSES, VOC_PALETTE, read_sbd_mat, voc12aug_layout
@@ -207,7 +208,7 @@ def _sample_members(name, split, key, img_path: Path, lbl_path: Path, root: Path
     w, h = image_size(img_path)
     label = read_source_label(lbl_path)
     if label.shape != (h, w):
-        raise UserError(f"{lbl_path}: label is {label.shape[1]}x{label.shape[0]} but its image is {w}x{h}")
+        raise UserError(f"{lbl_path}: label is {hw_text(label.shape)} but its image is {h}x{w} (HxW)")
     ext = "img.png" if img_path.suffix.lower() == ".png" else "img.jpg"
     meta = {"dataset": name, "split": split, "key": key, "height": h, "width": w,
             "source": img_path.relative_to(root).as_posix()}

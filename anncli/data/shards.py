@@ -5,8 +5,8 @@ A shard `<dataset>-<split>-000000.tar` holds, per sample, the tar members `<key>
 Which shards make a split: `anncli.data.manifest`; the training stream: `anncli.data.global_stream`.
 A bad training sample is skipped, but only up to a bound (`check_skip_bound`, `DataError`).
 
-Shards are opened with `webdataset.gopen`, so local paths, `pipe:CMD` (e.g. `pipe:aws s3 cp s3://b/k.tar -`)
-and http(s) URLs all work; members are read as a plain tar stream and grouped by key.
+Shards are opened by `anncli.data.streams` (local paths, `pipe:CMD`, http(s) URLs); members are read as a
+plain tar stream and grouped by key; images are decoded by `anncli.data.images`.
 """
 
 from __future__ import annotations
@@ -16,19 +16,17 @@ import io
 import logging
 import os
 import re
-import subprocess
 import tarfile
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
-import cv2
 import numpy as np
-from PIL import Image
 
+from anncli.data.guards import Limits, SampleError, hw_text
+from anncli.data.images import decode_image, decode_label
 from anncli.data.loader import identity, loader_items, worker_init
 from anncli.data.manifest import is_remote
-from anncli.data.guards import Limits, Prefixed, SampleError, refuse_compressed
+from anncli.data.streams import open_shard
 from anncli.errors import UserError
 
 IMAGE_FIELDS = ("img.png", "img.jpg")
@@ -61,7 +59,14 @@ def check_label_ids(label: np.ndarray, num_classes: int, url: str, key: str) -> 
                         "label map the shards were packed with")
 
 
-def check_member(name: str) -> None:
+def member_key(name: str) -> tuple[str, str | None]:
+    """(sample key, field) of a tar member name `[folder/]key.field`; field None for a name without a dot."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, field = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), (field if dot else None)
+
+
+def check_member_name(name: str) -> None:
     """A shard read stops at a member whose name could escape a folder (a crafted or foreign tar)."""
     why = ("contains a backslash" if "\\" in name else "is an absolute path" if name.startswith("/")
            else "has a '..' part" if ".." in name.split("/") else None)
@@ -134,67 +139,6 @@ class ShardWriter:
 # ---------------------------------------------------------------- reading
 
 
-class PipeStream:
-    """The stdout of a `pipe:CMD` shard; a failing command (exit status ≠ 0 at the end of its output) raises
-    OSError with the tail of its stderr, which is captured instead of printed on every try."""
-
-    def __init__(self, command: str):
-        self._err = tempfile.TemporaryFile()
-        self._proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=self._err)
-        self.closed = self._ended = False
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._proc.stdout.read(n)
-        if not data and n != 0:
-            self._ended = True
-            self._check(self._proc.wait())
-        return data
-
-    def _check(self, status: int) -> None:
-        if status != 0:
-            self._err.seek(0)
-            tail = " / ".join(self._err.read().decode("utf-8", "replace").split("\n")[-4:]).strip(" /")[-300:]
-            raise OSError(f"command exited with status {status}" + (f": {tail}" if tail else " (no stderr)"))
-
-    def __enter__(self) -> "PipeStream":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if not self.closed:  # closed early, the command is stopped: its exit status is no fault of its own
-            self.closed = True
-            self._proc.stdout.close()
-            if not self._ended:
-                self._proc.kill()
-            self._proc.wait()
-            self._err.close()
-
-
-def open_shard(url: str):
-    """A binary stream of one shard: a local file, a `pipe:CMD` (PipeStream), or http(s) via webdataset.
-    A compressed tar is refused by name (CompressedShard)."""
-    if url.startswith("pipe:"):
-        stream = PipeStream(url[len("pipe:"):])
-    elif is_remote(url):
-        from webdataset.gopen import gopen  # http(s), … (imported lazily: it pulls in torch)
-
-        stream = gopen(url, "rb")
-    else:
-        stream = open(url[len("file:"):] if url.startswith("file:") else url, "rb")
-    try:
-        head = stream.read(6)
-        refuse_compressed(url, head)
-    except BaseException:
-        stream.close()
-        raise
-    if is_remote(url):
-        return Prefixed(head, stream)
-    stream.seek(0)
-    return stream
-
-
 def iter_shard(url: str, limits: Limits = Limits()) -> Iterator[tuple[str, dict[str, bytes]]]:
     """(key, {field: bytes}) of one shard, in order; raises tarfile/OS errors on a broken stream or a member
     over `limits`."""
@@ -205,17 +149,15 @@ def iter_shard(url: str, limits: Limits = Limits()) -> Iterator[tuple[str, dict[
             for info in tar:
                 if not info.isreg():
                     continue
-                folder, _, base = info.name.rpartition("/")
-                stem, dot, field = base.partition(".")
-                k = f"{folder}/{stem}" if folder else stem
-                if dot and k != key and key is not None:  # the previous sample is whole: hand it out first
+                k, field = member_key(info.name)
+                if field is not None and k != key and key is not None:  # the previous sample is whole: hand it out
                     yield key, fields
                     key, fields = None, {}
-                check_member(info.name)
-                if not dot:
+                check_member_name(info.name)
+                if field is None:
                     continue
                 key = k
-                limits.check_member(info)
+                limits.check_member_size(info)
                 data = tar.extractfile(info).read()
                 if len(data) != info.size:  # a stream read stops quietly at a cut; the header knows better
                     raise tarfile.ReadError(f"unexpected end of data in {info.name}")
@@ -229,41 +171,6 @@ def iter_shard(url: str, limits: Limits = Limits()) -> Iterator[tuple[str, dict[
         stream.close()
 
 
-def _quiet_cv2() -> None:
-    # A corrupt image is reported by us in one line; cv2 would add its own multi-line log to stderr.
-    try:
-        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
-    except AttributeError:
-        pass
-
-
-_quiet_cv2()
-
-
-def decode_image(data: bytes, limits: Limits = Limits()) -> np.ndarray:
-    limits.check_pixels("image", data)
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if img is None:
-        raise SampleError("image cannot be decoded")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
-
-def decode_label(data: bytes, limits: Limits = Limits()) -> np.ndarray:
-    """The stored ids, never colour-converted; 'L' PNGs go through cv2, anything else ('P') through PIL."""
-    limits.check_pixels("label", data)
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 25 and data[24] == 8 and data[25] == 0:
-        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    else:
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                arr = np.array(im) if im.mode in ("L", "P") else None
-        except Exception:
-            arr = None
-    if arr is None or arr.dtype != np.uint8 or arr.ndim != 2:
-        raise SampleError("label is not a decodable 8-bit single-channel PNG")
-    return arr
-
-
 def decode_sample(key: str, fields: dict[str, bytes], limits: Limits = Limits()) -> tuple[np.ndarray, np.ndarray]:
     """→ (uint8 HxWx3 RGB image, uint8 HxW label); SampleError when a field is missing or broken."""
     img = next((fields[f] for f in IMAGE_FIELDS if f in fields), None)
@@ -273,7 +180,7 @@ def decode_sample(key: str, fields: dict[str, bytes], limits: Limits = Limits())
         raise SampleError("missing field seg.png")
     image, label = decode_image(img, limits), decode_label(fields[LABEL_FIELD], limits)
     if image.shape[:2] != label.shape:
-        raise SampleError(f"image {image.shape[1]}x{image.shape[0]} and label {label.shape[1]}x{label.shape[0]} differ")
+        raise SampleError(f"image {hw_text(image.shape)} and label {hw_text(label.shape)} (HxW) differ")
     return image, label
 
 
