@@ -54,7 +54,7 @@ def _plain_name(name: str, manifest: Path) -> str:
 
 def _manifest_shards(path: Path) -> list[str]:
     manifest = load_manifest(path)
-    urls = [os.path.join(path.parent, _plain_name(s["name"], path)) for s in manifest["shards"]]
+    urls = [_local(os.path.join(path.parent, _plain_name(s["name"], path))) for s in manifest["shards"]]
     _check_exist(urls, str(path))
     return urls
 
@@ -71,6 +71,21 @@ def is_remote(spec: str) -> bool:
     return spec.startswith("pipe:") or re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+://", spec) is not None
 
 
+def _local(path: str) -> str:
+    """A local path that no reader takes for a command or a URL: under a relative root named like one
+    (`pipe:x/a.tar`), it gets a leading `./`."""
+    return os.path.join(".", path) if is_remote(path) or path.startswith("file:") else path
+
+
+def _refuse_remote(spec: str, source: str) -> None:
+    """A shard spec from a recipe the user did not give (`source`, a checkpoint's) may name files only."""
+    remote = next((piece for piece in spec.split("::") if is_remote(piece)), None)
+    if remote is not None:
+        raise UserError(f"{source} reads {remote!r}: a recipe that comes from a checkpoint never runs pipe: "
+                        "commands or opens URLs (anyone who can write the run directory could plant one); pass "
+                        "the shards with --split, or give your own recipe")
+
+
 def expand_paths(root: str | Path, spec: str, root_is: str = "data.root") -> list[str]:
     """A path, brace pattern, glob or manifest (relative to root unless absolute; `::` joins lists).
     `root_is` names the root in messages."""
@@ -81,7 +96,7 @@ def expand_paths(root: str | Path, spec: str, root_is: str = "data.root") -> lis
             continue
         local = []
         for name in braceexpand(piece):
-            path = name if os.path.isabs(name) else os.path.join(str(root), name)
+            path = _local(name if os.path.isabs(name) else os.path.join(str(root), name))
             if name.endswith(".json"):
                 local.extend(_manifest_shards(Path(path)))
             elif any(c in name for c in "*?["):
@@ -94,11 +109,14 @@ def expand_paths(root: str | Path, spec: str, root_is: str = "data.root") -> lis
     return urls
 
 
-def resolve_urls(root: str, dataset: str, spec: str) -> list[str]:
-    """Shard URLs for a split name (read from its manifest) or a path / brace pattern / pipe: / http(s) URL."""
+def resolve_urls(root: str, dataset: str, spec: str, from_checkpoint: str | None = None) -> list[str]:
+    """Shard URLs for a split name (read from its manifest) or a path / brace pattern / pipe: / http(s) URL.
+    `from_checkpoint` names where a spec from a checkpoint's recipe comes from: it may name local files only."""
     spec = spec.strip()
     if not spec:
         raise UserError("empty shard specification")
+    if from_checkpoint is not None:
+        _refuse_remote(spec, from_checkpoint)
     if re.fullmatch(r"[A-Za-z0-9_]+", spec):
         return _manifest_shards(manifest_path(root, dataset, spec))
     return expand_paths(root, spec)
