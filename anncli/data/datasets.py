@@ -18,7 +18,6 @@ import numpy as np
 from PIL import Image
 
 from anncli.data.guards import hw_text
-from anncli.data.manifest import write_json
 from anncli.data.shards import ShardWriter
 from anncli.data.voc import VOC_CLASSES, VOC_PALETTE, read_sbd_mat, voc12aug_layout
 from anncli.errors import UserError
@@ -191,14 +190,14 @@ def pack_dataset(dataset: str, root, out, *, split: str, max_samples: int = 100,
     if out_split == "train":
         pairs = [pairs[i] for i in np.random.default_rng(seed).permutation(len(pairs))]
     lut = label_lut(name)
-    writer = ShardWriter(out, f"{name}-{out_split}", max_samples, max_size)
-    with Progress(transient=True, console=_stderr_console()) as progress:
-        task = progress.add_task(f"packing {name} {out_split}", total=len(pairs))
-        for key, img_path, lbl_path in pairs:
-            writer.write(key, _sample_members(name, out_split, key, img_path, lbl_path, root, lut))
-            progress.advance(task)
-    manifest = manifest_for(name, out_split, writer.close())
-    write_json(out / f"{name}-{out_split}.json", manifest)
+    with ShardWriter(out, f"{name}-{out_split}", max_samples, max_size) as writer:
+        with Progress(transient=True, console=_stderr_console()) as progress:
+            task = progress.add_task(f"packing {name} {out_split}", total=len(pairs))
+            for key, img_path, lbl_path in pairs:
+                writer.write(key, _sample_members(name, out_split, key, img_path, lbl_path, root, lut))
+                progress.advance(task)
+        manifest = writer.finish(lambda shards: manifest_for(name, out_split, shards))
+        writer.commit()
     print(f"wrote {manifest['total']} samples in {len(manifest['shards'])} shard(s) to {out} "
           f"({name}-{out_split}.json)")
     return manifest

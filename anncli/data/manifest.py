@@ -124,7 +124,10 @@ def resolve_urls(root: str, dataset: str, spec: str, from_checkpoint: str | None
 
 def write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    text = json.dumps(obj, indent=1)
-    text = re.sub(r"\[\s+(\d+),\s+(\d+),\s+(\d+)\s+\]", r"[\1, \2, \3]", text)  # palette rows on one line
-    tmp.write_text(text + "\n")
+    tmp.write_text(manifest_text(obj))
     os.replace(tmp, path)
+
+
+def manifest_text(obj: dict) -> str:
+    text = json.dumps(obj, indent=1)
+    return re.sub(r"\[\s+(\d+),\s+(\d+),\s+(\d+)\s+\]", r"[\1, \2, \3]", text) + "\n"  # palette rows on one line

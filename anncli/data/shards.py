@@ -11,6 +11,7 @@ plain tar stream and grouped by key; images are decoded by `anncli.data.images`.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import logging
@@ -18,16 +19,17 @@ import os
 import re
 import tarfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
 from anncli.data.guards import Limits, SampleError, hw_text
 from anncli.data.images import decode_image, decode_label
 from anncli.data.loader import identity, loader_items, worker_init
-from anncli.data.manifest import is_remote
+from anncli.data.manifest import is_remote, manifest_text
 from anncli.data.streams import open_shard
 from anncli.errors import UserError
+from anncli.paths import os_error_line
 
 IMAGE_FIELDS = ("img.png", "img.jpg")
 LABEL_FIELD = "seg.png"
@@ -78,30 +80,63 @@ def check_member_name(name: str) -> None:
 
 
 class ShardWriter:
-    """Writes `<prefix>-%06d.tar` with byte-identical output for identical input (fixed tar metadata)."""
+    """Writes `<prefix>-%06d.tar` with byte-identical output for identical input (fixed tar metadata).
+
+    Every file goes to a `.tmp` name first and into place only at `commit()` (or `close()`), so a failed or
+    interrupted pack leaves the earlier files as they were and none of its own: a write that fails (a full
+    disk, the file-size limit) removes every temporary file and is one UserError line. As a context
+    manager, an exception in its block does the same (`abort()`).
+    """
 
     def __init__(self, out: str | Path, prefix: str, max_count: int, max_size: int):
         self.out, self.prefix = Path(out), prefix
         self.max_count, self.max_size = max_count, max_size
         self.shards: list[dict] = []
-        self._tar = None
+        self._file = self._tar = None
+        self._tmps: list[Path] = []  # written or being written, each renamed to its name without .tmp
+        self._made_out = False
         self._count = self._size = 0
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if kind is not None:
+            self.abort()
+
+    def _open_tmp(self, name: str):
+        if not self.out.is_dir():
+            self.out.mkdir(parents=True)
+            self._made_out = True
+        self._tmps.append(self.out / f"{name}.tmp")
+        return open(self._tmps[-1], "wb")
 
     def _next(self) -> None:
         self._finish()
-        self.out.mkdir(parents=True, exist_ok=True)
         name = f"{self.prefix}-{len(self.shards):06d}.tar"
-        self._path = self.out / name
-        self._tar = tarfile.open(self._path.with_name(name + ".tmp"), "w", format=tarfile.GNU_FORMAT)
+        self._file = self._open_tmp(name)
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.GNU_FORMAT)
         self.shards.append({"name": name, "count": 0})
         self._count = self._size = 0
 
     def _finish(self) -> None:
         if self._tar is not None:
             self._tar.close()
-            os.replace(self._path.with_name(self._path.name + ".tmp"), self._path)
-            self.shards[-1]["count"] = self._count
             self._tar = None
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self.shards[-1]["count"] = self._count
+
+    @contextlib.contextmanager
+    def _writing(self):
+        try:
+            yield
+        except OSError as e:
+            where = self._tmps[-1].with_suffix("") if self._tmps else self.out  # the file, not its temporary name
+            self.abort()
+            raise UserError(f"writing shards: {os_error_line(e, where)}; the files of this pack are removed, "
+                            "earlier ones kept") from None
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
         if not key or "." in key or "/" in key or "\\" in key:
@@ -110,21 +145,39 @@ class ShardWriter:
             if "/" in ext or "\\" in ext:
                 raise UserError(f"sample {key}: field {ext!r} is not a plain file name")
         size = sum(len(v) for v in members.values())
-        if self._tar is None or self._count >= self.max_count or (self._count and self._size + size > self.max_size):
-            self._next()
-        for ext in sorted(members):
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(members[ext]), 0, 0o444
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(members[ext]))
+        with self._writing():
+            if self._tar is None or self._count >= self.max_count or (self._count and self._size + size > self.max_size):
+                self._next()
+            for ext in sorted(members):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(members[ext]), 0, 0o444
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                self._tar.addfile(info, io.BytesIO(members[ext]))
         self._count += 1
         self._size += size
 
-    def close(self) -> list[dict]:
-        """Finish the last shard, then remove the shards of an earlier, longer pack under the same prefix
-        (`<prefix>-NNNNNN.tar` numbered past the new ones), which a brace pattern or glob would still read."""
-        self._finish()
+    def finish(self, manifest: Callable[[list[dict]], dict] | None = None) -> dict | None:
+        """Finish the last shard and, with `manifest`, write `manifest(shards)` as `<prefix>.json`, all
+        under temporary names still; returns the manifest."""
+        with self._writing():
+            self._finish()
+            if manifest is None:
+                return None
+            written = manifest(self.shards)
+            with self._open_tmp(f"{self.prefix}.json") as f:
+                f.write(manifest_text(written).encode())
+                f.flush()
+                os.fsync(f.fileno())
+        return written
+
+    def commit(self) -> None:
+        """Move every file of this pack into place (the manifest last), then remove the shards of an earlier,
+        longer pack under the same prefix (numbered past the new ones), which a glob would still read."""
+        with self._writing():
+            for tmp in self._tmps:
+                os.replace(tmp, tmp.with_suffix(""))
+        self._tmps.clear()
         stale = sorted(p for p in (self.out.glob(f"{glob.escape(self.prefix)}-*.tar") if self.out.is_dir() else [])
                        if re.fullmatch(rf"{re.escape(self.prefix)}-(\d{{6}})\.tar", p.name)
                        and int(p.name[-10:-4]) >= len(self.shards))
@@ -133,7 +186,25 @@ class ShardWriter:
         if stale:
             log.warning("removed %d stale shard(s) of an earlier pack from %s: %s", len(stale), self.out,
                         " ".join(p.name for p in stale))
+
+    def close(self) -> list[dict]:
+        """`finish()` without a manifest and `commit()`: the shards in place; returns them."""
+        self.finish()
+        self.commit()
         return self.shards
+
+    def abort(self) -> None:
+        """Remove every temporary file of this pack; the files already in place stay as they were."""
+        if self._file is not None:
+            with contextlib.suppress(OSError):  # the flush of a failed write fails again
+                self._file.close()
+        self._file = self._tar = None
+        for tmp in self._tmps:
+            tmp.unlink(missing_ok=True)
+        self._tmps.clear()
+        if self._made_out and self.out.is_dir() and not any(self.out.iterdir()):
+            self.out.rmdir()
+        self._made_out = False
 
 
 # ---------------------------------------------------------------- reading
