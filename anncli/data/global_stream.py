@@ -44,6 +44,7 @@ class _BatchMaker:
         self.reader = SampleReader(stream.urls, stream.order, stream.limits, stream.retries)
         self.transform = TrainTransform(stream.augment)
         self.seen = self.skipped = 0
+        self._problems: dict[str, int] = {}  # each problem met, and how often
 
     def _sample(self, slot: int):
         index = slot
@@ -60,8 +61,11 @@ class _BatchMaker:
                 return key, image, label
             except BadSample as e:
                 self.skipped += 1
-                (log.debug if e.quiet else log.warning)("skipping bad training sample %d: %s", index, e)
-                check_skip_bound(self.seen, self.skipped, self.s.max_skip, str(e))
+                problem = str(e)
+                times = self._problems[problem] = self._problems.get(problem, 0) + 1
+                quiet = e.quiet or times > 1  # the same sample again (a substitute, a later cycle): said once
+                (log.debug if quiet else log.warning)("skipping bad training sample %d: %s", index, problem)
+                check_skip_bound(self.seen, self.skipped, self.s.max_skip, problem, times)
                 index = self.s.order.substitute(slot, attempt)
         raise DataError(f"no readable substitute for training sample {slot} after {_MAX_SUBSTITUTES} tries")
 

@@ -53,8 +53,8 @@ class Limits:
                 "more than PIL sizes: store it as PNG or JPEG"
             raise SampleError(f"{field} has more than {most:,} pixels by its header, {over}") from None
         if hw is None:
-            raise SampleError(f"{field} is not a readable image ({describe_bytes(data)}): no header gives its "
-                              "size, so it is not decoded")
+            raise SampleError(f"{field} is not a readable image ({describe_bytes(data)}; no header gives its "
+                              "size)")
         if hw[0] * hw[1] > self.max_pixels:
             raise SampleError(f"{field} is {hw_text(hw)} pixels (HxW), over data.max_pixels={self.max_pixels} "
                               + raise_it)

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import os
 import re
-from glob import glob
+from glob import escape as glob_escape, glob
 from pathlib import Path
 
 from braceexpand import braceexpand
 
 from anncli.errors import UserError
+
+_SPLIT_ALIASES = {"training": "train", "validation": "val"}
 
 
 def manifest_path(root: str | Path, dataset: str, split: str) -> Path:
@@ -101,12 +103,40 @@ def expand_paths(root: str | Path, spec: str, root_is: str = "data.root") -> lis
                 local.extend(_manifest_shards(Path(path)))
             elif any(c in name for c in "*?["):
                 local.extend(sorted(glob(path)))
+            elif os.path.isdir(path):
+                raise UserError(_folder_given(name, path))
             else:
                 local.append(path)
         where = "" if os.path.isabs(piece) else f" (relative names are looked up under {root_is} {root})"
         _check_exist(local, piece, where)
         urls.extend(local)
     return urls
+
+
+def _folder_given(name: str, path: str) -> str:
+    """What a folder given as a shard spec holds, and how to name its shards instead."""
+    manifests = sorted(os.path.basename(p) for p in glob(os.path.join(glob_escape(path), "*.json")))
+    shards = glob(os.path.join(glob_escape(path), "*.tar"))
+    holds = "; ".join(part for part in (f"{len(manifests)} manifest(s): {', '.join(manifests[:4])}" if manifests
+                                        else "", f"{len(shards)} shard(s)" if shards else "") if part)
+    example = f"a manifest such as {os.path.join(name, manifests[-1])}, " if manifests else ""
+    return (f"{name!r} is a directory ({holds or 'no *.tar shards and no manifests'}); name {example}a shard, "
+            f"or a pattern such as {os.path.join(name, '*.tar')!r}")
+
+
+def _split_manifest(root: str, dataset: str, split: str) -> Path:
+    """The manifest of a split name; `training`/`validation` (ADE20K's folder names, which `ann data pack`
+    accepts) find the `train`/`val` manifest it writes."""
+    path = manifest_path(root, dataset, split)
+    alias = manifest_path(root, dataset, _SPLIT_ALIASES.get(split, split))
+    if not path.is_file() and alias.is_file():
+        return alias
+    if not path.is_file():
+        present = sorted(p.name for p in Path(root).glob(f"{glob_escape(dataset)}-*.json"))
+        there = f"; {root} holds {', '.join(present)}" if present else ""
+        raise UserError(f"{path}: shard manifest not found (split {split!r} of {dataset}{there}; create the shards "
+                        "with `ann data pack` or `ann data synth`)")
+    return path
 
 
 def resolve_urls(root: str, dataset: str, spec: str, from_checkpoint: str | None = None) -> list[str]:
@@ -118,7 +148,7 @@ def resolve_urls(root: str, dataset: str, spec: str, from_checkpoint: str | None
     if from_checkpoint is not None:
         _refuse_remote(spec, from_checkpoint)
     if re.fullmatch(r"[A-Za-z0-9_]+", spec):
-        return _manifest_shards(manifest_path(root, dataset, spec))
+        return _manifest_shards(_split_manifest(root, dataset, spec))
     return expand_paths(root, spec)
 
 

@@ -43,9 +43,11 @@ class DataError(UserError):
     """Training data too broken to go on (too many skipped samples, or nothing readable)."""
 
 
-def check_skip_bound(seen: int, skipped: int, max_skip: float, last: str = "") -> None:
+def check_skip_bound(seen: int, skipped: int, max_skip: float, last: str = "", repeats: int = 1) -> None:
+    """DataError once too many samples were skipped; `last` is the last problem, met `repeats` times."""
     if seen >= MIN_SAMPLES_BEFORE_ABORT and skipped > max_skip * seen:
-        tail = f"; last problem: {last}" if last else ""
+        times = f" ({repeats} times)" if repeats > 1 else ""
+        tail = f"; last problem{times}: {last}" if last else ""
         raise DataError(
             f"skipped {skipped} of {seen} training samples ({skipped / seen:.1%}), more than "
             f"data.max_skip_fraction={max_skip:g}{tail}"

@@ -169,7 +169,8 @@ def _evaluate_split(model, recipe, split: str, protocol: Protocol, info, save_pr
     if failed:
         raise UserError(f"evaluation failed on {failed} other rank(s); see their messages")
     if total == 0:
-        raise UserError(f"split {split!r}: no samples under {recipe.data.root}")
+        more = f" and {len(urls) - 1} more" if len(urls) > 1 else ""
+        raise UserError(f"split {split!r}: no samples in {urls[0]}{more}")
     if outside and show_progress:
         example = f" (first: {first})" if first else ""
         print(f"[ann] warning: {outside:,} labelled pixels have values outside model.num_classes={k}{example}; "
