@@ -16,7 +16,8 @@ readers that share a lane each read it (free for local files, a repeated downloa
 a failed read of a `pipe:`/http shard is retried `retries` times with backoff; a sample that cannot be read or decoded (also every
 sample behind the cut of a truncated shard, for the rest of that cycle) is counted, warned about (once per
 shard and cycle for a cut), and replaced by `order.substitute(index, attempt)`, the same on every world
-size; shards failing in a row before their first sample stop the run (DataError)."""
+size; shards failing in a row before their first sample stop the run (DataError). The readers:
+`anncli.data.sample_reader`."""
 
 from __future__ import annotations
 
@@ -27,11 +28,23 @@ from anncli.data.order import GlobalOrder, check_split, rank_indices
 from anncli.data.loader import identity, loader_items, worker_init
 from anncli.data.guards import Limits
 from anncli.data.sample_reader import BadSample, SampleReader
-from anncli.data.shards import DataError, SampleError, check_label_ids, check_skip_bound, log
+from anncli.data.shards import DataError, SampleError, check_label_ids, log
 from anncli.errors import UserError
 
 _MAX_SUBSTITUTES = 100
+MIN_SAMPLES_BEFORE_ABORT = 100  # the training skip bound is only enforced once this many samples were seen
 decode_sample = shards.decode_sample  # module attribute, so tests can count decodes
+
+
+def check_skip_bound(seen: int, skipped: int, max_skip: float, last: str = "", repeats: int = 1) -> None:
+    """DataError once too many samples were skipped; `last` is the last problem, met `repeats` times."""
+    if seen >= MIN_SAMPLES_BEFORE_ABORT and skipped > max_skip * seen:
+        times = f" ({repeats} times)" if repeats > 1 else ""
+        tail = f"; last problem{times}: {last}" if last else ""
+        raise DataError(
+            f"skipped {skipped} of {seen} training samples ({skipped / seen:.1%}), more than "
+            f"data.max_skip_fraction={max_skip:g}{tail}"
+        )
 
 
 class _BatchMaker:

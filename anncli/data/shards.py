@@ -3,7 +3,7 @@
 A shard `<dataset>-<split>-000000.tar` holds, per sample, the tar members `<key>.img.png` or
 `<key>.img.jpg` (original bytes), `<key>.seg.png` (uint8 train ids, 255 = ignore) and `<key>.meta.json`.
 Which shards make a split: `anncli.data.manifest`; the training stream: `anncli.data.global_stream`.
-A bad training sample is skipped, but only up to a bound (`check_skip_bound`, `DataError`).
+Training data too broken to go on is a `DataError` (the skip bound: `anncli.data.global_stream`).
 
 Shards are opened by `anncli.data.streams` (local paths, `pipe:CMD`, http(s) URLs); members are read as a
 plain tar stream and grouped by key; images are decoded by `anncli.data.images`.
@@ -34,24 +34,11 @@ from anncli.paths import os_error_line
 IMAGE_FIELDS = ("img.png", "img.jpg")
 LABEL_FIELD = "seg.png"
 
-
-MIN_SAMPLES_BEFORE_ABORT = 100  # the training skip bound is only enforced once this many samples were seen
 log = logging.getLogger("anncli.data")
 
 
 class DataError(UserError):
     """Training data too broken to go on (too many skipped samples, or nothing readable)."""
-
-
-def check_skip_bound(seen: int, skipped: int, max_skip: float, last: str = "", repeats: int = 1) -> None:
-    """DataError once too many samples were skipped; `last` is the last problem, met `repeats` times."""
-    if seen >= MIN_SAMPLES_BEFORE_ABORT and skipped > max_skip * seen:
-        times = f" ({repeats} times)" if repeats > 1 else ""
-        tail = f"; last problem{times}: {last}" if last else ""
-        raise DataError(
-            f"skipped {skipped} of {seen} training samples ({skipped / seen:.1%}), more than "
-            f"data.max_skip_fraction={max_skip:g}{tail}"
-        )
 
 
 def check_label_ids(label: np.ndarray, num_classes: int, url: str, key: str) -> None:
