@@ -45,11 +45,12 @@ def data_synth(
     size: Annotated[str, typer.Option(metavar="HxW", help="Image size.")] = "64x128",
     seed: Annotated[int, typer.Option(help="Seed; the same seed gives identical bytes.")] = 0,
     max_samples: Annotated[int, typer.Option(callback=at_least(1), help="Samples per shard at most.")] = 256,
+    force: Annotated[bool, typer.Option("--force", help="Replace a synthetic set that OUT holds already.")] = False,
 ) -> None:
     """Write the synthetic long-range dataset (a distant key decides the class of grey squares)."""
     from anncli.data.synth import write_synth
 
-    _run(write_synth, out, train=train, val=val, size=size, seed=seed, max_samples=max_samples)
+    _run(write_synth, out, train=train, val=val, size=size, seed=seed, max_samples=max_samples, force=force)
 
 
 @data_app.command("inspect")

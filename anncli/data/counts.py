@@ -10,7 +10,8 @@ from glob import glob
 from pathlib import Path
 
 from anncli.data.manifest import is_remote, load_manifest
-from anncli.data.shards import open_shard
+from anncli.data.shards import member_key
+from anncli.data.streams import open_shard
 from anncli.errors import UserError
 
 
@@ -27,9 +28,8 @@ def count_samples(url: str) -> int:
     with handle, tarfile.open(fileobj=handle, mode=mode) as tar:
         try:
             for info in tar:
-                folder, _, base = info.name.rpartition("/")
-                key = f"{folder}/{base.partition('.')[0]}"
-                if info.isreg() and "." in base and key != last:
+                key, field = member_key(info.name)
+                if info.isreg() and field is not None and key != last:
                     keys, last = keys + 1, key
         except (tarfile.TarError, EOFError):
             pass  # a cut shard: its readable samples count

@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from anncli.data.manifest import write_json
+from anncli.data.guards import hw_text
 from anncli.data.shards import ShardWriter
 from anncli.data.voc import VOC_CLASSES, VOC_PALETTE, read_sbd_mat, voc12aug_layout
 from anncli.errors import UserError
@@ -190,14 +190,14 @@ def pack_dataset(dataset: str, root, out, *, split: str, max_samples: int = 100,
     if out_split == "train":
         pairs = [pairs[i] for i in np.random.default_rng(seed).permutation(len(pairs))]
     lut = label_lut(name)
-    writer = ShardWriter(out, f"{name}-{out_split}", max_samples, max_size)
-    with Progress(transient=True, console=_stderr_console()) as progress:
-        task = progress.add_task(f"packing {name} {out_split}", total=len(pairs))
-        for key, img_path, lbl_path in pairs:
-            writer.write(key, _sample_members(name, out_split, key, img_path, lbl_path, root, lut))
-            progress.advance(task)
-    manifest = manifest_for(name, out_split, writer.close())
-    write_json(out / f"{name}-{out_split}.json", manifest)
+    with ShardWriter(out, f"{name}-{out_split}", max_samples, max_size) as writer:
+        with Progress(transient=True, console=_stderr_console()) as progress:
+            task = progress.add_task(f"packing {name} {out_split}", total=len(pairs))
+            for key, img_path, lbl_path in pairs:
+                writer.write(key, _sample_members(name, out_split, key, img_path, lbl_path, root, lut))
+                progress.advance(task)
+        manifest = writer.finish(lambda shards: manifest_for(name, out_split, shards))
+        writer.commit()
     print(f"wrote {manifest['total']} samples in {len(manifest['shards'])} shard(s) to {out} "
           f"({name}-{out_split}.json)")
     return manifest
@@ -207,7 +207,7 @@ def _sample_members(name, split, key, img_path: Path, lbl_path: Path, root: Path
     w, h = image_size(img_path)
     label = read_source_label(lbl_path)
     if label.shape != (h, w):
-        raise UserError(f"{lbl_path}: label is {label.shape[1]}x{label.shape[0]} but its image is {w}x{h}")
+        raise UserError(f"{lbl_path}: label is {hw_text(label.shape)} but its image is {h}x{w} (HxW)")
     ext = "img.png" if img_path.suffix.lower() == ".png" else "img.jpg"
     meta = {"dataset": name, "split": split, "key": key, "height": h, "width": w,
             "source": img_path.relative_to(root).as_posix()}

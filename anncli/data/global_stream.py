@@ -16,167 +16,35 @@ readers that share a lane each read it (free for local files, a repeated downloa
 a failed read of a `pipe:`/http shard is retried `retries` times with backoff; a sample that cannot be read or decoded (also every
 sample behind the cut of a truncated shard, for the rest of that cycle) is counted, warned about (once per
 shard and cycle for a cut), and replaced by `order.substitute(index, attempt)`, the same on every world
-size; shards failing in a row before their first sample stop the run (DataError)."""
+size; shards failing in a row before their first sample stop the run (DataError). The readers:
+`anncli.data.sample_reader`."""
 
 from __future__ import annotations
 
-import tarfile
-import time
 from typing import Iterator
 
 from anncli.data import shards
 from anncli.data.order import GlobalOrder, check_split, rank_indices
 from anncli.data.loader import identity, loader_items, worker_init
-from anncli.data.manifest import is_remote
 from anncli.data.guards import Limits
-from anncli.data.shards import DataError, SampleError, check_label_ids, check_skip_bound, log
+from anncli.data.sample_reader import BadSample, SampleReader
+from anncli.data.shards import DataError, SampleError, check_label_ids, log
 from anncli.errors import UserError
 
 _MAX_SUBSTITUTES = 100
-_MAX_FAILED_OPENS = 5  # shards in a row failing before their first sample: the source is unreachable
-_READ_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError)
-_RETRY_BACKOFF_S = 0.25  # before the first retry of a failed read; doubled for each further one
+MIN_SAMPLES_BEFORE_ABORT = 100  # the training skip bound is only enforced once this many samples were seen
 decode_sample = shards.decode_sample  # module attribute, so tests can count decodes
 
 
-class _ShardEnded(Exception):
-    """The shard holds fewer samples than the manifest says."""
-
-
-def _split_name(name: str) -> tuple[str, str | None]:
-    folder, _, base = name.rpartition("/")
-    stem, dot, field = base.partition(".")
-    return (f"{folder}/{stem}" if folder else stem), (field if dot else None)
-
-
-class _ShardCursor:
-    """Reads one shard forward, sample by sample; skipped samples cost their tar headers only."""
-
-    def __init__(self, url: str, shard: int, limits: Limits):
-        self.url, self.shard, self.index, self.limits = url, shard, 0, limits
-        self._file = shards.open_shard(url)
-        try:  # random access for local files: next() seeks past the data
-            self._tar = tarfile.open(fileobj=self._file, mode="r|" if is_remote(url) else "r:")
-            self._head = self._member()
-        except BaseException:
-            self._file.close()
-            raise
-
-    def _member(self):
-        while True:
-            info = self._tar.next()
-            if info is None:
-                return None
-            key, field = _split_name(info.name)
-            if info.isreg() and field is not None:
-                return info, key, field
-
-    def _sample(self, keep: bool) -> tuple[str, dict[str, bytes]]:
-        if self._head is None:
-            raise _ShardEnded(f"shard ended after {self.index} samples")
-        key, fields = self._head[1], {}
-        while self._head is not None and self._head[1] == key:
-            info, _, field = self._head
-            shards.check_member(info.name)  # checked here, not on look-ahead: the sample before is whole
-            if keep:
-                self.limits.check_member(info)
-                data = self._tar.extractfile(info).read()
-                if len(data) != info.size:
-                    raise tarfile.ReadError(f"unexpected end of data in {info.name}")
-                fields[field] = data
-            self._head = self._member()
-        self.index += 1
-        return key, fields
-
-    def read(self, member: int) -> tuple[str, dict[str, bytes]]:
-        while self.index < member:
-            self._sample(keep=False)
-        return self._sample(keep=True)
-
-    def close(self) -> None:
-        self._tar.close()
-        self._file.close()
-
-
-class _Bad(Exception):
-    """One global sample that cannot be used; the message says why. `quiet`: its shard's cut was warned about."""
-
-    def __init__(self, message: str, quiet: bool = False):
-        super().__init__(message)
-        self.quiet = quiet
-
-
-class SampleReader:
-    """Raw samples by global index for one rank or worker: forward cursors per lane; a read error of a
-    `pipe:`/http shard is retried `retries` times with backoff (reopening the shard), then the shard is cut
-    for the rest of that cycle."""
-
-    def __init__(self, urls: list[str], order: GlobalOrder, limits: Limits = Limits(), retries: int = 0):
-        self.urls, self.order, self.limits, self.retries = urls, order, limits, retries
-        self._cursors: dict[tuple, _ShardCursor] = {}
-        self._cut: dict[tuple[int, int], int] = {}  # (cycle, shard) → first sample lost to a cut or read error
-        self._failed_in_row = 0  # shards failing before their first sample, with no good read between
-
-    def fetch(self, index: int, slot: tuple | None = None) -> tuple[str, dict[str, bytes]]:
-        loc = self.order.locate([index])
-        cycle, shard, member, lane = (int(loc[k][0]) for k in ("cycle", "shard", "member", "lane"))
-        cut = self._cut.get((cycle, shard))
-        if cut is not None and member >= cut:
-            raise _Bad(f"{self.urls[shard]}: sample {member} is behind the shard's cut at {cut} in cycle {cycle}",
-                       quiet=True)
-        slot = slot or (cycle, lane)
-        retries = self.retries if is_remote(self.urls[shard]) else 0  # a local file's error is no network hiccup
-        for attempt in range(retries + 1):
-            try:
-                sample = self._read(slot, cycle, shard, member)
-                break
-            except (_ShardEnded, *_READ_ERRORS) as e:
-                cursor = self._cursors.pop(slot, None)
-                at = cursor.index if cursor is not None and cursor.shard == shard else 0
-                if cursor is not None:
-                    cursor.close()
-                if isinstance(e, _ShardEnded) or attempt == retries:  # a short shard is no transient error
-                    self._failed(cycle, shard, at, member, e)
-                log.info("reading training shard %s failed (%s); retry %d of %d", self.urls[shard], e,
-                         attempt + 1, retries)
-                time.sleep(_RETRY_BACKOFF_S * 2 ** attempt)
-        self._failed_in_row = 0
-        return sample
-
-    def _read(self, slot: tuple, cycle: int, shard: int, member: int) -> tuple[str, dict[str, bytes]]:
-        cursor = self._cursors.get(slot)
-        if cursor is None or cursor.shard != shard or cursor.index > member:
-            if self._cursors.pop(slot, None) is not None:
-                cursor.close()
-            self._drop_old(cycle)
-            cursor = self._cursors[slot] = _ShardCursor(self.urls[shard], shard, self.limits)
-        return cursor.read(member)
-
-    def _failed(self, cycle: int, shard: int, cut: int, member: int, e: Exception):
-        """A shard unreadable from sample `cut` on in this cycle, warned about once; shards failing in a row
-        stop the run. The next cycle reads the shard again."""
-        self._cut[(cycle, shard)] = cut
-        url, self._failed_in_row = self.urls[shard], (self._failed_in_row + 1 if cut == 0 else 0)
-        if self._failed_in_row >= min(_MAX_FAILED_OPENS, len(self.urls)):
-            raise DataError(f"{self._failed_in_row} training shards in a row could not be read; the last, "
-                            f"{url}: {e}") from None
-        log.warning("training shard %s is cut after %d samples in cycle %d (%s); the rest of it is skipped in "
-                    "this cycle", url, cut, cycle, e)
-        raise _Bad(f"{url}: sample {member} unreadable: {e}") from None
-
-    def url_of(self, index: int) -> str:
-        return self.urls[int(self.order.locate([index])["shard"][0])]
-
-    def _drop_old(self, cycle: int) -> None:
-        for slot in [s for s in self._cursors if isinstance(s[0], int) and s[0] < cycle - 1]:
-            self._cursors.pop(slot).close()
-        for key in [k for k in self._cut if k[0] < cycle - 1]:
-            del self._cut[key]
-
-    def close(self) -> None:
-        for cursor in self._cursors.values():
-            cursor.close()
-        self._cursors.clear()
+def check_skip_bound(seen: int, skipped: int, max_skip: float, last: str = "", repeats: int = 1) -> None:
+    """DataError once too many samples were skipped; `last` is the last problem, met `repeats` times."""
+    if seen >= MIN_SAMPLES_BEFORE_ABORT and skipped > max_skip * seen:
+        times = f" ({repeats} times)" if repeats > 1 else ""
+        tail = f"; last problem{times}: {last}" if last else ""
+        raise DataError(
+            f"skipped {skipped} of {seen} training samples ({skipped / seen:.1%}), more than "
+            f"data.max_skip_fraction={max_skip:g}{tail}"
+        )
 
 
 class _BatchMaker:
@@ -189,6 +57,7 @@ class _BatchMaker:
         self.reader = SampleReader(stream.urls, stream.order, stream.limits, stream.retries)
         self.transform = TrainTransform(stream.augment)
         self.seen = self.skipped = 0
+        self._problems: dict[str, int] = {}  # each problem met, and how often
 
     def _sample(self, slot: int):
         index = slot
@@ -199,14 +68,17 @@ class _BatchMaker:
                 try:
                     image, label = decode_sample(key, fields, self.s.limits)
                 except SampleError as e:
-                    raise _Bad(f"{self.reader.url_of(index)}: sample {key}: {e}") from None
+                    raise BadSample(f"{self.reader.url_of(index)}: sample {key}: {e}") from None
                 if self.s.num_classes is not None:
                     check_label_ids(label, self.s.num_classes, self.reader.url_of(index), key)
                 return key, image, label
-            except _Bad as e:
+            except BadSample as e:
                 self.skipped += 1
-                (log.debug if e.quiet else log.warning)("skipping bad training sample %d: %s", index, e)
-                check_skip_bound(self.seen, self.skipped, self.s.max_skip, str(e))
+                problem = str(e)
+                times = self._problems[problem] = self._problems.get(problem, 0) + 1
+                quiet = e.quiet or times > 1  # the same sample again (a substitute, a later cycle): said once
+                (log.debug if quiet else log.warning)("skipping bad training sample %d: %s", index, problem)
+                check_skip_bound(self.seen, self.skipped, self.s.max_skip, problem, times)
                 index = self.s.order.substitute(slot, attempt)
         raise DataError(f"no readable substitute for training sample {slot} after {_MAX_SUBSTITUTES} tries")
 

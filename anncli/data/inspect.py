@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -10,10 +9,11 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from anncli.data.guards import Limits, SampleError, hw_text
+from anncli.data.images import decode_label
 from anncli.data.manifest import expand_paths, is_remote, load_manifest
-from anncli.data.shards import IMAGE_FIELDS, LABEL_FIELD, Limits, SampleError, decode_label, iter_shard
+from anncli.data.shards import IMAGE_FIELDS, LABEL_FIELD, iter_shard
 from anncli.errors import UserError
 from anncli.labels import IGNORE_INDEX
 
@@ -27,16 +27,6 @@ def _manifest_beside(url: str) -> dict | None:
         return None
 
 
-def _image_size(name: str, data: bytes) -> tuple[int, int]:
-    """(width, height) of an image field; SampleError naming the field when it is not an image."""
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.size
-    except Exception:
-        head = data[:8].hex(" ") if data else "empty"
-        raise SampleError(f"{name} is not a readable image ({len(data)} bytes, starts {head})") from None
-
-
 def _inspect_shard(url: str, stats: dict, problems: list[str], limits: Limits) -> int:
     count = 0
     try:
@@ -46,15 +36,14 @@ def _inspect_shard(url: str, stats: dict, problems: list[str], limits: Limits) -
             try:
                 if name is None or LABEL_FIELD not in fields:
                     raise SampleError("missing field " + ("img.png/img.jpg" if name is None else LABEL_FIELD))
-                limits.check_pixels(name, fields[name])
-                w, h = _image_size(name, fields[name])
+                hw = limits.check_pixels(name, fields[name])
                 label = decode_label(fields[LABEL_FIELD], limits)
             except SampleError as e:
                 problems.append(f"{url}: sample {key}: {e}")
                 continue
-            if label.shape != (h, w):
-                problems.append(f"{url}: sample {key}: image {w}x{h} but label {label.shape[1]}x{label.shape[0]}")
-            stats["sizes"][f"{h}x{w}"] = stats["sizes"].get(f"{h}x{w}", 0) + 1
+            if label.shape != hw:
+                problems.append(f"{url}: sample {key}: image {hw_text(hw)} but label {hw_text(label.shape)} (HxW)")
+            stats["sizes"][hw_text(hw)] = stats["sizes"].get(hw_text(hw), 0) + 1
             stats["hist"] += np.bincount(label.ravel(), minlength=256)
     except (tarfile.TarError, OSError, EOFError) as e:
         problems.append(f"{url}: shard unreadable after {count} samples: {e}")

@@ -10,12 +10,14 @@ from __future__ import annotations
 import json
 import os
 import re
-from glob import glob
+from glob import escape as glob_escape, glob
 from pathlib import Path
 
 from braceexpand import braceexpand
 
 from anncli.errors import UserError
+
+_SPLIT_ALIASES = {"training": "train", "validation": "val"}
 
 
 def manifest_path(root: str | Path, dataset: str, split: str) -> Path:
@@ -54,7 +56,7 @@ def _plain_name(name: str, manifest: Path) -> str:
 
 def _manifest_shards(path: Path) -> list[str]:
     manifest = load_manifest(path)
-    urls = [os.path.join(path.parent, _plain_name(s["name"], path)) for s in manifest["shards"]]
+    urls = [_local(os.path.join(path.parent, _plain_name(s["name"], path))) for s in manifest["shards"]]
     _check_exist(urls, str(path))
     return urls
 
@@ -71,6 +73,21 @@ def is_remote(spec: str) -> bool:
     return spec.startswith("pipe:") or re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]+://", spec) is not None
 
 
+def _local(path: str) -> str:
+    """A local path that no reader takes for a command or a URL: under a relative root named like one
+    (`pipe:x/a.tar`), it gets a leading `./`."""
+    return os.path.join(".", path) if is_remote(path) or path.startswith("file:") else path
+
+
+def _refuse_remote(spec: str, source: str) -> None:
+    """A shard spec from a recipe the user did not give (`source`, a checkpoint's) may name files only."""
+    remote = next((piece for piece in spec.split("::") if is_remote(piece)), None)
+    if remote is not None:
+        raise UserError(f"{source} reads {remote!r}: a recipe that comes from a checkpoint never runs pipe: "
+                        "commands or opens URLs (anyone who can write the run directory could plant one); pass "
+                        "the shards with --split, or give your own recipe")
+
+
 def expand_paths(root: str | Path, spec: str, root_is: str = "data.root") -> list[str]:
     """A path, brace pattern, glob or manifest (relative to root unless absolute; `::` joins lists).
     `root_is` names the root in messages."""
@@ -81,11 +98,13 @@ def expand_paths(root: str | Path, spec: str, root_is: str = "data.root") -> lis
             continue
         local = []
         for name in braceexpand(piece):
-            path = name if os.path.isabs(name) else os.path.join(str(root), name)
+            path = _local(name if os.path.isabs(name) else os.path.join(str(root), name))
             if name.endswith(".json"):
                 local.extend(_manifest_shards(Path(path)))
             elif any(c in name for c in "*?["):
                 local.extend(sorted(glob(path)))
+            elif os.path.isdir(path):
+                raise UserError(_folder_given(name, path))
             else:
                 local.append(path)
         where = "" if os.path.isabs(piece) else f" (relative names are looked up under {root_is} {root})"
@@ -94,19 +113,51 @@ def expand_paths(root: str | Path, spec: str, root_is: str = "data.root") -> lis
     return urls
 
 
-def resolve_urls(root: str, dataset: str, spec: str) -> list[str]:
-    """Shard URLs for a split name (read from its manifest) or a path / brace pattern / pipe: / http(s) URL."""
+def _folder_given(name: str, path: str) -> str:
+    """What a folder given as a shard spec holds, and how to name its shards instead."""
+    manifests = sorted(os.path.basename(p) for p in glob(os.path.join(glob_escape(path), "*.json")))
+    shards = glob(os.path.join(glob_escape(path), "*.tar"))
+    holds = "; ".join(part for part in (f"{len(manifests)} manifest(s): {', '.join(manifests[:4])}" if manifests
+                                        else "", f"{len(shards)} shard(s)" if shards else "") if part)
+    example = f"a manifest such as {os.path.join(name, manifests[-1])}, " if manifests else ""
+    return (f"{name!r} is a directory ({holds or 'no *.tar shards and no manifests'}); name {example}a shard, "
+            f"or a pattern such as {os.path.join(name, '*.tar')!r}")
+
+
+def _split_manifest(root: str, dataset: str, split: str) -> Path:
+    """The manifest of a split name; `training`/`validation` (ADE20K's folder names, which `ann data pack`
+    accepts) find the `train`/`val` manifest it writes."""
+    path = manifest_path(root, dataset, split)
+    alias = manifest_path(root, dataset, _SPLIT_ALIASES.get(split, split))
+    if not path.is_file() and alias.is_file():
+        return alias
+    if not path.is_file():
+        present = sorted(p.name for p in Path(root).glob(f"{glob_escape(dataset)}-*.json"))
+        there = f"; {root} holds {', '.join(present)}" if present else ""
+        raise UserError(f"{path}: shard manifest not found (split {split!r} of {dataset}{there}; create the shards "
+                        "with `ann data pack` or `ann data synth`)")
+    return path
+
+
+def resolve_urls(root: str, dataset: str, spec: str, from_checkpoint: str | None = None) -> list[str]:
+    """Shard URLs for a split name (read from its manifest) or a path / brace pattern / pipe: / http(s) URL.
+    `from_checkpoint` names where a spec from a checkpoint's recipe comes from: it may name local files only."""
     spec = spec.strip()
     if not spec:
         raise UserError("empty shard specification")
+    if from_checkpoint is not None:
+        _refuse_remote(spec, from_checkpoint)
     if re.fullmatch(r"[A-Za-z0-9_]+", spec):
-        return _manifest_shards(manifest_path(root, dataset, spec))
+        return _manifest_shards(_split_manifest(root, dataset, spec))
     return expand_paths(root, spec)
 
 
 def write_json(path: Path, obj: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    text = json.dumps(obj, indent=1)
-    text = re.sub(r"\[\s+(\d+),\s+(\d+),\s+(\d+)\s+\]", r"[\1, \2, \3]", text)  # palette rows on one line
-    tmp.write_text(text + "\n")
+    tmp.write_text(manifest_text(obj))
     os.replace(tmp, path)
+
+
+def manifest_text(obj: dict) -> str:
+    text = json.dumps(obj, indent=1)
+    return re.sub(r"\[\s+(\d+),\s+(\d+),\s+(\d+)\s+\]", r"[\1, \2, \3]", text) + "\n"  # palette rows on one line

@@ -3,53 +3,42 @@
 A shard `<dataset>-<split>-000000.tar` holds, per sample, the tar members `<key>.img.png` or
 `<key>.img.jpg` (original bytes), `<key>.seg.png` (uint8 train ids, 255 = ignore) and `<key>.meta.json`.
 Which shards make a split: `anncli.data.manifest`; the training stream: `anncli.data.global_stream`.
-A bad training sample is skipped, but only up to a bound (`check_skip_bound`, `DataError`).
+Training data too broken to go on is a `DataError` (the skip bound: `anncli.data.global_stream`).
 
-Shards are opened with `webdataset.gopen`, so local paths, `pipe:CMD` (e.g. `pipe:aws s3 cp s3://b/k.tar -`)
-and http(s) URLs all work; members are read as a plain tar stream and grouped by key.
+Shards are opened by `anncli.data.streams` (local paths, `pipe:CMD`, http(s) URLs); members are read as a
+plain tar stream and grouped by key; images are decoded by `anncli.data.images`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import logging
 import os
 import re
-import subprocess
 import tarfile
-import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
-import cv2
 import numpy as np
-from PIL import Image
 
+from anncli.data.guards import Limits, SampleError, hw_text
+from anncli.data.images import decode_image, decode_label
 from anncli.data.loader import identity, loader_items, worker_init
-from anncli.data.manifest import is_remote
-from anncli.data.guards import Limits, Prefixed, SampleError, refuse_compressed
+from anncli.data.manifest import is_remote, manifest_text
+from anncli.data.streams import open_shard
 from anncli.errors import UserError
+from anncli.paths import os_error_line
 
 IMAGE_FIELDS = ("img.png", "img.jpg")
 LABEL_FIELD = "seg.png"
 
-
-MIN_SAMPLES_BEFORE_ABORT = 100  # the training skip bound is only enforced once this many samples were seen
 log = logging.getLogger("anncli.data")
 
 
 class DataError(UserError):
     """Training data too broken to go on (too many skipped samples, or nothing readable)."""
-
-
-def check_skip_bound(seen: int, skipped: int, max_skip: float, last: str = "") -> None:
-    if seen >= MIN_SAMPLES_BEFORE_ABORT and skipped > max_skip * seen:
-        tail = f"; last problem: {last}" if last else ""
-        raise DataError(
-            f"skipped {skipped} of {seen} training samples ({skipped / seen:.1%}), more than "
-            f"data.max_skip_fraction={max_skip:g}{tail}"
-        )
 
 
 def check_label_ids(label: np.ndarray, num_classes: int, url: str, key: str) -> None:
@@ -61,7 +50,14 @@ def check_label_ids(label: np.ndarray, num_classes: int, url: str, key: str) -> 
                         "label map the shards were packed with")
 
 
-def check_member(name: str) -> None:
+def member_key(name: str) -> tuple[str, str | None]:
+    """(sample key, field) of a tar member name `[folder/]key.field`; field None for a name without a dot."""
+    folder, _, base = name.rpartition("/")
+    stem, dot, field = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), (field if dot else None)
+
+
+def check_member_name(name: str) -> None:
     """A shard read stops at a member whose name could escape a folder (a crafted or foreign tar)."""
     why = ("contains a backslash" if "\\" in name else "is an absolute path" if name.startswith("/")
            else "has a '..' part" if ".." in name.split("/") else None)
@@ -73,30 +69,63 @@ def check_member(name: str) -> None:
 
 
 class ShardWriter:
-    """Writes `<prefix>-%06d.tar` with byte-identical output for identical input (fixed tar metadata)."""
+    """Writes `<prefix>-%06d.tar` with byte-identical output for identical input (fixed tar metadata).
+
+    Every file goes to a `.tmp` name first and into place only at `commit()` (or `close()`), so a failed or
+    interrupted pack leaves the earlier files as they were and none of its own: a write that fails (a full
+    disk, the file-size limit) removes every temporary file and is one UserError line. As a context
+    manager, an exception in its block does the same (`abort()`).
+    """
 
     def __init__(self, out: str | Path, prefix: str, max_count: int, max_size: int):
         self.out, self.prefix = Path(out), prefix
         self.max_count, self.max_size = max_count, max_size
         self.shards: list[dict] = []
-        self._tar = None
+        self._file = self._tar = None
+        self._tmps: list[Path] = []  # written or being written, each renamed to its name without .tmp
+        self._made_out = False
         self._count = self._size = 0
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if kind is not None:
+            self.abort()
+
+    def _open_tmp(self, name: str):
+        if not self.out.is_dir():
+            self.out.mkdir(parents=True)
+            self._made_out = True
+        self._tmps.append(self.out / f"{name}.tmp")
+        return open(self._tmps[-1], "wb")
 
     def _next(self) -> None:
         self._finish()
-        self.out.mkdir(parents=True, exist_ok=True)
         name = f"{self.prefix}-{len(self.shards):06d}.tar"
-        self._path = self.out / name
-        self._tar = tarfile.open(self._path.with_name(name + ".tmp"), "w", format=tarfile.GNU_FORMAT)
+        self._file = self._open_tmp(name)
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.GNU_FORMAT)
         self.shards.append({"name": name, "count": 0})
         self._count = self._size = 0
 
     def _finish(self) -> None:
         if self._tar is not None:
             self._tar.close()
-            os.replace(self._path.with_name(self._path.name + ".tmp"), self._path)
-            self.shards[-1]["count"] = self._count
             self._tar = None
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self.shards[-1]["count"] = self._count
+
+    @contextlib.contextmanager
+    def _writing(self):
+        try:
+            yield
+        except OSError as e:
+            where = self._tmps[-1].with_suffix("") if self._tmps else self.out  # the file, not its temporary name
+            self.abort()
+            raise UserError(f"writing shards: {os_error_line(e, where)}; the files of this pack are removed, "
+                            "earlier ones kept") from None
 
     def write(self, key: str, members: dict[str, bytes]) -> None:
         if not key or "." in key or "/" in key or "\\" in key:
@@ -105,21 +134,39 @@ class ShardWriter:
             if "/" in ext or "\\" in ext:
                 raise UserError(f"sample {key}: field {ext!r} is not a plain file name")
         size = sum(len(v) for v in members.values())
-        if self._tar is None or self._count >= self.max_count or (self._count and self._size + size > self.max_size):
-            self._next()
-        for ext in sorted(members):
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(members[ext]), 0, 0o444
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            self._tar.addfile(info, io.BytesIO(members[ext]))
+        with self._writing():
+            if self._tar is None or self._count >= self.max_count or (self._count and self._size + size > self.max_size):
+                self._next()
+            for ext in sorted(members):
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size, info.mtime, info.mode = len(members[ext]), 0, 0o444
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                self._tar.addfile(info, io.BytesIO(members[ext]))
         self._count += 1
         self._size += size
 
-    def close(self) -> list[dict]:
-        """Finish the last shard, then remove the shards of an earlier, longer pack under the same prefix
-        (`<prefix>-NNNNNN.tar` numbered past the new ones), which a brace pattern or glob would still read."""
-        self._finish()
+    def finish(self, manifest: Callable[[list[dict]], dict] | None = None) -> dict | None:
+        """Finish the last shard and, with `manifest`, write `manifest(shards)` as `<prefix>.json`, all
+        under temporary names still; returns the manifest."""
+        with self._writing():
+            self._finish()
+            if manifest is None:
+                return None
+            written = manifest(self.shards)
+            with self._open_tmp(f"{self.prefix}.json") as f:
+                f.write(manifest_text(written).encode())
+                f.flush()
+                os.fsync(f.fileno())
+        return written
+
+    def commit(self) -> None:
+        """Move every file of this pack into place (the manifest last), then remove the shards of an earlier,
+        longer pack under the same prefix (numbered past the new ones), which a glob would still read."""
+        with self._writing():
+            for tmp in self._tmps:
+                os.replace(tmp, tmp.with_suffix(""))
+        self._tmps.clear()
         stale = sorted(p for p in (self.out.glob(f"{glob.escape(self.prefix)}-*.tar") if self.out.is_dir() else [])
                        if re.fullmatch(rf"{re.escape(self.prefix)}-(\d{{6}})\.tar", p.name)
                        and int(p.name[-10:-4]) >= len(self.shards))
@@ -128,71 +175,28 @@ class ShardWriter:
         if stale:
             log.warning("removed %d stale shard(s) of an earlier pack from %s: %s", len(stale), self.out,
                         " ".join(p.name for p in stale))
+
+    def close(self) -> list[dict]:
+        """`finish()` without a manifest and `commit()`: the shards in place; returns them."""
+        self.finish()
+        self.commit()
         return self.shards
+
+    def abort(self) -> None:
+        """Remove every temporary file of this pack; the files already in place stay as they were."""
+        if self._file is not None:
+            with contextlib.suppress(OSError):  # the flush of a failed write fails again
+                self._file.close()
+        self._file = self._tar = None
+        for tmp in self._tmps:
+            tmp.unlink(missing_ok=True)
+        self._tmps.clear()
+        if self._made_out and self.out.is_dir() and not any(self.out.iterdir()):
+            self.out.rmdir()
+        self._made_out = False
 
 
 # ---------------------------------------------------------------- reading
-
-
-class PipeStream:
-    """The stdout of a `pipe:CMD` shard; a failing command (exit status ≠ 0 at the end of its output) raises
-    OSError with the tail of its stderr, which is captured instead of printed on every try."""
-
-    def __init__(self, command: str):
-        self._err = tempfile.TemporaryFile()
-        self._proc = subprocess.Popen(command, shell=True, stdout=subprocess.PIPE, stderr=self._err)
-        self.closed = self._ended = False
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._proc.stdout.read(n)
-        if not data and n != 0:
-            self._ended = True
-            self._check(self._proc.wait())
-        return data
-
-    def _check(self, status: int) -> None:
-        if status != 0:
-            self._err.seek(0)
-            tail = " / ".join(self._err.read().decode("utf-8", "replace").split("\n")[-4:]).strip(" /")[-300:]
-            raise OSError(f"command exited with status {status}" + (f": {tail}" if tail else " (no stderr)"))
-
-    def __enter__(self) -> "PipeStream":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        if not self.closed:  # closed early, the command is stopped: its exit status is no fault of its own
-            self.closed = True
-            self._proc.stdout.close()
-            if not self._ended:
-                self._proc.kill()
-            self._proc.wait()
-            self._err.close()
-
-
-def open_shard(url: str):
-    """A binary stream of one shard: a local file, a `pipe:CMD` (PipeStream), or http(s) via webdataset.
-    A compressed tar is refused by name (CompressedShard)."""
-    if url.startswith("pipe:"):
-        stream = PipeStream(url[len("pipe:"):])
-    elif is_remote(url):
-        from webdataset.gopen import gopen  # http(s), … (imported lazily: it pulls in torch)
-
-        stream = gopen(url, "rb")
-    else:
-        stream = open(url[len("file:"):] if url.startswith("file:") else url, "rb")
-    try:
-        head = stream.read(6)
-        refuse_compressed(url, head)
-    except BaseException:
-        stream.close()
-        raise
-    if is_remote(url):
-        return Prefixed(head, stream)
-    stream.seek(0)
-    return stream
 
 
 def iter_shard(url: str, limits: Limits = Limits()) -> Iterator[tuple[str, dict[str, bytes]]]:
@@ -205,17 +209,15 @@ def iter_shard(url: str, limits: Limits = Limits()) -> Iterator[tuple[str, dict[
             for info in tar:
                 if not info.isreg():
                     continue
-                folder, _, base = info.name.rpartition("/")
-                stem, dot, field = base.partition(".")
-                k = f"{folder}/{stem}" if folder else stem
-                if dot and k != key and key is not None:  # the previous sample is whole: hand it out first
+                k, field = member_key(info.name)
+                if field is not None and k != key and key is not None:  # the previous sample is whole: hand it out
                     yield key, fields
                     key, fields = None, {}
-                check_member(info.name)
-                if not dot:
+                check_member_name(info.name)
+                if field is None:
                     continue
                 key = k
-                limits.check_member(info)
+                limits.check_member_size(info)
                 data = tar.extractfile(info).read()
                 if len(data) != info.size:  # a stream read stops quietly at a cut; the header knows better
                     raise tarfile.ReadError(f"unexpected end of data in {info.name}")
@@ -229,41 +231,6 @@ def iter_shard(url: str, limits: Limits = Limits()) -> Iterator[tuple[str, dict[
         stream.close()
 
 
-def _quiet_cv2() -> None:
-    # A corrupt image is reported by us in one line; cv2 would add its own multi-line log to stderr.
-    try:
-        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
-    except AttributeError:
-        pass
-
-
-_quiet_cv2()
-
-
-def decode_image(data: bytes, limits: Limits = Limits()) -> np.ndarray:
-    limits.check_pixels("image", data)
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-    if img is None:
-        raise SampleError("image cannot be decoded")
-    return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-
-
-def decode_label(data: bytes, limits: Limits = Limits()) -> np.ndarray:
-    """The stored ids, never colour-converted; 'L' PNGs go through cv2, anything else ('P') through PIL."""
-    limits.check_pixels("label", data)
-    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 25 and data[24] == 8 and data[25] == 0:
-        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
-    else:
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                arr = np.array(im) if im.mode in ("L", "P") else None
-        except Exception:
-            arr = None
-    if arr is None or arr.dtype != np.uint8 or arr.ndim != 2:
-        raise SampleError("label is not a decodable 8-bit single-channel PNG")
-    return arr
-
-
 def decode_sample(key: str, fields: dict[str, bytes], limits: Limits = Limits()) -> tuple[np.ndarray, np.ndarray]:
     """→ (uint8 HxWx3 RGB image, uint8 HxW label); SampleError when a field is missing or broken."""
     img = next((fields[f] for f in IMAGE_FIELDS if f in fields), None)
@@ -273,7 +240,7 @@ def decode_sample(key: str, fields: dict[str, bytes], limits: Limits = Limits())
         raise SampleError("missing field seg.png")
     image, label = decode_image(img, limits), decode_label(fields[LABEL_FIELD], limits)
     if image.shape[:2] != label.shape:
-        raise SampleError(f"image {image.shape[1]}x{image.shape[0]} and label {label.shape[1]}x{label.shape[0]} differ")
+        raise SampleError(f"image {hw_text(image.shape)} and label {hw_text(label.shape)} (HxW) differ")
     return image, label
 
 

@@ -13,14 +13,16 @@ identical bytes, and validation samples do not depend on how many training sampl
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 from pathlib import Path
 
 import cv2
 import numpy as np
 
 from anncli.data.datasets import manifest_for
-from anncli.data.manifest import manifest_path, write_json
+from anncli.data.manifest import manifest_path
 from anncli.data.shards import ShardWriter
 from anncli.errors import UserError
 from anncli.labels import IGNORE_INDEX
@@ -29,6 +31,7 @@ from anncli.sizes import parse_hw
 COLOURS = ("red", "green", "blue")
 KEY_CLASS = 4
 _SPLIT_STREAMS = {"train": 1, "val": 2}
+_SET_FILE = re.compile(r"synth-(train|val)(-\d{6}\.tar|\.json)")  # what writing a set replaces
 
 
 MAX_SIDE = 4096  # a 4096x4096 sample is 64 MB to draw; the set exists to be small
@@ -97,9 +100,7 @@ def _encode_png(arr: np.ndarray) -> bytes:
     return buf.tobytes()
 
 
-def _write_split(out: Path, split: str, count: int, h: int, w: int, seed: int, max_samples: int,
-                 made_from: dict) -> dict:
-    writer = ShardWriter(out, f"synth-{split}", max_samples, 1 << 62)
+def _write_split(writer: ShardWriter, split: str, count: int, h: int, w: int, seed: int, made_from: dict) -> dict:
     for i in range(count):
         rng = np.random.default_rng([seed & ((1 << 63) - 1), _SPLIT_STREAMS[split], i])
         image, label, meta = make_sample(rng, h, w)
@@ -107,22 +108,31 @@ def _write_split(out: Path, split: str, count: int, h: int, w: int, seed: int, m
         meta = {"dataset": "synth", "split": split, "key": key, "height": h, "width": w, **meta}
         writer.write(key, {"img.png": _encode_png(image), "seg.png": _encode_png(label),
                            "meta.json": json.dumps(meta, sort_keys=True).encode()})
-    manifest = {**manifest_for("synth", split, writer.close()), "made_from": made_from}
-    write_json(manifest_path(out, "synth", split), manifest)
-    return manifest
+    return writer.finish(lambda shards: {**manifest_for("synth", split, shards), "made_from": made_from})
 
 
 def write_synth(out, *, train: int = 2048, val: int = 256, size="64x128", seed: int = 0, max_samples: int = 256,
-                verbose: bool = True) -> dict:
-    """Write synth-train-*.tar, synth-val-*.tar and their manifests under `out`; returns both manifests."""
+                verbose: bool = True, force: bool = False) -> dict:
+    """Write synth-train-*.tar, synth-val-*.tar and their manifests under `out`; returns both manifests.
+    Both splits go into place together, after every file is written (ShardWriter.commit). Files of a set
+    there already are replaced only with `force`."""
     h, w = parse_size(size)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    if train + val == 0:
+        raise UserError("--train 0 --val 0: the synthetic set would hold no sample; ask for at least one")
+    existing = _set_files(out)
+    if existing and not force:
+        raise UserError(f"{out} holds a synthetic set already ({_names(existing)}); pass --force to replace it")
     made_from = _made_from(train, val, (h, w), seed, max_samples)
-    manifests = {split: _write_split(out, split, n, h, w, seed, max_samples, made_from)
-                 for split, n in (("train", train), ("val", val))}
+    with contextlib.ExitStack() as stack:
+        writers = {split: stack.enter_context(ShardWriter(out, f"synth-{split}", max_samples, 1 << 62))
+                   for split in _SPLIT_STREAMS}
+        manifests = {split: _write_split(writers[split], split, n, h, w, seed, made_from)
+                     for split, n in (("train", train), ("val", val))}
+        for writer in writers.values():
+            writer.commit()
     if verbose:
         print(f"wrote the synthetic set to {out}: {train} train and {val} val samples, {h}x{w}, seed {seed}")
     return manifests
@@ -131,6 +141,30 @@ def write_synth(out, *, train: int = 2048, val: int = 256, size="64x128", seed: 
 def _made_from(train: int, val: int, size, seed: int, max_samples: int) -> dict:
     """What a synthetic set is made from, recorded in its manifests: the same record, the same bytes."""
     return {"train": train, "val": val, "size": list(size), "seed": seed, "max_samples": max_samples}
+
+
+def _set_files(root: Path) -> list[str]:
+    """The files under `root` that writing a synthetic set there replaces or removes."""
+    return sorted(p.name for p in root.iterdir() if _SET_FILE.fullmatch(p.name)) if root.is_dir() else []
+
+
+def _made_here(root: Path) -> set[str]:
+    """The files of a set that `ann` wrote under `root`: its manifests with a made_from record and the shards
+    they list."""
+    names: set[str] = set()
+    for split in _SPLIT_STREAMS:
+        path = manifest_path(root, "synth", split)
+        try:
+            manifest = json.loads(path.read_text())
+            if manifest.get("made_from"):
+                names |= {path.name, *(shard["name"] for shard in manifest["shards"])}
+        except (OSError, ValueError, AttributeError, KeyError, TypeError):
+            continue
+    return names
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def _recorded(root: Path) -> dict | None | bool:
@@ -168,10 +202,15 @@ def ensure_synth(root: str, cfg, create: bool = True) -> bool:
         raise UserError(f"the checkpoint's recipe reads a synthetic set ({_describe(want)}) under {root}, which "
                         f"holds {found}; evaluating without a recipe never writes data: pass the recipe, or "
                         f"create the set with `ann data synth`")
+    foreign = sorted(set(_set_files(root_path)) - _made_here(root_path))
+    if foreign:
+        raise UserError(f"{root_path} holds {_names(foreign)}, which no synthetic set of `ann` lists (a manifest "
+                        "with a made_from record); the recipe's data.synth would replace them: move them away, or "
+                        "point data.root at another folder")
     verb = "creating" if have is False else f"replacing {found} with"
     print(f"{verb} the synthetic long-range dataset under {root_path} ({_describe(want)})", flush=True)
     write_synth(root_path, train=cfg.train, val=cfg.val, size=tuple(want["size"]), seed=cfg.seed,
-                max_samples=cfg.max_samples, verbose=False)
+                max_samples=cfg.max_samples, verbose=False, force=True)
     return True
 
 

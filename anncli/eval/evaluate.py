@@ -36,6 +36,7 @@ class EvalOptions:
     save_pred: Optional[Path] = None
     recipe_path: Optional[str] = None
     pred_format: PredFormat = TRAIN_IDS
+    split_given: bool = False  # --split, not the recipe's data.val
 
     @classmethod
     def from_cli(cls, recipe, recipe_path, checkpoint, multiscale, scales, flip, mode, crop, stride, merge, split,
@@ -43,7 +44,7 @@ class EvalOptions:
         """`split` None: the recipe's data.val (a split name or a shard pattern), as validation in training."""
         protocol = resolve_protocol(recipe, multiscale=multiscale, scales=scales, flip=flip, mode=mode, crop=crop,
                                     stride=stride, merge=merge)
-        split = recipe.data.val if split is None else split
+        split_given, split = split is not None, recipe.data.val if split is None else split
         if not split or not split.strip():
             raise UserError("--split: empty")
         if pred_format_name is not None and save_pred is None:
@@ -54,7 +55,7 @@ class EvalOptions:
         if json_out is not None:
             json_out = Path(str(json_out).replace("{checkpoint}", checkpoint.name))
         return cls(protocol=protocol, checkpoint=checkpoint, split=split, json_out=json_out,
-                   save_pred=save_pred, recipe_path=recipe_path, pred_format=fmt)
+                   save_pred=save_pred, recipe_path=recipe_path, pred_format=fmt, split_given=split_given)
 
 
 def evaluate_model(model, samples: Iterable[dict], protocol: Protocol, num_classes: int, device: torch.device,
@@ -127,16 +128,18 @@ def _reduce(cm: torch.Tensor, samples: int, failed: bool, outside: int) -> tuple
 
 
 def _evaluate_split(model, recipe, split: str, protocol: Protocol, info, save_pred: Optional[Path],
-                    show_progress: bool, pred_fmt: PredFormat = TRAIN_IDS) -> tuple[torch.Tensor, int, int]:
+                    show_progress: bool, pred_fmt: PredFormat = TRAIN_IDS,
+                    from_checkpoint: Optional[str] = None) -> tuple[torch.Tensor, int, int]:
     """Confusion, sample count and labelled pixels outside the class ids (not in the matrix) of the whole
     split, summed over ranks; every rank gets the result, rank 0 names the first such pixel it saw. With
-    `save_pred`, every prediction is written there in `pred_fmt` (default: train ids)."""
+    `save_pred`, every prediction is written there in `pred_fmt` (default: train ids). `from_checkpoint`:
+    where the split comes from when a checkpoint's recipe names it (it may name local files only)."""
     from anncli.data.manifest import resolve_urls
     from anncli.data.shards import Limits, eval_samples
     from anncli.eval.formats import write_label_png
     from anncli.eval.report import progress
 
-    urls = resolve_urls(recipe.data.root, recipe.data.dataset, split)
+    urls = resolve_urls(recipe.data.root, recipe.data.dataset, split, from_checkpoint)
     samples = eval_samples(urls, rank=info.rank, world_size=info.world_size, num_workers=recipe.data.num_workers,
                            limits=Limits.of(recipe.data))
     k = recipe.model.num_classes
@@ -166,7 +169,8 @@ def _evaluate_split(model, recipe, split: str, protocol: Protocol, info, save_pr
     if failed:
         raise UserError(f"evaluation failed on {failed} other rank(s); see their messages")
     if total == 0:
-        raise UserError(f"split {split!r}: no samples under {recipe.data.root}")
+        more = f" and {len(urls) - 1} more" if len(urls) > 1 else ""
+        raise UserError(f"split {split!r}: no samples in {urls[0]}{more}")
     if outside and show_progress:
         example = f" (first: {first})" if first else ""
         print(f"[ann] warning: {outside:,} labelled pixels have values outside model.num_classes={k}{example}; "
@@ -214,8 +218,9 @@ def _run(recipe, opts: EvalOptions, info) -> dict:
     prepare_synth(recipe.data, info.is_main, create=not own)
     configure_algorithms(info.device, recipe.train.deterministic, shapes_repeat=opts.protocol.mode == "slide")
     model = load_model(recipe, checkpoint, info.device, memory_format(opts.protocol.channels_last, info.device))
+    untrusted = f"data.val of {checkpoint / 'recipe.yaml'}" if own and not opts.split_given else None
     cm, total, outside = _evaluate_split(model, recipe, opts.split, opts.protocol, info, opts.save_pred,
-                                         info.is_main, opts.pred_format)
+                                         info.is_main, opts.pred_format, untrusted)
     metrics = metrics_from_confusion(cm, _class_names(recipe, opts.split))
     report = {
         "recipe": recipe.name, "recipe_path": opts.recipe_path, "checkpoint": str(checkpoint),

@@ -9,35 +9,14 @@ match `ann predict --checkpoint`: ids in the chosen format (eval/formats.py), <s
 
 from __future__ import annotations
 
-import glob
 import json
 import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
+from anncli.data.images import expand_images, read_rgb
 from anncli.errors import UserError
-
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
-
-
-def expand_images(items) -> list[Path]:
-    """Files, directories (searched recursively) and globs, in order, without repeats."""
-    found: list[Path] = []
-    for item in items:
-        path = Path(item)
-        if path.is_dir():
-            matches = sorted(p for p in path.rglob("*") if p.suffix.lower() in _IMAGE_SUFFIXES)
-        elif path.is_file():
-            matches = [path]
-        else:
-            matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
-        if not matches:
-            raise UserError(f"{item}: no such image file, or no image matches")
-        found.extend(m for m in matches if m not in found)
-    return found
-
 
 class OnnxSegmenter:
     """An exported model in an onnxruntime CPU session, with its class names and palette."""
@@ -96,14 +75,6 @@ def _read_meta(path: Path, text: str) -> tuple[dict, np.ndarray]:
         raise UserError(f"--model {path}: its anncli metadata is malformed (expected JSON with a palette of "
                         "[r, g, b] rows); export it again with `ann export --format onnx`")
     return meta, palette.astype(np.uint8)
-
-
-def read_rgb(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: cannot read the image ({e.__class__.__name__})") from None
 
 
 def model_dataset(meta: dict) -> str:

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from anncli.data.images import expand_images, read_rgb
 from anncli.errors import UserError
 from anncli.eval.formats import PredictionPlaces, pred_format
 from anncli.eval.inference import load_model, predict_labels, resolve_protocol
-from anncli.eval.onnx_predict import expand_images, read_rgb  # torch-free, so they live with the ONNX predictor
 from anncli.eval.report import progress
 
 

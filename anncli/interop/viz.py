@@ -184,7 +184,7 @@ def run_viz_attention(checkpoint: Path, image_path: Path, pixel: str, out: Path,
     from anncli.eval.inference import load_model
     from anncli.eval.predict import class_palette
     from anncli.eval.inference import resolve_protocol
-    from anncli.eval.onnx_predict import read_rgb
+    from anncli.data.images import read_rgb
     from anncli.interop.plot import pyplot
     from anncli.recipe import load_recipe
 

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from anncli.data.manifest import resolve_urls
-from anncli.data.guards import CompressedShard, Limits, header_size
-from anncli.data.shards import decode_label, eval_samples, iter_shard
+from anncli.data.guards import CompressedShard, Limits, header_hw
+from anncli.data.images import decode_label
+from anncli.data.shards import eval_samples, iter_shard
 from anncli.data.synth import _encode_png
 from anncli.errors import UserError
 from anncli.interop.weights import read_state_dict
@@ -27,12 +28,13 @@ def _chunk(kind: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
 
 
-def png_bomb(width: int = 20000, height: int = 20000) -> bytes:
-    """A valid 8-bit greyscale PNG of width x height zeros: a few hundred KB that decode to width*height bytes."""
+def png_bomb(width: int = 20000, height: int = 20000, depth: int = 8) -> bytes:
+    """A valid greyscale PNG of width x height zeros, `depth` bits a pixel: a few hundred KB (48 KB at 1 bit)
+    that decode to width*height pixels."""
     rows = zlib.compressobj(9)
-    row = b"\x00" * (width + 1)  # filter byte + pixels
+    row = b"\x00" * (-(-width * depth // 8) + 1)  # filter byte + pixels
     body = b"".join(rows.compress(row) for _ in range(height)) + rows.flush()
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, 0, 0, 0, 0))
             + _chunk(b"IDAT", body) + _chunk(b"IEND", b""))
 
 
@@ -51,8 +53,8 @@ def bomb() -> bytes:
 
 
 def test_pixels_are_checked_from_the_header_before_decoding(tmp_path, bomb):
-    assert len(bomb) < 1_000_000 and header_size(bomb) == (20000, 20000)
-    with pytest.raises(Exception, match=r"label is 20000x20000 pixels, over data.max_pixels=64000000"):
+    assert len(bomb) < 1_000_000 and header_hw(bomb) == (20000, 20000)
+    with pytest.raises(Exception, match=r"label is 20000x20000 pixels \(HxW\), over data.max_pixels=64000000"):
         decode_label(bomb)
     image = np.zeros((8, 8, 3), np.uint8)
     url = _tar(tmp_path / "bomb-val-000000.tar", {"s0.img.png": _encode_png(image), "s0.seg.png": bomb})
@@ -68,8 +70,8 @@ def test_a_jpeg_header_gives_its_size():
     import cv2
 
     ok, data = cv2.imencode(".jpg", np.zeros((24, 40, 3), np.uint8))
-    assert ok and header_size(data.tobytes()) == (40, 24)
-    with pytest.raises(Exception, match="image is 40x24 pixels, over data.max_pixels=100"):
+    assert ok and header_hw(data.tobytes()) == (24, 40)
+    with pytest.raises(Exception, match=r"image is 24x40 pixels \(HxW\), over data.max_pixels=100"):
         Limits(max_pixels=100).check_pixels("image", data.tobytes())
 
 

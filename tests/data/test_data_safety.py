@@ -163,6 +163,24 @@ def test_training_on_a_truncated_shard_warns_once_a_cycle_and_counts_the_skips(t
     assert skipped == sorted(skipped) and skipped[-1] >= 30  # every sample behind the cut, and its substitutes
 
 
+def test_a_one_sample_bad_shard_is_warned_about_once_and_the_error_counts_it(tmp_path, caplog):
+    """Every substitute of a one-sample set is that sample again: one warning, then the bound, with a count."""
+    image, _, _ = make_sample(np.random.default_rng(0), 32, 64)
+    url = str(tmp_path / "x-train-000000.tar")
+    with tarfile.open(url, "w") as tar:
+        for field, data in (("img.png", _encode_png(image)), ("seg.png", b"not a png")):
+            info = tarfile.TarInfo(f"s0.{field}")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    stream = stream_of([url], [1], batch_size=1, effective_batch=1, lanes=1)
+    with caplog.at_level(logging.WARNING, logger="anncli.data"), pytest.raises(DataError) as err:
+        _take(stream, 1)
+    warned = [r.getMessage() for r in caplog.records if "skipping bad training sample" in r.getMessage()]
+    assert len(warned) == 1 and "x-train-000000.tar: sample s0: label is not a readable image" in warned[0], warned
+    assert re.search(r"skipped 100 of 100 training samples .*; last problem \(100 times\): .*sample s0",
+                     str(err.value)), err.value
+
+
 # ---------------------------------------------------------------- pipe: sources that keep failing
 
 

@@ -52,6 +52,39 @@ def test_eval_without_a_recipe_never_writes_where_the_checkpoint_says(tmp_path):
     assert read_manifest(elsewhere, "synth", "val")["total"] == 3
 
 
+def test_data_synth_never_replaces_a_set_without_force_nor_writes_an_empty_one(tmp_path):
+    out = tmp_path / "s"
+    assert _cli("data", "synth", out, "--train", 3, "--val", 2, "--size", "32x64").exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    res = _cli("data", "synth", out, "--train", 5, "--val", 2, "--size", "32x64")
+    assert res.exit_code == 2, res.output
+    assert (f"{out} holds a synthetic set already (synth-train-000000.tar, synth-train.json, synth-val-000000.tar "
+            "and 1 more); pass --force to replace it") in res.output
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    res = _cli("data", "synth", out, "--train", 5, "--val", 2, "--size", "32x64", "--force")
+    assert res.exit_code == 0, res.output
+    assert read_manifest(out, "synth", "train")["total"] == 5
+    res = _cli("data", "synth", tmp_path / "empty", "--train", 0, "--val", 0)
+    assert res.exit_code == 2 and "would hold no sample" in res.output, res.output
+    assert not (tmp_path / "empty").exists()
+
+
+def test_making_the_recipes_set_never_overwrites_files_it_did_not_write(tmp_path):
+    """The user put a shard and a manifest of their own (no made_from record) where data.synth points:
+    `ann eval RECIPE` refuses to make the set over them, in one line, and leaves them as they were."""
+    root = tmp_path / "synth"
+    write_split(root, "val", [2])
+    theirs = {p.name: p.read_bytes() for p in root.iterdir()}
+    recipe = write_recipe(tmp_path / "recipe.yaml", root)
+    tree = yaml.safe_load(recipe.read_text())
+    tree["data"]["synth"] = {"train": 4, "val": 3, "size": [32, 64], "max_samples": 4}
+    recipe.write_text(yaml.safe_dump(tree))
+    res = _cli("eval", recipe, "--checkpoint", write_checkpoint(tmp_path / "run", recipe))
+    assert res.exit_code == 2, res.output[-2000:]
+    assert f"{root} holds synth-val-000000.tar, synth-val.json, which no synthetic set of `ann` lists" in res.output
+    assert {p.name: p.read_bytes() for p in root.iterdir()} == theirs
+
+
 # ---------------------------------------------------------------- labels outside model.num_classes
 
 
