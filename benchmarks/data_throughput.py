@@ -33,10 +33,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from anncli.data.shards import ShardWriter, decode_image, decode_label
+from anncli.data.images import decode_image, decode_label
+from anncli.data.shards import ShardWriter
 from anncli.data import transforms
 from anncli.data.global_stream import GlobalStream
-from anncli.data.manifest import shard_counts
+from anncli.data.counts import shard_counts
 from anncli.data.transforms import TrainTransform, normalize_batch
 from anncli.recipe import AugmentConfig
 
