@@ -127,19 +127,45 @@ def _write_dir(out: Path, state: dict[str, torch.Tensor], recipe: Recipe, source
 
 
 def import_checkpoint(fmt: str, src: Path, out: Path, recipe_path: Path | None = None,
-                      classes: int | None = None, max_mb: int = MAX_CHECKPOINT_MB) -> Path:
-    """`ann weights import`: a peer checkpoint -> an `ann` checkpoint directory; prints one summary line."""
-    from anncli.models.ann import build_model
-
+                      classes: int | None = None, max_mb: int = MAX_CHECKPOINT_MB, source: str | None = None) -> Path:
+    """`ann weights import`: a peer checkpoint -> an `ann` checkpoint directory; prints one summary line.
+    `source`: the URL or name `src` was fetched from."""
     if fmt not in FORMATS:
         raise UserError(f"format {fmt!r}: expected one of {', '.join(FORMATS)}")
     state = read_state_dict(src, max_mb)
     found = detect(state)
     if found != fmt:
-        raise UserError(f"{src}: looks like a {found} checkpoint, not {fmt}")
+        raise UserError(f"{source or src}: looks like a {found} checkpoint, not {fmt}")
     base = load_recipe(recipe_path) if recipe_path is not None else None
     if base is not None and base.model.variant != fmt:
         raise UserError(f"--recipe {recipe_path}: model.variant is {base.model.variant}, the file is a {fmt} checkpoint")
+    print(write_import(fmt, state, Path(out), base, classes, _origin(fmt, src, source)))
+    return Path(out)
+
+
+def import_fetched(src: Path, out: Path, base: Recipe | None, source: str) -> str:
+    """A fetched peer checkpoint (its format detected) as the checkpoint directory `out`, the model section
+    of `base` (the recipe it will be used with) filled from the tensors; returns the summary line."""
+    state = read_state_dict(src)
+    fmt = detect(state)
+    if fmt not in FORMATS:
+        raise UserError(f"{source}: an ImageNet backbone ({fmt}), not a segmentation checkpoint; give it as "
+                        "model.pretrained")
+    if base is not None and base.model.variant != fmt:
+        raise UserError(f"{source}: a {fmt} checkpoint, and the recipe {base.name} has model.variant "
+                        f"{base.model.variant}")
+    return write_import(fmt, state, out, base, None, _origin(fmt, src, source))
+
+
+def _origin(fmt: str, src: Path, source: str | None) -> dict:
+    return {"format": fmt, "path": str(src), **({"source": source} if source else {})}
+
+
+def write_import(fmt: str, state: dict[str, torch.Tensor], out: Path, base: Recipe | None, classes: int | None,
+                 origin: dict) -> str:
+    """Peer tensors of format `fmt` -> the checkpoint directory `out`; the summary line."""
+    from anncli.models.ann import build_model
+
     model_cfg = model_config_of(state, fmt, None if base is None else base.model)
     if classes is not None and classes != model_cfg.num_classes:
         raise UserError(f"--classes {classes}: the checkpoint's classifier has {model_cfg.num_classes} classes")
@@ -150,13 +176,12 @@ def import_checkpoint(fmt: str, src: Path, out: Path, recipe_path: Path | None =
     for key in net.state_dict():  # files from before BN counted its batches
         if key.endswith("num_batches_tracked") and key not in mapped:
             mapped[key] = torch.tensor(0)
-    check_keys(net.state_dict(), mapped, f"{fmt} checkpoint {src}")
+    check_keys(net.state_dict(), mapped, f"{fmt} checkpoint {origin.get('source', origin['path'])}")
     ordered = {k: mapped[k] for k in net.state_dict()}
-    _write_dir(Path(out), ordered, recipe, {"format": fmt, "path": str(src)})
+    _write_dir(out, ordered, recipe, origin)
     params = sum(p.numel() for p in net.parameters())
-    print(f"[ann] imported {fmt} {recipe.model.backbone}, {recipe.model.num_classes} classes, "
-          f"{params:,} parameters -> {out} (recipe {recipe.name})")
-    return Path(out)
+    return (f"[ann] imported {fmt} {recipe.model.backbone}, {recipe.model.num_classes} classes, "
+            f"{params:,} parameters -> {out} (recipe {recipe.name})")
 
 
 def inspect(src: Path, max_mb: int = MAX_CHECKPOINT_MB) -> dict:
