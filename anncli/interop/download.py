@@ -108,7 +108,7 @@ def _download(url: str, final: Path, source: str, sha256: str | None) -> None:
             have = part.stat().st_size if part.exists() else 0
             if not cut.resumable and have <= best:
                 _remove(part)
-                raise UserError(f"{url}: {cut}, twice, and the server cannot resume a download (no byte "
+                raise UserError(f"{url}: {cut}, again, and the server cannot resume a download (no byte "
                                 "ranges); nothing was kept: try again later") from None
             if have <= best or attempt == ATTEMPTS - 1:
                 raise UserError(f"{url}: {cut}; {have / MB:.1f} MB kept in {part}: run the command again to "
@@ -168,8 +168,8 @@ def _attempt(url: str, part: Path, final: Path, source: str) -> None:
         total = _total(url, response, offset)
         if response.status != 206:
             offset = 0
-        _meta(part).write_text(json.dumps({"url": url, "etag": response.headers.get("ETag"),
-                                           "last_modified": response.headers.get("Last-Modified")}))
+        _write_meta(part, {"url": url, "etag": response.headers.get("ETag"),
+                           "last_modified": response.headers.get("Last-Modified")})
         progress = DownloadProgress(final.name, total, offset)
         try:
             _copy(url, response, part, offset, progress)
@@ -225,8 +225,20 @@ def _write(out, chunk: bytes, part: Path) -> None:
         out.write(chunk)
         out.flush()
     except OSError as e:
-        _remove(part)
-        raise UserError(f"weights cache {os_error_line(e, part)}: the download was removed") from None
+        _write_failed(e, part)
+
+
+def _write_meta(part: Path, meta: dict) -> None:
+    """What the next attempt needs to resume `part`: its URL and the server's name of the file's version."""
+    try:
+        _meta(part).write_text(json.dumps(meta))
+    except OSError as e:
+        _write_failed(e, part)
+
+
+def _write_failed(error: OSError, part: Path) -> None:
+    _remove(part)
+    raise UserError(f"weights cache {os_error_line(error, part)}: the download was removed") from None
 
 
 def _check_start(url: str, chunk: bytes, part: Path) -> None:

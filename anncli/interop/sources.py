@@ -97,19 +97,23 @@ def resolve_checkpoint(source: Optional[str], recipe_path: Optional[Path] = None
     (naming the zoo row's recipe)."""
     if source is None or not is_remote(source):
         return None if source is None else Path(source)
+    from anncli.interop.weights import ModelMismatch
     from anncli.recipe import load_recipe
     from anncli.runs.checkpoint import check_compatible
 
     base = load_recipe(recipe_path, list(overrides)) if recipe_path is not None else None
     entry = _entry(source)
     hint = f"; {source} was trained with the recipe {entry.recipe}: pass it or leave the recipe out" \
-        if entry and entry.recipe and base is not None else ""
+        if entry and entry.recipe else ""
     try:
         out = checkpoint_dir(source, base)
-        if base is not None:
-            check_compatible(out, base)
-    except UserError as e:
+    except ModelMismatch as e:
         raise UserError(f"{e}{hint}") from None
+    if base is not None:
+        try:
+            check_compatible(out, base)  # before any data is read or a rank started
+        except UserError as e:
+            raise UserError(f"{e}{hint}") from None
     return out
 
 

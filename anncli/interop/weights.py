@@ -22,6 +22,12 @@ from anncli.interop.peer_keys import (AUX, CLASSIFIER, FORMATS, IGNORED, depth_o
 from anncli.recipe import AugmentConfig, LossConfig, ModelConfig, Recipe, load_recipe
 
 SKIPPABLE = ("classifier",)
+
+
+class ModelMismatch(UserError):
+    """A peer checkpoint whose network is not the one of the recipe it is to be used with."""
+
+
 MAX_CHECKPOINT_MB = 4096  # a peer file's size once loaded; ResNet-101 ANN with an optimizer state is ~1 GB
 # Normalisation each variant's weights were trained with (official: BGR Caffe mean; mmseg: RGB ImageNet).
 NORMALISATION = {"official": dict(bgr=True, mean=(102.9801, 115.9465, 122.7717), std=(1.0, 1.0, 1.0)),
@@ -152,8 +158,8 @@ def import_fetched(src: Path, out: Path, base: Recipe | None, source: str) -> st
         raise UserError(f"{source}: an ImageNet backbone ({fmt}), not a segmentation checkpoint; give it as "
                         "model.pretrained")
     if base is not None and base.model.variant != fmt:
-        raise UserError(f"{source}: a {fmt} checkpoint, and the recipe {base.name} has model.variant "
-                        f"{base.model.variant}")
+        raise ModelMismatch(f"{source}: a {fmt} checkpoint, and the recipe {base.name} has model.variant "
+                            f"{base.model.variant}")
     return write_import(fmt, state, out, base, None, _origin(fmt, src, source))
 
 

@@ -144,3 +144,18 @@ def test_model_pretrained_with_another_scheme_is_refused_at_load(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("name: r\nmodel:\n  pretrained: ftp://example.org/r50.pth\n")
     one_line(ann("recipe", "validate", recipe, cache=tmp_path), "model.pretrained", "open-mmlab://NAME")
+
+
+@pytest.mark.slow
+def test_two_ranks_load_weights_their_launcher_fetched_once(synth_root, tmp_path):
+    server = WeightsServer()
+    try:
+        data = small_backbone_file()
+        url = server.add(hashed_name("small", data), data)
+        result = ann(*train_args(synth_root, tmp_path / "run", url, "--nproc-per-node", "2"), cache=tmp_path / "cache",
+                     timeout=600)
+        assert result.returncode == 0, result.stderr
+        # the node's launcher downloaded before starting the ranks; both ranks then read the cached file
+        assert len(server.gets) == 1 and result.stderr.count("[ann] downloaded") == 1, result.stderr
+    finally:
+        server.stop()
