@@ -20,10 +20,9 @@ from urllib.parse import unquote, urlsplit
 
 from anncli.errors import UserError
 
-URL_SCHEMES = ("http://", "https://")
 # torch.hub's convention: `<name>-<hex>.<ext>`, the hex a prefix of the file's SHA-256
 _HASH_IN_NAME = re.compile(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$")
-_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=~-]{0,254}$")
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+=~-]{0,254}")
 
 
 def cache_dir() -> Path:
@@ -37,12 +36,8 @@ def offline() -> bool:
     return os.environ.get("ANN_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def is_url(text: str) -> bool:
-    return text.startswith(URL_SCHEMES)
-
-
 def _segment(url: str, text: str) -> str:
-    if not _PLAIN_NAME.match(text):
+    if not _PLAIN_NAME.fullmatch(text):
         raise UserError(f"{url}: {text!r} in its path cannot be a file name in the weights cache "
                         "(letters, digits and _.+=~- only, not . or ..)")
     return text

@@ -290,3 +290,19 @@ def test_progress_is_a_bar_on_a_terminal(server, tmp_path):
     assert proc.wait(timeout=120) == 0
     text = shown.decode(errors="replace")
     assert "━" in text and "% (" not in text, text  # rich's bar, not the log lines
+
+
+def test_the_cache_is_ann_cache_dir_else_under_xdg_cache_home(tmp_path, monkeypatch):
+    from anncli.interop.cache import cache_dir, file_for
+
+    monkeypatch.delenv("ANN_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "ann"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "ann"
+    monkeypatch.setenv("ANN_CACHE_DIR", str(tmp_path / "mine"))
+    url = "https://download.openmmlab.com/pretrain/third_party/resnet50_v1c-2cccc1ad.pth"
+    assert file_for(url) == tmp_path / "mine" / "weights" / "download.openmmlab.com" / "pretrain" / "third_party" / \
+        "resnet50_v1c-2cccc1ad.pth"
+    assert file_for(url + "?dl=1").parent.name.startswith("q-")  # a query gets a folder of its own
