@@ -125,6 +125,15 @@ def fs_error_line(exc: BaseException, hint: Optional[str | os.PathLike] = None) 
     return None
 
 
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a file's or a directory's entries to the disk (a directory: the renames into it)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_result(path: str | os.PathLike, text: str, what: str = "--json") -> None:
     """Write a result file whole or not at all (a temporary file, fsynced, renamed). When the write fails
     (a full disk, the file-size limit) the text goes to stdout instead and a UserError says so: the

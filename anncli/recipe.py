@@ -17,6 +17,8 @@ from anncli.recipe_yaml import RecipeError, format_error, parse_override, read_t
 
 
 _NUMBERS = (int, float, Optional[int], Optional[float])
+# model.pretrained, --init-from and --checkpoint: a local path or one of these (anncli/interop/sources.py)
+WEIGHTS_SCHEMES = ("http://", "https://", "open-mmlab://", "mmseg://")
 
 
 class _Section(BaseModel):
@@ -60,6 +62,13 @@ class ModelConfig(_Section):
         if self.variant == "mmseg" and (self.name == "fcn" or self.backbone == "small"):
             raise ValueError("variant mmseg: needs name ann or nonlocal and backbone resnet50 or resnet101")
         return self
+
+    @field_validator("pretrained")
+    @classmethod
+    def _weights_source(cls, value: Optional[str]) -> Optional[str]:
+        if value and "://" in value and not value.startswith(WEIGHTS_SCHEMES):
+            raise ValueError("expected a local path, an http(s):// URL, open-mmlab://NAME or mmseg://CONFIG")
+        return value
 
     @property
     def resolved_align_corners(self) -> bool:

@@ -64,6 +64,9 @@ RULES = [
     Rule(r"ann train recipes/demo", "tiny", "the demo recipe shrunk to 6 steps on 32x64 images"),
     Rule(r"ann train demo --dry-run", "dry-run", "the built-in demo by name: --dry-run plans it"),
     Rule(r"ann recipes ", "run", "as written: lists, shows or copies built-in recipes into the scratch project"),
+    Rule(r"ann (eval|predict) .*--checkpoint (mmseg|https?)://", "skip",
+         "fetches a released model (hundreds of MB); tests/interop/test_weights_by_url.py evaluates a checkpoint URL "
+         "served on 127.0.0.1"),
     Rule(r"ann eval ", "tiny", "on the tiny demo run; dataset recipes are replaced by the demo's", _ON_DEMO),
     Rule(r"ann predict ", "run", "on the tiny demo run and two images",
          ((f"runs/demo/checkpoints/step-{400:06d}", f"runs/demo/checkpoints/step-{TINY_STEPS:06d}"),)),

@@ -94,7 +94,9 @@ def train(
     set_: SetOpt = None,
     work_dir: WorkDirOpt = None,
     resume: Annotated[str, typer.Option(metavar="auto|never|PATH", help="auto (newest complete checkpoint), never, or a checkpoint path.")] = "auto",
-    init_from: Annotated[Optional[Path], typer.Option(help="Load model weights only from this checkpoint.")] = None,
+    init_from: Annotated[Optional[str], typer.Option(metavar="DIR|URL|NAME", help=(
+        "Load model weights only from this checkpoint: a directory, or a peer checkpoint's URL or mmseg:// name "
+        "(fetched and imported once into the weights cache)."))] = None,
     init_skip: Annotated[Optional[list[str]], typer.Option(help="With --init-from: leave these out (classifier: fine-tune to another class count).")] = None,
     fresh: Annotated[bool, typer.Option("--fresh", help="Start over; move old checkpoints aside (superseded-<time>/).")] = False,
     allow_recipe_change: Annotated[bool, typer.Option("--allow-recipe-change",
@@ -111,14 +113,15 @@ def train(
         _fail(f"--init-skip {init_skip[0]} leaves tensors out of --init-from, which is not given; add --init-from DIR")
     recipe = recipe_file(recipe)
     r = _load(recipe, [*(set_ or []), *(["model.compile=true"] if compile_ else [])])
-    from anncli.train.plan import describe_plan, plan_split
-    from anncli.train.loop import TrainOptions, run_training
+    from anncli.train import local_weights
+    from anncli.train.loop import TrainOptions
+    from anncli.train.plan import describe_plan
 
     opts = TrainOptions(str(recipe), work_dir, resume, init_from, tuple(init_skip or ()), fresh=fresh,
                         allow_recipe_change=allow_recipe_change)
     describe = functools.partial(describe_plan, r, opts) if dry_run else None
-    _start(launch, functools.partial(run_training, r, opts), describe, functools.partial(plan_split, r, opts),
-           run_dir=work_dir or Path("runs") / r.name)
+    _start(launch, functools.partial(local_weights.train, r, opts), describe,
+           functools.partial(local_weights.check_then_fetch, r, opts), run_dir=work_dir or Path("runs") / r.name)
 
 
 @app.command("eval")
@@ -126,9 +129,9 @@ def train(
 def eval_(
     recipe: Annotated[Optional[Path], typer.Argument(help=(
         "Recipe YAML or built-in name (default: the one saved with the checkpoint)."))] = None,
-    checkpoint: Annotated[Optional[Path], typer.Option(help=(
+    checkpoint: Annotated[Optional[str], typer.Option(metavar="DIR|URL|NAME", help=(
         "Checkpoint directory (default: the newest complete one of the run directory; with no recipe either, the "
-        "newest under runs/)."))] = None,
+        "newest under runs/), or a peer checkpoint's URL or mmseg:// name, fetched and imported once."))] = None,
     set_: set_option("data.root=/scratch/cityscapes") = None,
     multiscale: Annotated[bool, typer.Option("--multiscale", help="Use the recipe's eval.scales (and eval.flip).")] = False,
     scales: Annotated[Optional[str], typer.Option(metavar="LIST", help=(
@@ -159,9 +162,12 @@ def eval_(
 ) -> None:
     """Evaluate a checkpoint: mIoU per class, single- or multi-scale, with flip and sliding windows."""
     from anncli.eval.evaluate import EvalOptions, run_evaluation
+    from anncli.interop.sources import resolve_checkpoint
     from anncli.runs.choose import choose_run
 
-    chosen = _run(choose_run, None if recipe is None else recipe_file(recipe), checkpoint, work_dir, set_ or [])
+    recipe = None if recipe is None else recipe_file(recipe)
+    local = _run(resolve_checkpoint, checkpoint, recipe, set_ or [])
+    chosen = _run(choose_run, recipe, local, work_dir, set_ or [])
     opts = _run(EvalOptions.from_cli, recipe=chosen.recipe, recipe_path=str(chosen.recipe_path),
                 checkpoint=chosen.checkpoint, multiscale=multiscale, scales=scales, flip=flip, mode=mode, crop=crop,
                 stride=stride, merge=merge, split=split, json_out=json_out, save_pred=save_pred,
@@ -176,9 +182,9 @@ def eval_(
 def predict(
     images: Annotated[list[str], typer.Argument(help="Image files, directories (searched recursively) or globs.")],
     out: Annotated[Path, typer.Option(help="Output directory.")],
-    checkpoint: Annotated[Optional[Path], typer.Option(help=(
+    checkpoint: Annotated[Optional[str], typer.Option(metavar="DIR|URL|NAME", help=(
         "Checkpoint directory (default: the newest complete one under runs/, or of the recipe's run "
-        "directory)."))] = None,
+        "directory), or a peer checkpoint's URL or mmseg:// name, fetched and imported once."))] = None,
     model: Annotated[Optional[Path], typer.Option(help="An ONNX file from `ann export`, run with onnxruntime on CPU (no torch needed).")] = None,
     recipe: Annotated[Optional[Path], typer.Option(help="Recipe (default: the one saved with the checkpoint).")] = None,
     set_: set_option("eval.merge=softmax") = None,
@@ -203,10 +209,12 @@ def predict(
         _, failed = _run_writing(out, run_onnx_predict, images, model, out, fmt, colors, overlay)
         raise typer.Exit(1 if failed else 0)
     from anncli.eval.predict import run_predict
+    from anncli.interop.sources import resolve_checkpoint
     from anncli.runs.choose import choose_run
 
     _run(check_outputs, out=out)
-    chosen = _run(choose_run, recipe, checkpoint, None, set_ or [])
+    local = _run(resolve_checkpoint, checkpoint, recipe, set_ or [])
+    chosen = _run(choose_run, recipe, local, None, set_ or [])
     summary = _run_writing(out, run_predict, images=images, checkpoint=chosen.checkpoint, out=out,
                            recipe=chosen.recipe, multiscale=multiscale, flip=flip, fmt=fmt, colors=colors,
                            overlay=overlay)

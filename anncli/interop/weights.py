@@ -1,17 +1,15 @@
 """Weights from other tools: official MendelXu/ANN and mmsegmentation ANN checkpoints into `ann`.
 
-- `detect`: the format of a loaded state dict (official, mmseg, or an ImageNet backbone of either);
-- `to_ann`: peer key names -> this package's names (shared query/key aliases checked and dropped);
+- `read_state_dict`: the tensors of a peer file, sized before loading;
 - `import_checkpoint`: a normal checkpoint directory (model.pt, state.json, recipe.yaml, COMPLETE);
 - `inspect`: format, network, classes and parameter count of a file;
 - `init_from`: `ann train --init-from DIR [--init-skip classifier]`.
-Files are read with `torch.load(weights_only=True)` only.
+Files are read with `torch.load(weights_only=True)` only; the key names are peer_keys.py's.
 """
 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import zipfile
 from pathlib import Path
@@ -19,43 +17,21 @@ from pathlib import Path
 import torch
 
 from anncli.errors import UserError
+from anncli.interop.peer_keys import (AUX, CLASSIFIER, FORMATS, IGNORED, depth_of, detect, peer_params,
+                                      short_list, to_ann)
 from anncli.recipe import AugmentConfig, LossConfig, ModelConfig, Recipe, load_recipe
 
-FORMATS = ("official", "mmseg")
 SKIPPABLE = ("classifier",)
-# (peer prefix, ann prefix); None = a second name of a shared projection, checked equal and dropped.
-_ATT = [("f_key.0.", "f_key.0."), ("f_key.1.0.", "f_key.1."), ("f_query.0.", "f_query.0."),
-        ("f_query.1.0.", "f_query.1."), ("f_value.", "f_value."), ("W.", "W.")]
-OFFICIAL = [("backbone.", "backbone."), *[("fusion.stages.0." + a, "afnb.attention." + b) for a, b in _ATT],
-            ("fusion.conv_bn_dropout.0.", "afnb.fuse.0."), ("fusion.conv_bn_dropout.1.", "afnb.fuse.1."),
-            ("context.0.", "context.0."), ("context.1.0.", "context.1."), ("context.2.stages.0.f_query.", None),
-            *[("context.2.stages.0." + a, "apnb.attention." + b) for a, b in _ATT if "query" not in a],
-            ("context.2.conv_bn_dropout.0.", "apnb.fuse.0."), ("context.2.conv_bn_dropout.1.0.", "apnb.fuse.1."),
-            ("cls.", "classifier."), ("dsn.0.", "aux_head.0.0."), ("dsn.1.0.", "aux_head.0.1."),
-            ("dsn.3.", "aux_head.2.")]
-_PROJ = [("key_project.conv.", "f_key.0."), ("key_project.bn.", "f_key.1."), ("query_project.conv.", "f_query.0."),
-         ("query_project.bn.", "f_query.1."), ("value_project.", "f_value."), ("out_project.", "W.")]
-MMSEG = [("backbone.", "backbone."), *[("decode_head.fusion.stages.0." + a, "afnb.attention." + b) for a, b in _PROJ],
-         ("decode_head.fusion.bottleneck.conv.", "afnb.fuse.0."), ("decode_head.fusion.bottleneck.bn.", "afnb.fuse.1."),
-         ("decode_head.bottleneck.conv.", "context.1."), ("decode_head.bottleneck.bn.", "context.2."),
-         ("decode_head.context.stages.0.query_project.", None),
-         *[("decode_head.context.stages.0." + a, "apnb.attention." + b) for a, b in _PROJ if "query" not in a],
-         ("decode_head.context.bottleneck.conv.", "apnb.fuse.0."), ("decode_head.context.bottleneck.bn.", "apnb.fuse.1."),
-         ("decode_head.conv_seg.", "classifier.1."), ("auxiliary_head.convs.0.conv.", "aux_head.0.0."),
-         ("auxiliary_head.convs.0.bn.", "aux_head.0.1."), ("auxiliary_head.conv_seg.", "aux_head.2.")]
-RULES = {"official": OFFICIAL, "mmseg": MMSEG}
-CLASSIFIER = {"official": "cls.weight", "mmseg": "decode_head.conv_seg.weight"}
-AUX = {"official": "dsn.", "mmseg": "auxiliary_head."}
-IGNORED = ("data_preprocessor.",)  # mmseg 1.x normalisation buffers: the recipe holds mean/std
-DEPTHS = {6: "resnet50", 23: "resnet101"}
+
+
+class ModelMismatch(UserError):
+    """A peer checkpoint whose network is not the one of the recipe it is to be used with."""
+
+
 MAX_CHECKPOINT_MB = 4096  # a peer file's size once loaded; ResNet-101 ANN with an optimizer state is ~1 GB
 # Normalisation each variant's weights were trained with (official: BGR Caffe mean; mmseg: RGB ImageNet).
 NORMALISATION = {"official": dict(bgr=True, mean=(102.9801, 115.9465, 122.7717), std=(1.0, 1.0, 1.0)),
                  "mmseg": dict(bgr=False, mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375))}
-
-
-def short_list(names: list[str], limit: int = 3) -> str:
-    return ", ".join(names[:limit]) + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
 
 
 def loaded_mb(src: Path) -> float:
@@ -94,56 +70,6 @@ def read_state_dict(src: str | Path, max_mb: int = MAX_CHECKPOINT_MB) -> dict[st
     if all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return {k: v for k, v in obj.items() if not k.startswith(IGNORED)}
-
-
-def detect(state: dict[str, torch.Tensor]) -> str:
-    """official | mmseg | official-backbone | mmseg-backbone, or a UserError."""
-    if any(k.startswith("decode_head.") for k in state):
-        return "mmseg"
-    if any(k.startswith(("fusion.stages.", "cls.", "dsn.")) for k in state):
-        return "official"
-    if "stem.0.weight" in state or "backbone.stem.0.weight" in state:
-        return "mmseg-backbone"
-    if any(k.endswith("conv1.weight") and k.count(".") <= 2 and "layer" not in k for k in state):
-        return "official-backbone"
-    raise UserError(f"unknown checkpoint layout (first keys: {short_list(sorted(state))})")
-
-
-def depth_of(state: dict[str, torch.Tensor], prefix: str = "backbone.") -> str:
-    blocks = {int(m.group(1)) for k in state if (m := re.match(re.escape(prefix) + r"layer3\.(\d+)\.", k))}
-    if len(blocks) not in DEPTHS:
-        raise UserError(f"backbone with {len(blocks)} blocks in layer3: expected 6 (ResNet-50) or 23 (ResNet-101)")
-    return DEPTHS[len(blocks)]
-
-
-def _rename(name: str, rules) -> tuple[bool, str | None]:
-    for peer, ours in rules:
-        if name.startswith(peer):
-            return True, None if ours is None else ours + name[len(peer):]
-    return False, None
-
-
-def to_ann(state: dict[str, torch.Tensor], fmt: str) -> dict[str, torch.Tensor]:
-    """Peer names -> ann names; an unmapped key or a shared projection that differs is a UserError."""
-    rules = RULES[fmt]
-    out, unmapped, aliases = {}, [], {}
-    for name, value in state.items():
-        known, ours = _rename(name, rules)
-        if not known:
-            unmapped.append(name)
-        elif ours is None:
-            aliases[name] = value
-        else:
-            out[ours] = value
-    if unmapped:
-        raise UserError(f"{fmt} checkpoint: unmapped keys: {short_list(unmapped)}")
-    shared = "f_query" if fmt == "official" else "query_project"
-    for name, value in aliases.items():
-        twin = name.replace(shared, "f_key" if fmt == "official" else "key_project")
-        known, ours = _rename(twin, rules)
-        if ours not in out or out[ours].shape != value.shape or not torch.equal(out[ours], value):
-            raise UserError(f"{fmt} checkpoint: {name} should equal the shared projection {twin}")
-    return out
 
 
 def model_config_of(state: dict[str, torch.Tensor], fmt: str, base: ModelConfig | None = None) -> ModelConfig:
@@ -207,19 +133,45 @@ def _write_dir(out: Path, state: dict[str, torch.Tensor], recipe: Recipe, source
 
 
 def import_checkpoint(fmt: str, src: Path, out: Path, recipe_path: Path | None = None,
-                      classes: int | None = None, max_mb: int = MAX_CHECKPOINT_MB) -> Path:
-    """`ann weights import`: a peer checkpoint -> an `ann` checkpoint directory; prints one summary line."""
-    from anncli.models.ann import build_model
-
+                      classes: int | None = None, max_mb: int = MAX_CHECKPOINT_MB, source: str | None = None) -> Path:
+    """`ann weights import`: a peer checkpoint -> an `ann` checkpoint directory; prints one summary line.
+    `source`: the URL or name `src` was fetched from."""
     if fmt not in FORMATS:
         raise UserError(f"format {fmt!r}: expected one of {', '.join(FORMATS)}")
     state = read_state_dict(src, max_mb)
     found = detect(state)
     if found != fmt:
-        raise UserError(f"{src}: looks like a {found} checkpoint, not {fmt}")
+        raise UserError(f"{source or src}: looks like a {found} checkpoint, not {fmt}")
     base = load_recipe(recipe_path) if recipe_path is not None else None
     if base is not None and base.model.variant != fmt:
         raise UserError(f"--recipe {recipe_path}: model.variant is {base.model.variant}, the file is a {fmt} checkpoint")
+    print(write_import(fmt, state, Path(out), base, classes, _origin(fmt, src, source)))
+    return Path(out)
+
+
+def import_fetched(src: Path, out: Path, base: Recipe | None, source: str) -> str:
+    """A fetched peer checkpoint (its format detected) as the checkpoint directory `out`, the model section
+    of `base` (the recipe it will be used with) filled from the tensors; returns the summary line."""
+    state = read_state_dict(src)
+    fmt = detect(state)
+    if fmt not in FORMATS:
+        raise UserError(f"{source}: an ImageNet backbone ({fmt}), not a segmentation checkpoint; give it as "
+                        "model.pretrained")
+    if base is not None and base.model.variant != fmt:
+        raise ModelMismatch(f"{source}: a {fmt} checkpoint, and the recipe {base.name} has model.variant "
+                            f"{base.model.variant}")
+    return write_import(fmt, state, out, base, None, _origin(fmt, src, source))
+
+
+def _origin(fmt: str, src: Path, source: str | None) -> dict:
+    return {"format": fmt, "path": str(src), **({"source": source} if source else {})}
+
+
+def write_import(fmt: str, state: dict[str, torch.Tensor], out: Path, base: Recipe | None, classes: int | None,
+                 origin: dict) -> str:
+    """Peer tensors of format `fmt` -> the checkpoint directory `out`; the summary line."""
+    from anncli.models.ann import build_model
+
     model_cfg = model_config_of(state, fmt, None if base is None else base.model)
     if classes is not None and classes != model_cfg.num_classes:
         raise UserError(f"--classes {classes}: the checkpoint's classifier has {model_cfg.num_classes} classes")
@@ -230,22 +182,12 @@ def import_checkpoint(fmt: str, src: Path, out: Path, recipe_path: Path | None =
     for key in net.state_dict():  # files from before BN counted its batches
         if key.endswith("num_batches_tracked") and key not in mapped:
             mapped[key] = torch.tensor(0)
-    check_keys(net.state_dict(), mapped, f"{fmt} checkpoint {src}")
+    check_keys(net.state_dict(), mapped, f"{fmt} checkpoint {origin.get('source', origin['path'])}")
     ordered = {k: mapped[k] for k in net.state_dict()}
-    _write_dir(Path(out), ordered, recipe, {"format": fmt, "path": str(src)})
+    _write_dir(out, ordered, recipe, origin)
     params = sum(p.numel() for p in net.parameters())
-    print(f"[ann] imported {fmt} {recipe.model.backbone}, {recipe.model.num_classes} classes, "
-          f"{params:,} parameters -> {out} (recipe {recipe.name})")
-    return Path(out)
-
-
-def _count(state: dict[str, torch.Tensor], fmt: str) -> int:
-    """Parameters of a peer file: no BN statistics, no second names of shared projections, no fc."""
-    stats = ("running_mean", "running_var", "num_batches_tracked")
-    aliases = {"official": "context.2.stages.0.f_query.", "mmseg": "decode_head.context.stages.0.query_project."}
-    skip = aliases.get(fmt)
-    return sum(v.numel() for k, v in state.items()
-               if not k.endswith(stats) and not (skip and k.startswith(skip)) and not k.startswith("fc."))
+    return (f"[ann] imported {fmt} {recipe.model.backbone}, {recipe.model.num_classes} classes, "
+            f"{params:,} parameters -> {out} (recipe {recipe.name})")
 
 
 def inspect(src: Path, max_mb: int = MAX_CHECKPOINT_MB) -> dict:
@@ -256,13 +198,13 @@ def inspect(src: Path, max_mb: int = MAX_CHECKPOINT_MB) -> dict:
         cfg = model_config_of(state, fmt)
         net = f"ANN {cfg.backbone} ({'ResNetV1c-D8 + mmseg ANNHead' if fmt == 'mmseg' else 'deep-stem D8 + official head'})"
         info = {"format": fmt, "network": net, "classes": cfg.num_classes, "aux": cfg.aux,
-                "variant": fmt, "params": _count(state, fmt)}
+                "variant": fmt, "params": peer_params(state, fmt)}
     else:
         prefix = "backbone." if any(k.startswith("backbone.") for k in state) else ""
         depth = depth_of(state, prefix)
         kind = "ResNetV1c (mmseg variant)" if fmt == "mmseg-backbone" else "deep-stem ResNet (official variant)"
         info = {"format": fmt, "network": f"ImageNet {depth} {kind}", "classes": None, "aux": False,
-                "variant": fmt.split("-")[0], "params": _count(state, fmt)}
+                "variant": fmt.split("-")[0], "params": peer_params(state, fmt)}
     for key in ("format", "network", "classes", "aux", "params"):
         value = info[key]
         print(f"{key + ':':10}{value:,}" if key == "params" else f"{key + ':':10}{'-' if value is None else value}")

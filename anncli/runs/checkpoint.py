@@ -26,6 +26,7 @@ import torch
 
 from anncli.runs import rundir
 from anncli.errors import UserError
+from anncli.paths import fsync_path as _fsync_path
 from anncli.runs.integrity import MARKER as COMPLETE
 from anncli.runs.integrity import DamagedCheckpoint, load_torch, verify, write_marker
 from anncli.runs.retention import prune, reading  # noqa: F401  (reading: for every reader of checkpoints)
@@ -79,14 +80,6 @@ def load_model_for_inference(path: Path, recipe: Recipe) -> dict:
 
 
 # --- writing ---------------------------------------------------------------------------------------
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_torch(obj, path: Path) -> None:

@@ -179,6 +179,7 @@ def describe_plan(recipe: Recipe, opts, plan) -> None:
         ("iterations", f"{t.iters} ({recipe.optim.name}, poly {recipe.optim.poly_power}, warm-up {recipe.optim.warmup_iters})"),
         ("engine", recipe.engine + deepspeed),
         ("work dir", str(opts.work_dir or default_work_dir(recipe))),
+        *[("weights", line) for line in _weights_lines(recipe, opts)],
         *_plan_rows(plan.lines),
     ]
     print("\n".join([recipe_to_yaml(recipe).rstrip(), "---", *(f"{k + ':':<16} {v}".rstrip() for k, v in rows)]))
@@ -197,6 +198,14 @@ def _range_rows(recipe: Recipe, plan, resume) -> list[tuple[str, str]]:
     per_size = "; ".join(f"{n} node(s): {s.batch_size} x {n * p} ranks x {s.accum_steps} accumulation step(s)"
                          for n, s in splits.items())
     return [("node range", assumed), ("at each size", per_size)]
+
+
+def _weights_lines(recipe: Recipe, opts) -> list[str]:
+    """What the run will fetch, or found in the weights cache, for model.pretrained and --init-from."""
+    from anncli.interop.sources import is_remote, plan_line
+
+    sources = [("model.pretrained", recipe.model.pretrained), ("--init-from", opts.init_from)]
+    return [plan_line(what, str(source)) for what, source in sources if is_remote(str(source or ""))]
 
 
 def _plan_rows(plan_lines: list[str]) -> list[tuple[str, str]]:

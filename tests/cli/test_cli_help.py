@@ -68,7 +68,7 @@ def test_usage_lines_write_arguments_in_capitals(helps):
     assert usage["eval"].rstrip().endswith("eval [OPTIONS] [RECIPE]")  # optional: the run's own recipe
     assert usage["predict"].rstrip().endswith("predict [OPTIONS] IMAGES...")
     assert usage["data pack"].rstrip().endswith("pack [OPTIONS] DATASET ROOT OUT")
-    assert re.search(r"--nodes\s+N\s", helps["train"]) and re.search(r"--checkpoint\s+PATH\s", helps["eval"])
+    assert re.search(r"--nodes\s+N\s", helps["train"]) and re.search(r"--checkpoint\s+DIR\|URL\|NAME\s", helps["eval"])
     assert re.search(r"--set\s+KEY=VALUE\s", helps["eval"]) and re.search(r"--rdzv-endpoint\s+HOST:PORT", helps["eval"])
 
 
