@@ -30,7 +30,7 @@ TARGET = 0.9
 
 
 def add_cli_options(p) -> None:
-    from anncli.sizes import parse_hw
+    from anncli.data.sizes import parse_hw
 
     p.add_argument("--cli", action="store_true", help="the real `ann train` on 2048x1024 PNG shards beside the "
                    "model-only step at the same settings (benchmarks/train_cli.py) instead of the other parts")

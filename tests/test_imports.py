@@ -3,7 +3,7 @@
 `ORDER` is the one written statement of the allowed direction: a module may import modules of its own wing
 and of the wings after it in the list, never one before it. `entry` is the public surface (`python -m
 anncli`, `from anncli import load_model`); `base` is the package's top-level modules that every wing uses
-(recipe, errors, paths, labels, sizes, precision, version). Imports are read from the syntax tree, inside
+(recipe, recipe_yaml, errors, paths, catalog, api, version). Imports are read from the syntax tree, inside
 functions too, so a lazy import is held to the same order.
 """
 

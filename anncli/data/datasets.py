@@ -21,7 +21,7 @@ from anncli.data.guards import hw_text
 from anncli.data.shards import ShardWriter
 from anncli.data.voc import VOC_CLASSES, VOC_PALETTE, read_sbd_mat, voc12aug_layout
 from anncli.errors import UserError
-from anncli.labels import IGNORE_INDEX
+from anncli.data.labels import IGNORE_INDEX
 
 CITYSCAPES_CLASSES = [
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",

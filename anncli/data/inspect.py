@@ -15,7 +15,7 @@ from anncli.data.images import decode_label
 from anncli.data.manifest import expand_paths, is_remote, load_manifest
 from anncli.data.shards import IMAGE_FIELDS, LABEL_FIELD, iter_shard
 from anncli.errors import UserError
-from anncli.labels import IGNORE_INDEX
+from anncli.data.labels import IGNORE_INDEX
 
 
 def _manifest_beside(url: str) -> dict | None:

@@ -25,8 +25,8 @@ from anncli.data.datasets import manifest_for
 from anncli.data.manifest import manifest_path
 from anncli.data.shards import ShardWriter
 from anncli.errors import UserError
-from anncli.labels import IGNORE_INDEX
-from anncli.sizes import parse_hw
+from anncli.data.labels import IGNORE_INDEX
+from anncli.data.sizes import parse_hw
 
 COLOURS = ("red", "green", "blue")
 KEY_CLASS = 4

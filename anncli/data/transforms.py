@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import torch
 
-from anncli.labels import IGNORE_INDEX
+from anncli.data.labels import IGNORE_INDEX
 from anncli.recipe import AugmentConfig
 
 _CAT_MAX_TRIES = 10

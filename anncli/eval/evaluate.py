@@ -21,7 +21,7 @@ from rich.console import Console
 
 from anncli.errors import UserError
 from anncli.eval.formats import TRAIN_IDS, PredFormat, pred_format
-from anncli.labels import IGNORE_INDEX
+from anncli.data.labels import IGNORE_INDEX
 from anncli.paths import write_result
 from anncli.eval.inference import Protocol, load_model, predict_labels, resolve_protocol
 from anncli.eval.metrics import confusion_matrix, json_safe, metrics_from_confusion
@@ -205,7 +205,7 @@ def run_evaluation(recipe, opts: EvalOptions) -> dict:
 
 def _run(recipe, opts: EvalOptions, info) -> dict:
     from anncli.data.synth import prepare_synth
-    from anncli.tuning import configure_algorithms, memory_format
+    from anncli.models.tuning import configure_algorithms, memory_format
 
     start = time.perf_counter()
     checkpoint = opts.checkpoint  # load_model verifies the files it reads

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from anncli.errors import UserError
-from anncli.precision import autocast
-from anncli.sizes import parse_hw
-from anncli.tuning import memory_format
+from anncli.models.precision import autocast
+from anncli.data.sizes import parse_hw
+from anncli.models.tuning import memory_format
 
 # `eval.batch_windows: auto`: windows per forward on CPU (more only add memory there), and the memory one
 # window of the image takes on CUDA: ANN-R101-D8 peaks at about 1.2 KB per input pixel in float32 without

@@ -15,7 +15,7 @@ from typing import Sequence
 
 import torch
 
-from anncli.labels import IGNORE_INDEX
+from anncli.data.labels import IGNORE_INDEX
 
 
 def confusion_matrix(pred: torch.Tensor, label: torch.Tensor, num_classes: int,

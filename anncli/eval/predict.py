@@ -54,7 +54,7 @@ def run_predict(images, checkpoint, out, recipe_path=None, overrides=(), multisc
     summary lists it. `recipe` (loaded) wins over `recipe_path`."""
     from anncli.runs.checkpoint import checkpoint_recipe
     from anncli.recipe import load_recipe
-    from anncli.tuning import configure_algorithms, memory_format
+    from anncli.models.tuning import configure_algorithms, memory_format
 
     start = time.perf_counter()
     if recipe is None:

@@ -38,7 +38,7 @@ from anncli.errors import UserError
 from anncli.paths import write_result
 from anncli.interop.flops import count_forward_flops
 from anncli.models.attention import APNBAttention, NonLocalBlock
-from anncli.sizes import parse_hw
+from anncli.data.sizes import parse_hw
 
 KEY_CHANNELS = VALUE_CHANNELS = 256
 ANCHOR_SIZES = (1, 3, 6, 8)

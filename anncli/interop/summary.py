@@ -18,7 +18,7 @@ from anncli.errors import UserError
 from anncli.interop.flops import count_forward_flops
 from anncli.models.ann import build_model
 from anncli.recipe import ModelConfig
-from anncli.sizes import parse_hw
+from anncli.data.sizes import parse_hw
 
 # child attribute -> name shown and written to JSON
 MODULES = {"backbone": "backbone", "afnb": "afnb", "context": "context", "apnb": "apnb",

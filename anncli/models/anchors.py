@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anncli.precision import autocast_off
+from anncli.models.precision import autocast_off
 
 
 def pool_then_project(x: torch.Tensor, conv: nn.Conv2d, sampler: nn.Module) -> torch.Tensor:

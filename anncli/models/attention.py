@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from anncli.models.anchors import AnchorSampler, pool_then_project
-from anncli.precision import autocast_off
+from anncli.models.precision import autocast_off
 
 ATTENTION_IMPLS = ("explicit", "sdpa")
 

@@ -22,7 +22,7 @@ from anncli.cluster.distributed import DistInfo, all_reduce_sum_, barrier
 from anncli.errors import UserError
 from anncli.train.plan import lr_at, scaled_lr
 from anncli.train.skip import FlatBuffers, SkippingAdamW, SkippingOptimizer, SkippingSGD, total_norm
-from anncli.precision import AUTOCAST_DTYPES
+from anncli.models.precision import AUTOCAST_DTYPES
 from anncli.recipe import Recipe
 
 

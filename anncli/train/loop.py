@@ -79,7 +79,7 @@ class _Run:
 def run_training(recipe: Recipe, opts: TrainOptions) -> int:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(sys.prefix, "torch_extensions"))
     from anncli.cluster.distributed import init_distributed, rank_session
-    from anncli.tuning import configure_algorithms
+    from anncli.models.tuning import configure_algorithms
 
     faulthandler.enable()
     if recipe.model.compile:
@@ -239,7 +239,7 @@ def _build_model(recipe: Recipe, info):
 
     from anncli.cluster.distributed import convert_sync_batchnorm
     from anncli.models.ann import build_model
-    from anncli.tuning import use_channels_last
+    from anncli.models.tuning import use_channels_last
 
     torch.manual_seed(recipe.train.seed)  # the same initial weights on every rank and every run
     model = build_model(recipe.model)

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from anncli.labels import IGNORE_INDEX
-from anncli.precision import autocast_off
+from anncli.data.labels import IGNORE_INDEX
+from anncli.models.precision import autocast_off
 from anncli.recipe import LossConfig
 
 

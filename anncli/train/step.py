@@ -76,7 +76,7 @@ def train_step(run, step: int) -> StepResult:
     import torch
 
     from anncli.data.transforms import normalize_batch
-    from anncli.tuning import use_channels_last
+    from anncli.models.tuning import use_channels_last
 
     t, info, accum, a = run.recipe.train, run.info, run.stream.accum_steps, run.recipe.augment
     torch.manual_seed(step_seed(t.seed, step, info.rank))  # dropout: a function of (seed, step, rank)

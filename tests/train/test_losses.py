@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from anncli.labels import IGNORE_INDEX
+from anncli.data.labels import IGNORE_INDEX
 from anncli.train.losses import SegLoss, cross_entropy, ohem_cross_entropy
 from anncli.recipe import LossConfig
 

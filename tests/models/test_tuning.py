@@ -9,7 +9,7 @@ import torch
 
 from anncli.recipe import load_recipe
 from anncli.recipe_yaml import RecipeError
-from anncli.tuning import memory_format, use_channels_last
+from anncli.models.tuning import memory_format, use_channels_last
 from conftest import ROOT, ann_env
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -36,7 +36,7 @@ def _settings_after(device: str, deterministic: bool, shapes_repeat: bool = True
     """configure_algorithms in a fresh interpreter (the settings are process-wide), as torch reports them."""
     code = (
         "import os, torch\n"
-        "from anncli.tuning import configure_algorithms\n"
+        "from anncli.models.tuning import configure_algorithms\n"
         f"configure_algorithms(torch.device({device!r}), {deterministic}, {shapes_repeat})\n"
         "print([torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,\n"
         "       torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),\n"
