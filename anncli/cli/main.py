@@ -109,6 +109,9 @@ def train(
     """Train a recipe: in this process, under torchrun, or across SLURM nodes."""
     if init_skip and init_from is None:
         _fail(f"--init-skip {init_skip[0]} leaves tensors out of --init-from, which is not given; add --init-from DIR")
+    from anncli.runs.rundir import check_start_flags
+
+    _run(check_start_flags, resume, fresh, init_from is not None)  # before any launch, --dry-run included
     recipe = recipe_file(recipe)
     r = _load(recipe, [*(set_ or []), *(["model.compile=true"] if compile_ else [])])
     from anncli.train.plan import describe_plan, plan_split

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from anncli.runs import checkpoint as ck
+from anncli.runs.locks import lock_run_dir
 from anncli.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +28,7 @@ def test_a_forked_child_does_not_keep_the_run_lock_of_its_dead_parent(tmp_path):
     """A DataLoader worker is a fork of its rank: when the rank is SIGKILLed, the restarted rank must get
     the run directory although the orphaned child still lives."""
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import os, sys, time; from anncli.runs.checkpoint import lock_run_dir\n"
+        "import os, sys, time; from anncli.runs.locks import lock_run_dir\n"
         f"h = lock_run_dir({str(tmp_path)!r}, 5)\n"
         "child = os.fork()\n"
         "if child == 0:\n"
@@ -39,7 +39,7 @@ def test_a_forked_child_does_not_keep_the_run_lock_of_its_dead_parent(tmp_path):
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()
         assert _alive(child)
-        ck.lock_run_dir(tmp_path, 2).close()
+        lock_run_dir(tmp_path, 2).close()
     finally:
         os.kill(child, signal.SIGKILL)
 
@@ -108,6 +108,7 @@ def test_a_full_disk_during_training_is_one_line_naming_the_device(tmpfs, tmp_pa
     full = tmpfs("96k")  # the recipe and the event log fit, a checkpoint does not
     res = _ann("train", "recipes/demo.yaml", "--work-dir", full / "run", *tiny_overrides(tmp_path / "data"))
     _one_line_exit_2(res, f"no space left on tmpfs at {full}")
+    assert list((full / "run" / "checkpoints").iterdir()) == []  # no .tmp-step-* staging folder is left
 
 
 def test_deepspeed_cpu_op_build_is_announced_once_before_it_starts(tmp_path, monkeypatch, capfd):
