@@ -197,6 +197,9 @@ def predict(
         "Write the overlays here (default: beside the ids with train-ids, none with a server format)."))] = None,
 ) -> None:
     """Segment images: an id PNG, a colour PNG and an overlay per image; exit 1 if an image could not be read."""
+    from anncli.eval.formats import format_name
+
+    _run(format_name, fmt)  # before any folder or model: a refused command leaves nothing behind
     if model is not None:
         if checkpoint is not None or recipe is not None or set_ or multiscale or flip:
             _fail("--model runs the exported file as it is: drop --checkpoint, --recipe, --set, --multiscale and --flip")

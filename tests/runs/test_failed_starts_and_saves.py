@@ -3,13 +3,12 @@ moves no checkpoint, a save over the file-size limit says so in one line and lea
 an older checkpoint that cannot be read does not stop a run whose new checkpoint is complete."""
 
 import os
-import resource
 import shutil
 import subprocess
 
 import pytest
 
-from conftest import ROOT, ann_cmd, ann_env, run_ann, tiny_overrides
+from conftest import ROOT, ann_cmd, ann_env, run_ann, run_ann_limited, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -63,18 +62,11 @@ def test_init_from_with_resume_path_is_refused_before_anything_starts(trained, t
     assert not (tmp_path / "new").exists()
 
 
-def _file_size_limit(limit: int):
-    def apply():  # SIGXFSZ stays as the shell leaves it: CPython ignores it, so writes fail with EFBIG
-        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-    return apply
-
-
 def test_a_save_over_the_file_size_limit_is_one_line_and_leaves_no_staging_folder(trained, tmp_path):
     data, _ = trained
     run = tmp_path / "run"
-    res = subprocess.run(ann_cmd("train", "recipes/demo.yaml", "--work-dir", run, *tiny_overrides(data)),
-                         capture_output=True, text=True, cwd=ROOT, env=ann_env(), timeout=600,
-                         preexec_fn=_file_size_limit(1 << 20))  # the shards and logs fit, model.pt does not
+    res = run_ann_limited("train", "recipes/demo.yaml", "--work-dir", run, *tiny_overrides(data),
+                          limit=1 << 20)  # the recipe and the event log fit, model.pt does not
     _one_error_line(res, "file-size limit")
     assert f"{run}: file too large" in res.stderr and "inline_container" not in res.stderr
     assert _steps(run) == []  # neither .tmp-step-000003 nor a step directory without its marker

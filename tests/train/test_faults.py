@@ -101,7 +101,8 @@ def test_read_only_work_dir_and_outputs_are_refused_before_the_work(tmpfs):
     res = _ann("train", "recipes/demo.yaml", "--work-dir", ro / "run")
     _one_line_exit_2(res, f"--work-dir {ro / 'run'}: read-only file system (tmpfs at {ro})")
     res = _ann("bench", "attention", "--sizes", "64x64", "--channels", "16", "--repeats", "1", "--json", ro / "x.json")
-    _one_line_exit_2(res, "--json", "read-only file system")
+    _one_line_exit_2(res, f"--json {ro / 'x.json'}: read-only file system (tmpfs at {ro})")
+    assert ".ann-write-test" not in res.stderr  # the user's path, never the probe's temporary file
 
 
 def test_a_full_disk_during_training_is_one_line_naming_the_device(tmpfs, tmp_path):
