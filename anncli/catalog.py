@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from anncli.errors import UserError
-from anncli.paths import writable_dir, writable_file
+from anncli.paths import replaced_whole, writable_dir, writable_file
 
 PACKAGE = Path(__file__).parent
 RECIPES = PACKAGE / "recipes"
@@ -60,7 +60,8 @@ def resolve_recipe(arg: str | os.PathLike) -> tuple[Path, Optional[str]]:
     try:
         builtin = builtin_recipe(text)
     except UserError:
-        raise UserError(f"recipe {text}: no such file and no built-in recipe of that name; built-in recipes: "
+        what = "is a directory, not a recipe file," if path.is_dir() else "no such file"
+        raise UserError(f"recipe {text}: {what} and no built-in recipe of that name; built-in recipes: "
                         f"{_known()}") from None
     note = f"recipe {text}: the built-in one, {builtin}"
     own = Path(f"{builtin.stem}.yaml")
@@ -106,9 +107,10 @@ def recipe_table() -> str:
 def _write_copy(src: Path, dest: Path, force: bool, mode: Optional[int] = None) -> Path:
     if dest.exists() and not force:
         raise UserError(f"{dest}: exists; pass --force to overwrite it")
-    dest.write_bytes(src.read_bytes())
-    if mode is not None:
-        dest.chmod(mode)
+    with replaced_whole(dest) as tmp:
+        tmp.write_bytes(src.read_bytes())
+        if mode is not None:
+            tmp.chmod(mode)
     return dest
 
 

@@ -1,8 +1,10 @@
-"""Output paths checked before the work, and file-system errors as one line.
+"""Output paths checked before the work, files written whole, and file-system errors as one line.
 
 An evaluation or a benchmark must not run for an hour and then fail to write its result: the CLI
-checks every output place first (`writable_dir`, `writable_file`). A write that fails later (a full
-disk during a checkpoint) becomes one line naming the device and the path (`fs_error_line`).
+checks every output place first (`writable_dir`, `writable_file`, `creatable_dir`). Every file the
+tool writes goes through `replaced_whole` (a temporary sibling, fsynced, renamed over the target), so
+an existing file is never truncated and a failed write leaves nothing behind. A write that fails later
+(a full disk, the file-size limit) becomes one line naming the device and the path (`fs_error_line`).
 No torch here: the CLI calls these before it imports anything heavy.
 """
 
@@ -10,11 +12,12 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
+import resource
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from anncli.errors import UserError
 
@@ -60,14 +63,15 @@ def os_error_line(exc: OSError, path: str | os.PathLike) -> str:
     return f"{where}: {reason}"
 
 
-def _probe(directory: Path, what: str) -> None:
-    """Create and remove a file in `directory`: the only sure test of writability (root ignores modes)."""
+def _probe(directory: Path, what: str, given: Path) -> None:
+    """Create and remove a file in `directory`: the only sure test of writability (root ignores modes).
+    The message names `given`, the user's path, never the probe's own file."""
     try:
         fd, name = tempfile.mkstemp(prefix=".ann-write-test-", dir=directory)
         os.close(fd)
         os.unlink(name)
     except OSError as e:
-        raise UserError(f"{what} {os_error_line(e, directory)}: cannot write there") from None
+        raise UserError(f"{what} {os_error_line(_naming(e, given), given)}: cannot write there") from None
 
 
 def writable_dir(path: str | os.PathLike, what: str) -> Path:
@@ -79,7 +83,20 @@ def writable_dir(path: str | os.PathLike, what: str) -> Path:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"{what} {os_error_line(e, path)}: cannot create the directory") from None
-    _probe(path, what)
+    _probe(path, what, path)
+    return path
+
+
+def creatable_dir(path: str | os.PathLike, what: str) -> Path:
+    """Check that `path` is a directory files can be written into, or can be made one, without making it:
+    a command refused later leaves no empty folder behind. The writer creates it."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{what} {path}: is a file, not a directory")
+    ancestor = _existing_ancestor(path)
+    if not ancestor.is_dir():
+        raise UserError(f"{what} {path}: {ancestor} is a file, not a directory")
+    _probe(ancestor, what, path)
     return path
 
 
@@ -92,7 +109,7 @@ def writable_file(path: str | os.PathLike, what: str) -> Path:
     if not parent.is_dir():
         kind = "is a file" if parent.exists() else "does not exist"
         raise UserError(f"{what} {path}: directory {parent} {kind}; create it first or choose another path")
-    _probe(parent, what)
+    _probe(parent, what, path)
     return path
 
 
@@ -120,13 +137,26 @@ def fs_error_line(exc: BaseException, hint: Optional[str | os.PathLike] = None) 
             full = st.f_bavail * st.f_frsize < 64 * 2**20
         except OSError:
             full = False
-        reason = f"no space left on {device_of(hint)}" if full else f"writing failed ({text.splitlines()[0][:200]})"
+        if full:
+            reason = f"no space left on {device_of(hint)}"
+        elif file_size_limited():  # torch's writer says only "unexpected pos" when a write hits `ulimit -f`
+            reason = _REASONS[errno.EFBIG]
+        else:
+            reason = f"writing failed ({text.splitlines()[0][:200]})"
         return f"{hint}: {reason}"
     return None
 
 
+def file_size_limited() -> bool:
+    """Whether this process runs under a file-size limit (`ulimit -f`, RLIMIT_FSIZE)."""
+    return resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY
+
+
+# --- writing files whole ---------------------------------------------------------------------------
+
+
 def fsync_path(path: str | os.PathLike) -> None:
-    """Flush a file's or a directory's entries to the disk (a directory: the renames into it)."""
+    """Flush a written file (or a directory's entries) to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -134,43 +164,64 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def write_result(path: str | os.PathLike, text: str, what: str = "--json") -> None:
-    """Write a result file whole or not at all (a temporary file, fsynced, renamed). When the write fails
-    (a full disk, the file-size limit) the text goes to stdout instead and a UserError says so: the
-    results of the work are never lost to a truncated file or a traceback."""
+def _naming(exc: OSError, path: Path) -> OSError:
+    """`exc` as if it had happened on `path`: the user never sees the name of a temporary file."""
+    return OSError(exc.errno, exc.strerror, str(path)) if exc.errno is not None else exc
+
+
+@contextmanager
+def replaced_whole(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary file beside `path` for the block to write (hidden, same folder: the rename is atomic).
+    When the block succeeds it is fsynced and renamed over `path`; when anything fails it is removed, so
+    an existing `path` is never truncated and a failed write leaves no file behind. An OSError names `path`.
+
+    CPython ignores SIGXFSZ, so a write over the file-size limit fails with EFBIG instead of killing us."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    old = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over the size limit: an error (EFBIG), not a kill
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        fsync_path(tmp)
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         try:
             tmp.unlink()
         except OSError:
             pass
+        if isinstance(e, OSError) and e.filename in (None, str(tmp)):
+            raise _naming(e, path) from None
+        raise
+
+
+def write_text_whole(path: str | os.PathLike, text: str) -> None:
+    with replaced_whole(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_result(path: str | os.PathLike, text: str, what: str = "--json") -> None:
+    """Write a result file whole or not at all. When the write fails (a full disk, the file-size limit)
+    the text goes to stdout instead and a UserError says so: the results of the work are never lost to a
+    truncated file or a traceback."""
+    try:
+        write_text_whole(path, text)
+    except OSError as e:
         sys.stdout.write(text)
         sys.stdout.flush()
         raise UserError(f"{what} {os_error_line(e, path)}: not written; the results are printed on stdout "
                         "above instead") from None
-    finally:
-        signal.signal(signal.SIGXFSZ, old)
 
 
 def check_outputs(json_out=None, save_pred=None, out=None, out_file=None) -> None:
     """Every output place of a command, checked before its work starts, so that no result is lost at the end.
 
     `--json` files and `--out` files (a picture, an export) need an existing directory, which is never
-    created for them; `--save-pred`/`--out` directories are created.
+    created for them; `--save-pred`/`--out` directories are created by the writer, once the command has
+    passed every other check.
     """
     if json_out is not None:
         writable_file(json_out, "--json")
     if save_pred is not None:
-        writable_dir(save_pred, "--save-pred")
+        creatable_dir(save_pred, "--save-pred")
     if out is not None:
-        writable_dir(out, "--out")
+        creatable_dir(out, "--out")
     if out_file is not None:
         writable_file(out_file, "--out")

@@ -252,7 +252,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     source = str(path)
     p = Path(path)
     if not p.is_file():
-        raise RecipeError(f"{source}: recipe file not found")
+        raise RecipeError(f"{source}: " + ("is a directory, not a recipe file" if p.is_dir() else "recipe file not found"))
     tree = read_tree(p, source)
     if not isinstance(tree, dict):
         raise RecipeError(f"{source}: expected a mapping of sections at the top level")

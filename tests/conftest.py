@@ -48,6 +48,22 @@ def start_until_checkpoint(cmd: list, run: Path, step: int, log: Path, timeout: 
     return proc
 
 
+def file_size_limit(limit: int):
+    """A preexec_fn putting the child under a real file-size limit (`ulimit -f`, RLIMIT_FSIZE, in bytes).
+    SIGXFSZ stays as a shell leaves it: CPython ignores it, so a write over the limit fails with EFBIG."""
+    import resource
+
+    def apply():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def run_ann_limited(*args, limit: int, timeout=600) -> subprocess.CompletedProcess:
+    """`run_ann` under a file-size limit of `limit` bytes (no .pyc written: those would count too)."""
+    return subprocess.run(ann_cmd(*args), capture_output=True, text=True, cwd=ROOT, timeout=timeout,
+                          env=ann_env(PYTHONDONTWRITEBYTECODE="1"), preexec_fn=file_size_limit(limit))
+
+
 def tiny_overrides(data_root: Path, **changes) -> list[str]:
     """`--set` arguments that shrink recipes/demo.yaml to seconds: 32x64 images, batch 2."""
     values = {

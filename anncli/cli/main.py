@@ -111,6 +111,9 @@ def train(
     """Train a recipe: in this process, under torchrun, or across SLURM nodes."""
     if init_skip and init_from is None:
         _fail(f"--init-skip {init_skip[0]} leaves tensors out of --init-from, which is not given; add --init-from DIR")
+    from anncli.runs.rundir import check_start_flags
+
+    _run(check_start_flags, resume, fresh, init_from is not None)  # before any launch, --dry-run included
     recipe = recipe_file(recipe)
     r = _load(recipe, [*(set_ or []), *(["model.compile=true"] if compile_ else [])])
     from anncli.train import local_weights
@@ -200,6 +203,9 @@ def predict(
         "Write the overlays here (default: beside the ids with train-ids, none with a server format)."))] = None,
 ) -> None:
     """Segment images: an id PNG, a colour PNG and an overlay per image; exit 1 if an image could not be read."""
+    from anncli.eval.formats import format_name
+
+    _run(format_name, fmt)  # before any folder or model: a refused command leaves nothing behind
     if model is not None:
         if checkpoint is not None or recipe is not None or set_ or multiscale or flip:
             _fail("--model runs the exported file as it is: drop --checkpoint, --recipe, --set, --multiscale and --flip")

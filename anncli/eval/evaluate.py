@@ -243,7 +243,8 @@ UNITS = {"aAcc": "fraction", "mIoU": "fraction", "mAcc": "fraction", "per_class.
 
 def _step(checkpoint: Path) -> Optional[int]:
     """The training step of a checkpoint: its state.json, else its step-NNNNNN name."""
-    from anncli.runs.checkpoint import STEP_PREFIX, read_state
+    from anncli.runs.checkpoint import read_state
+    from anncli.runs.rundir import STEP_PREFIX
 
     try:
         return int(read_state(checkpoint)["step"])

@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from anncli.errors import UserError
+from anncli.paths import replaced_whole
 
 PRED_FORMATS = ("train-ids", "cityscapes", "ade20k")
 _ALIASES = {"trainid": "train-ids"}  # the name `ann predict --format` took before the server formats
@@ -48,11 +49,17 @@ class PredFormat:
 TRAIN_IDS = PredFormat("train-ids", None, "")
 
 
-def pred_format(name: str, dataset: str, num_classes: int, option: str = "--format") -> PredFormat:
-    """The format called `name` for a model of `num_classes` classes of `dataset`; a mismatch is a UserError."""
+def format_name(name: str, option: str = "--format") -> str:
+    """The format's own name (aliases resolved); an unknown one is a UserError, before any model is read."""
     fmt = _ALIASES.get(name, name)
     if fmt not in PRED_FORMATS:
         raise UserError(f"{option} {name!r}: expected one of {', '.join(PRED_FORMATS)}")
+    return fmt
+
+
+def pred_format(name: str, dataset: str, num_classes: int, option: str = "--format") -> PredFormat:
+    """The format called `name` for a model of `num_classes` classes of `dataset`; a mismatch is a UserError."""
+    fmt = format_name(name, option)
     if fmt == "train-ids":
         return TRAIN_IDS
     need_dataset, need_classes = _SERVER[fmt]
@@ -69,10 +76,17 @@ def pred_format(name: str, dataset: str, num_classes: int, option: str = "--form
     return PredFormat(fmt, lut, "")
 
 
+def write_png(path: Path, pixels: np.ndarray, mode: str) -> None:
+    """A PNG written whole (paths.replaced_whole): an old file is never truncated, a failed write leaves
+    nothing, so the official scripts never read a 0-byte or half-written prediction."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with replaced_whole(path) as tmp:
+        Image.fromarray(pixels, mode=mode).save(tmp, format="PNG")
+
+
 def write_label_png(path: Path, labels: np.ndarray) -> None:
     """uint8 ids as a single-channel ('L') PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(labels.astype(np.uint8), mode="L").save(path)
+    write_png(path, labels.astype(np.uint8), "L")
 
 
 @dataclass(frozen=True)
@@ -109,11 +123,11 @@ class PredictionPlaces:
         colour = palette[labels]
         if self.colors is not None:
             written.append(self.colors / f"{stem}_color.png")
-            Image.fromarray(colour, mode="RGB").save(written[-1])
+            write_png(written[-1], colour, "RGB")
         if self.overlay is not None:
             blend = (0.5 * image.astype(np.float32) + 0.5 * colour.astype(np.float32)).round().astype(np.uint8)
             written.append(self.overlay / f"{stem}_overlay.png")
-            Image.fromarray(blend, mode="RGB").save(written[-1])
+            write_png(written[-1], blend, "RGB")
         return written
 
     def check_inputs(self, images: list[Path]) -> None:

@@ -11,6 +11,7 @@ maximum absolute difference above 1e-3 fails the export.
 from __future__ import annotations
 
 import copy
+import io
 import json
 import logging
 import warnings
@@ -124,7 +125,11 @@ def export_torchscript(module: Exported, example: torch.Tensor, out: Path, meta:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(module, (example,), check_trace=False)
-    torch.jit.save(traced, str(out), _extra_files={f"{META_KEY}.json": json.dumps(meta)})
+    # Saved in memory, written by Python: torch's file writer aborts the process (an exception in its
+    # destructor) when a write fails, where Python raises an OSError that becomes one line.
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer, _extra_files={f"{META_KEY}.json": json.dumps(meta)})
+    out.write_bytes(buffer.getbuffer())
 
 
 def exported_runner(fmt: str, path: Path):
@@ -169,6 +174,25 @@ def _check_suffix(out: Path, fmt: str) -> None:
                         f"or add --format {other}")
 
 
+def _write(traced: Exported, example: torch.Tensor, out: Path, fmt: str, dynamic: bool, meta: dict) -> None:
+    """The exported file, written whole (paths.replaced_whole): an existing `out` is replaced only by a
+    complete file, and a failed export (a full disk, the file-size limit) leaves no file behind."""
+    from anncli.paths import fs_error_line, replaced_whole
+
+    try:
+        with replaced_whole(out) as tmp:
+            if fmt == "onnx":
+                export_onnx(traced, example, tmp, dynamic, meta)
+            else:
+                export_torchscript(traced, example, tmp, meta)
+    except UserError:
+        raise
+    except Exception as e:
+        line = fs_error_line(e, out)
+        raise UserError(line or f"export to {fmt} failed: {e.__class__.__name__}: "
+                                f"{str(e).splitlines()[0][:300]}") from None
+
+
 def run_export(checkpoint: Path, fmt: str, out: Path, size: Optional[str] = None, dynamic: bool = False,
                recipe_path: Optional[Path] = None, overrides=()) -> float:
     """Write `out` and return the parity error (max abs diff of logits against eager)."""
@@ -195,15 +219,7 @@ def run_export(checkpoint: Path, fmt: str, out: Path, size: Optional[str] = None
     example = torch.zeros(2 if dynamic else 1, 3, h, w)
     out = Path(out)
     meta = metadata(recipe, Path(checkpoint))
-    try:
-        if fmt == "onnx":
-            export_onnx(traced, example, out, dynamic, meta)
-        else:
-            export_torchscript(traced, example, out, meta)
-    except UserError:
-        raise
-    except Exception as e:
-        raise UserError(f"export to {fmt} failed: {e.__class__.__name__}: {str(e).splitlines()[0][:300]}") from None
+    _write(traced, example, out, fmt, dynamic, meta)
     shapes = [(1, 3, h, w)]
     if dynamic:
         shapes.append((2, 3, h + 8 * max(1, h // 32), w + 8 * max(1, w // 32)))

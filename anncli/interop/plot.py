@@ -52,6 +52,9 @@ def read_events(run: Path) -> dict[str, dict[int, float]]:
             if isinstance(record.get(name), (int, float)):
                 value = float(record[name]) * (100.0 if name == "mIoU" else 1.0)
                 series[name][int(record["step"])] = value
+    if not any(series.values()):  # an empty chart says nothing; one line says why
+        what = "is empty" if path.stat().st_size == 0 else "holds no logged step or validation yet"
+        raise UserError(f"{path}: {what}; nothing to plot")
     return series
 
 
@@ -87,7 +90,7 @@ def plot_curves(runs: list[Path], out: Path) -> dict[str, dict[str, int]]:
     handles, labels = axes[0].get_legend_handles_labels()
     legend_ax.legend(handles, labels, loc="center", title="run", fontsize=11)
     fig.tight_layout()
-    _save(fig, out, plt)
+    save_figure(fig, out, plt)
     return {name: {label: len(series[name]) for label, series in data.items()} for name, _ in CURVES}
 
 
@@ -129,7 +132,7 @@ def plot_classes(files: list[Path], out: Path) -> dict[str, list[float]]:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(len(reports), 3), frameon=False)
     fig.tight_layout()
-    _save(fig, out, plt)
+    save_figure(fig, out, plt)
     return drawn
 
 
@@ -137,10 +140,15 @@ def _pct(value) -> float:
     return math.nan if value is None else float(value) * 100.0
 
 
-def _save(fig, out: Path, plt) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+def save_figure(fig, out: Path, plt) -> None:
+    """The picture written whole (paths.replaced_whole), in the format its suffix names."""
+    from anncli.paths import replaced_whole
+
+    try:
+        with replaced_whole(out) as tmp:
+            fig.savefig(tmp, format=out.suffix[1:].lower(), dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def run_plot(inputs: list[Path], out: Path) -> dict:

@@ -143,7 +143,7 @@ def region_ratio(density: np.ndarray, region: np.ndarray) -> float:
 
 def draw(maps: AttentionMaps, palette: np.ndarray, out: Path, title: str) -> None:
     """Image and prediction on the first row; per block, one panel per scale and their sum."""
-    from anncli.interop.plot import pyplot
+    from anncli.interop.plot import pyplot, save_figure
 
     plt = pyplot()
     names = [n for n in BLOCKS if n in maps.density]
@@ -172,9 +172,7 @@ def draw(maps: AttentionMaps, palette: np.ndarray, out: Path, title: str) -> Non
             ax.plot([x], [y], marker="+", color="cyan", markersize=12, mew=2)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    save_figure(fig, out, plt)
 
 
 def run_viz_attention(checkpoint: Path, image_path: Path, pixel: str, out: Path, recipe_path=None,

@@ -213,13 +213,14 @@ def inspect(src: Path, max_mb: int = MAX_CHECKPOINT_MB) -> dict:
 
 def init_from(model: torch.nn.Module, path: Path, recipe: Recipe, skip: tuple[str, ...] | list[str] = ()) -> None:
     """`ann train --init-from DIR [--init-skip classifier]`: weights only, optionally without the classifiers."""
-    from anncli.runs import checkpoint as ck
+    from anncli.runs.retention import reading
+    from anncli.runs.rundir import require_checkpoint
 
     bad = [s for s in skip if s not in SKIPPABLE]
     if bad:
         raise UserError(f"--init-skip {bad[0]}: expected one of {', '.join(SKIPPABLE)}")
-    with ck.reading(Path(path)):  # a running training's prune keeps it while it is read
-        _init_from_checkpoint(model, ck.require_checkpoint(Path(path)), recipe, skip)
+    with reading(Path(path)):  # a running training's prune keeps it while it is read
+        _init_from_checkpoint(model, require_checkpoint(Path(path)), recipe, skip)
 
 
 def _init_from_checkpoint(model: torch.nn.Module, path: Path, recipe: Recipe, skip) -> None:

@@ -18,23 +18,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from anncli.runs import rundir
 from anncli.errors import UserError
-from anncli.paths import fsync_path as _fsync_path
-from anncli.runs.integrity import MARKER as COMPLETE
-from anncli.runs.integrity import DamagedCheckpoint, load_torch, verify, write_marker
-from anncli.runs.retention import prune, reading  # noqa: F401  (reading: for every reader of checkpoints)
+from anncli.paths import fsync_path, write_text_whole
 from anncli.recipe import Recipe, recipe_to_yaml
-from anncli.runs.rundir import (  # noqa: F401  (the layout is part of this module's interface)
-    STEP_PREFIX, checkpoint_path, checkpoints_dir, complete_checkpoints, decide_start, is_complete,
-    latest_checkpoint, lock_run_dir, newest_verified, require_checkpoint, resolve_resume,
-)
+from anncli.runs import rundir
+from anncli.runs.integrity import DamagedCheckpoint, load_torch
+from anncli.runs.locks import lock_run_dir
+from anncli.runs.retention import reading, remove_staging
+from anncli.runs.rundir import checkpoint_path, decide_start, latest_checkpoint, require_checkpoint
+from anncli.runs.staging import begin_save, discard_failed_save, finish_save, staging_dir
 
 # Model settings that do not change the weights' meaning, so a checkpoint may be loaded across them.
 _MODEL_KEYS_IGNORED = {"norm", "pretrained", "channels_last", "attention", "compile", "compile_backend"}
@@ -84,43 +81,12 @@ def load_model_for_inference(path: Path, recipe: Recipe) -> dict:
 
 def save_torch(obj, path: Path) -> None:
     torch.save(obj, path)
-    _fsync_path(path)
+    fsync_path(path)
 
 
 def save_json(obj, path: Path) -> None:
     path.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    _fsync_path(path)
-
-
-def staging_dir(run_dir: Path, step: int) -> Path:
-    final = checkpoint_path(run_dir, step)
-    return final.parent / f".tmp-{final.name}"
-
-
-def begin_save(run_dir: Path, step: int) -> Path:
-    """Rank 0: a fresh, empty staging directory for this step."""
-    tmp = staging_dir(run_dir, step)
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    return tmp
-
-
-def finish_save(run_dir: Path, step: int, keep_last: int) -> Path:
-    """Rank 0, after every rank wrote its files: fsync, rename into place, mark COMPLETE, prune."""
-    tmp = staging_dir(run_dir, step)
-    for f in tmp.rglob("*"):
-        if f.is_file():
-            _fsync_path(f)
-    final = checkpoint_path(run_dir, step)
-    if final.exists():  # an incomplete leftover of an earlier, killed save of this step
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    write_marker(final, step)
-    _fsync_path(final)
-    _fsync_path(final.parent)
-    prune(run_dir, keep_last, written=final)
-    return final
+    fsync_path(path)
 
 
 DATA_FILE = "data.json"
@@ -184,16 +150,21 @@ class Checkpointer:
     def __init__(self, run_dir: Path, recipe: Recipe, info):
         self.run_dir, self.recipe, self.info = Path(run_dir), recipe, info
         self._lock = None
+        self._given = None  # rank 0: the checkpoint `--resume PATH` named, superseding newer ones once loaded
 
     def open(self) -> None:
-        """Rank 0 creates and locks the run directory and writes the recipe; every rank waits for it."""
+        """Rank 0 creates and locks the run directory and removes what a failed save left; every rank
+        waits for it. The run's recipe.yaml is written once the start is settled (`find`, `load`)."""
         from anncli.cluster.distributed import barrier
 
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._lock = lock_run_dir(self.run_dir, float(os.environ.get("ANN_LOCK_TIMEOUT", "300")))
-            (self.run_dir / "recipe.yaml").write_text(recipe_to_yaml(self.recipe))
+            remove_staging(self.run_dir)
         barrier()  # every rank looks for the checkpoint to resume only once the run directory is ours
+
+    def _write_recipe(self) -> None:
+        write_text_whole(self.run_dir / "recipe.yaml", recipe_to_yaml(self.recipe))
 
     def close(self) -> None:
         if self._lock is not None:
@@ -210,6 +181,10 @@ class Checkpointer:
             try:
                 found = decide_start(self.run_dir, resume, fresh=fresh, init_from=init_from)
                 answer = ("ok", None if found is None else str(found))
+                if found is None:
+                    self._write_recipe()
+                elif resume not in ("auto", "never"):
+                    self._given = found
             except UserError as e:
                 answer = ("error", str(e))
         kind, value = broadcast_object(answer)
@@ -233,6 +208,19 @@ class Checkpointer:
         if info.is_main:
             begin_save(self.run_dir, step)
         barrier()
+        try:
+            self._write(tmp, step, engine, stream, bad_steps_total)
+        except BaseException:
+            if info.is_main:
+                discard_failed_save(self.run_dir, step)
+            raise
+        barrier()
+        return checkpoint_path(self.run_dir, step)
+
+    def _write(self, tmp: Path, step: int, engine, stream, bad_steps_total: int) -> None:
+        from anncli.cluster.distributed import barrier
+
+        info, recipe = self.info, self.recipe
         engine.save(tmp)
         if info.is_main:
             save_json(stream.state_dict(), tmp / DATA_FILE)
@@ -244,10 +232,12 @@ class Checkpointer:
         barrier()
         if info.is_main:
             finish_save(self.run_dir, step, recipe.train.keep_last)
-        barrier()
-        return checkpoint_path(self.run_dir, step)
 
     def load(self, path: Path, engine, stream, allow_recipe_change: bool = False) -> Resumed:
+        """Check that `path` fits this run, read it into the engine and the stream, and only then, once
+        every rank has, settle the run directory: checkpoints newer than a `--resume PATH` move aside."""
+        from anncli.cluster.distributed import barrier
+
         recipe, info = self.recipe, self.info
         check_compatible(path, recipe)
         state = read_state(path)
@@ -263,6 +253,11 @@ class Checkpointer:
                                        allow=allow_recipe_change, announce=info.is_main)
         engine.load(path)
         stream.load_state_dict(_read_data_position(path))
+        barrier()  # a rank that refused stops every rank (rank_session) before anything is moved
+        if info.is_main:
+            if self._given is not None:
+                rundir.supersede_newer(self.run_dir, self._given)
+            self._write_recipe()
         return Resumed(step=state["step"], bad_steps_total=state.get("bad_steps_total", 0),
                        world_size=state["world_size"])
 

@@ -14,10 +14,11 @@ import sys
 from pathlib import Path
 from typing import NamedTuple, Optional, Sequence
 
-from anncli.runs.checkpoint import (COMPLETE, checkpoint_recipe, default_work_dir, latest_checkpoint,
-                               require_checkpoint)
 from anncli.errors import UserError
 from anncli.recipe import Recipe, load_recipe
+from anncli.runs.checkpoint import checkpoint_recipe, default_work_dir
+from anncli.runs.integrity import MARKER
+from anncli.runs.rundir import latest_checkpoint, require_checkpoint
 
 RUNS_ROOT = Path("runs")
 
@@ -34,7 +35,7 @@ def newest_run(runs_root: Path = RUNS_ROOT) -> Path:
     for run_dir in sorted(p for p in Path(runs_root).glob("*") if p.is_dir()):
         found = latest_checkpoint(run_dir)
         if found is not None:
-            finished.append(((found / COMPLETE).stat().st_mtime_ns, found))
+            finished.append(((found / MARKER).stat().st_mtime_ns, found))
     if not finished:
         raise UserError(f"no recipe given and no run directory under {runs_root}/ holds a complete checkpoint; "
                         "pass a recipe or --checkpoint DIR")

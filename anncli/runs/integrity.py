@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
 from anncli.errors import UserError
+from anncli.paths import write_text_whole
 
 MARKER = "COMPLETE"
 READERS = ".readers"  # the read lock of a checkpoint (retention.py), and its O_EXCL siblings: not checkpoint files
@@ -56,14 +56,8 @@ def write_marker(directory: Path, step: int) -> None:
     directory = Path(directory)
     files = {p.relative_to(directory).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
              for p in _files(directory)}
-    tmp = directory / f".{MARKER}.tmp"  # renamed into place: a crash never leaves an empty marker
-    tmp.write_text(json.dumps({"step": step, "files": files}, indent=1, sort_keys=True) + "\n")
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, directory / MARKER)
+    # renamed into place (a hidden .COMPLETE.tmp-PID, never hashed): a crash never leaves an empty marker
+    write_text_whole(directory / MARKER, json.dumps({"step": step, "files": files}, indent=1, sort_keys=True) + "\n")
 
 
 def read_marker(directory: Path) -> dict | None:

@@ -1,6 +1,6 @@
 """File locks: flock where the file system has it, O_EXCL lock files where it does not.
 
-Two uses: the run lock (exclusive, a training's for its lifetime: rundir.lock_run_dir) and checkpoint read
+Two uses: the run lock (exclusive, a training's for its lifetime: lock_run_dir) and checkpoint read
 locks (shared while `ann eval`, `ann predict`, `--init-from` or `load_model` read a checkpoint; pruning takes
 them exclusive without waiting and keeps a checkpoint that is being read: checkpoint.reading, prune).
 
@@ -19,7 +19,10 @@ import itertools
 import os
 import socket
 import sys
+import time
 from pathlib import Path
+
+from anncli.errors import UserError
 
 _fallback_said: set[str] = set()
 _readers = itertools.count()
@@ -151,3 +154,54 @@ def _try_file_lock(path: Path, shared: bool) -> Lock | None:
         held.unlink(missing_ok=True)
         return None
     return Lock(path, marker=held)
+
+
+# --- the run lock ---------------------------------------------------------------------------------
+
+
+_HELD_LOCKS: list = []  # open lock files of this process, released in every forked child
+
+
+def _release_locks_in_child() -> None:
+    """In a forked child (a DataLoader worker): point the inherited lock descriptors at /dev/null.
+
+    flock belongs to the open file: a child that kept its copy of the descriptor would hold the run
+    lock after its rank died, and the restarted rank would wait for it. dup2 closes the child's copy
+    while the descriptor number stays valid, so nothing in the child can close an unrelated file.
+    """
+    for handle in list(_HELD_LOCKS):
+        try:
+            null = os.open(os.devnull, os.O_RDONLY)
+            os.dup2(null, handle.fileno())
+            os.close(null)
+        except (OSError, ValueError):
+            pass
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_release_locks_in_child)
+
+
+def lock_run_dir(run_dir: Path, timeout_s: float):
+    """Hold `<run>/.lock` for this process's lifetime, so that two trainings never share a run directory.
+
+    A run that was just killed may still be saving (its workers got SIGTERM); wait for it up to
+    `timeout_s`, then fail with a line naming the holder. The kernel drops the lock when the holder dies;
+    forked children do not keep it (see _release_locks_in_child). Without flock (NFS/Lustre): the O_EXCL
+    files above.
+    """
+    path = Path(run_dir) / ".lock"
+    deadline = time.monotonic() + timeout_s
+    announced = False
+    while (lock := try_lock(path, shared=False)) is None:
+        who = holder(path)
+        if time.monotonic() >= deadline:
+            raise UserError(f"run directory {run_dir} is in use by {who}; wait for it to finish or "
+                            "pass another --work-dir")
+        if not announced:
+            print(f"[ann] run directory {run_dir} is in use by {who}; waiting up to {timeout_s:.0f} s", flush=True)
+            announced = True
+        time.sleep(0.5)
+    if lock.handle is not None:
+        _HELD_LOCKS.append(lock.handle)
+    return lock

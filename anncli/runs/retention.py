@@ -1,8 +1,9 @@
 """Which checkpoints a run keeps, and reading one without it being deleted underneath.
 
 `prune` keeps the newest `train.keep_last` checkpoints that verify, and always the one just written; a
-damaged one is moved aside into `superseded-<time>/` (never counted, never deleted), and one that a reader
-holds is kept until a later prune. Readers (`ann eval`, `ann predict`, `--init-from`, `load_model`) hold
+damaged one is moved aside into `superseded-<time>/` (never counted, never deleted), one that cannot be
+read (EACCES, EIO) is left where it is, uncounted, with one warning, and one that a reader holds is kept
+until a later prune. Nothing an older checkpoint does stops the run whose new checkpoint is complete. Readers (`ann eval`, `ann predict`, `--init-from`, `load_model`) hold
 `<checkpoint>/.readers` shared for as long as they read (`reading`); prune takes it exclusive without
 waiting, renames the checkpoint out of sight and deletes it (locks.py: flock, or O_EXCL files on NFS).
 """
@@ -22,24 +23,57 @@ from anncli.runs.rundir import STEP_PREFIX, checkpoints_dir, complete_checkpoint
 _READ_WAIT_S = 0.05
 
 
+_unreadable_said: set[str] = set()
+
+
 def prune(run_dir: Path, keep_last: int, written: Path | None = None) -> None:
     """Keep the newest `keep_last` verified checkpoints and `written` (hashed just now); move damaged ones
-    aside; delete the rest unless being read; drop stale staging dirs."""
+    aside; leave unreadable ones; delete the rest unless being read; drop stale staging dirs."""
     kept = 0
     for path in reversed(complete_checkpoints(run_dir)):
         if written is not None and path == Path(written):
             kept += 1
-        elif kept < keep_last:
-            try:
-                verify(path)
-                kept += 1
-            except DamagedCheckpoint as e:
-                move_aside(run_dir, [path], f"{e}; not counted by train.keep_last")
-        else:
-            _delete_unless_read(path)
-    for p in checkpoints_dir(run_dir).iterdir():
-        incomplete = p.name.startswith(STEP_PREFIX) and not is_complete(p)
-        if p.name.startswith(".tmp-") or incomplete:
+            continue
+        try:
+            kept += _keep_or_delete(run_dir, path, keep=kept < keep_last)
+        except (OSError, UserError) as e:  # not DamagedCheckpoint: _keep_or_delete handles that
+            _say_unreadable(path, e)
+    remove_staging(run_dir)
+
+
+def _keep_or_delete(run_dir: Path, path: Path, keep: bool) -> int:
+    """1 when `path` is kept and counted by train.keep_last, 0 otherwise."""
+    if not keep:
+        _delete_unless_read(path)
+        return 0
+    try:
+        verify(path)
+        return 1
+    except DamagedCheckpoint as e:
+        move_aside(run_dir, [path], f"{e}; not counted by train.keep_last")
+        return 0
+
+
+def _say_unreadable(path: Path, error: Exception) -> None:
+    if str(path) in _unreadable_said:
+        return
+    _unreadable_said.add(str(path))
+    why = f"{error.strerror} ({error.filename or path})" if isinstance(error, OSError) else str(error)
+    print(f"[ann] warning: cannot check or prune the older checkpoint {path}: {why}; it is left as it is and not "
+          "counted by train.keep_last; training goes on", file=sys.stderr, flush=True)
+
+
+def remove_staging(run_dir: Path) -> None:
+    """Remove what failed or killed saves left: staging dirs, half-deleted and unmarked step dirs."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return
+    for p in root.iterdir():
+        try:
+            stale = p.name.startswith(".tmp-") or (p.name.startswith(STEP_PREFIX) and not is_complete(p))
+        except OSError:  # an unreadable step dir may be complete: never delete what cannot be checked
+            continue
+        if stale:
             shutil.rmtree(p, ignore_errors=True)
 
 

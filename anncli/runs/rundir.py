@@ -1,6 +1,6 @@
 """Run-directory housekeeping: the checkpoint layout, where a run starts from (moving superseded
-checkpoints aside, never deleting them), which launch a restarted worker belongs to, which recipe
-changes a resume may accept, and the run lock.
+checkpoints aside, never deleting them), which launch a restarted worker belongs to, and which recipe
+changes a resume may accept. The run lock is locks.lock_run_dir.
 
 Paths only: what is inside a checkpoint is checkpoint.py's business.
 """
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from anncli.errors import UserError
-from anncli.runs import locks
+from anncli.paths import write_text_whole
 from anncli.runs.integrity import MARKER, DamagedCheckpoint, verify
 
 # Recipe keys whose change keeps a resume meaningful: bookkeeping, evaluation, where the data lies, the
@@ -80,8 +80,15 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     root = checkpoints_dir(run_dir)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.name.startswith(STEP_PREFIX) and is_complete(p)]
+    found = [p for p in root.iterdir() if p.name.startswith(STEP_PREFIX) and _marked(p)]
     return sorted(found, key=lambda p: int(p.name[len(STEP_PREFIX) :]))
+
+
+def _marked(path: Path) -> bool:
+    try:
+        return is_complete(path)
+    except OSError:  # a step directory this user cannot enter is none of its run's checkpoints
+        return False
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
@@ -136,21 +143,30 @@ def require_checkpoint(path: Path) -> Path:
     return path
 
 
+def check_start_flags(resume: str, fresh: bool = False, init_from: bool = False) -> None:
+    """`--fresh` and `--init-from` start a new run: either with `--resume PATH` is refused, never ignored."""
+    if resume in ("auto", "never"):
+        return
+    if fresh:
+        raise UserError("--fresh starts a new run at step 0; it excludes --resume PATH")
+    if init_from:
+        raise UserError(f"--init-from loads weights into a new run at step 0; it excludes --resume {resume} "
+                        "(resume that checkpoint without --init-from, or start from its weights without --resume)")
+
+
 def decide_start(run_dir: Path, resume: str, fresh: bool = False, init_from: bool = False) -> Path | None:
-    """Rank 0: the checkpoint this launch continues from (None: step 0), moving superseded ones aside.
+    """Rank 0: the checkpoint this launch continues from (None: step 0).
 
     `--resume never` never mixes two runs in one directory: with checkpoints there it is refused, and
-    `--fresh` moves them (and events.jsonl) aside. `--resume PATH` to an older point moves the newer ones
-    aside, so that a later `--resume auto` (a requeue) does not jump back to them. A restarted worker of a
-    launch that already did this continues from the run's newest checkpoint."""
+    `--fresh` moves them (and events.jsonl) aside. `--resume PATH` to an older point moves nothing yet:
+    once the checkpoint is loaded and accepted, `supersede_newer` moves the newer ones aside, so that a
+    later `--resume auto` (a requeue) does not jump back to them, and a refused resume leaves the run as
+    it was. A restarted worker of a launch that already did this continues from the run's newest checkpoint."""
     if is_continuation(run_dir):
         found = newest_verified(run_dir)
         if found is not None or resume in ("auto", "never"):
             return found
-    if fresh and resume not in ("auto", "never"):
-        raise UserError("--fresh starts a new run at step 0; it excludes --resume PATH")
-    if init_from and resume not in ("auto", "never"):
-        raise UserError(f"--init-from loads weights into a new run; it excludes --resume {resume}")
+    check_start_flags(resume, fresh, init_from)
     done = complete_checkpoints(run_dir)
     if fresh or resume == "never" or (init_from and resume == "auto"):
         if done and not fresh:
@@ -164,11 +180,15 @@ def decide_start(run_dir: Path, resume: str, fresh: bool = False, init_from: boo
         return None
     if resume == "auto":
         return newest_verified(run_dir)
-    path = require_checkpoint(Path(resume))
-    newer = [p for p in done if _step_of(p) >= _step_of(path) and p.resolve() != path.resolve()]
+    return require_checkpoint(Path(resume))
+
+
+def supersede_newer(run_dir: Path, path: Path) -> None:
+    """After a `--resume PATH` was accepted: move the run's checkpoints at or after PATH's step aside."""
+    newer = [p for p in complete_checkpoints(run_dir)
+             if _step_of(p) >= _step_of(path) and p.resolve() != Path(path).resolve()]
     move_aside(run_dir, newer, f"resuming from the older {path}")
     record_launch(run_dir)
-    return path
 
 
 # --- restarts of one launch -------------------------------------------------------------------------
@@ -194,7 +214,7 @@ def is_continuation(run_dir: Path) -> bool:
 def record_launch(run_dir: Path) -> None:
     key = _launch_key()
     if key:
-        (Path(run_dir) / LAUNCH_FILE).write_text(key + "\n")
+        write_text_whole(Path(run_dir) / LAUNCH_FILE, key + "\n")
 
 
 # --- recipe changes at resume ---------------------------------------------------------------------
@@ -248,53 +268,3 @@ def check_recipe_change(path: Path, saved_yaml: str, current_yaml: str, allow: b
     if announce and (harmless or breaking):
         listed = "; ".join(harmless + [f"{b} (allowed by --allow-recipe-change)" for b in breaking])
         print(f"[ann] the recipe differs from checkpoint {path}'s: {listed}", file=sys.stderr, flush=True)
-
-
-# --- the run lock ---------------------------------------------------------------------------------
-
-
-_HELD_LOCKS: list = []  # open lock files of this process, released in every forked child
-
-
-def _release_locks_in_child() -> None:
-    """In a forked child (a DataLoader worker): point the inherited lock descriptors at /dev/null.
-
-    flock belongs to the open file: a child that kept its copy of the descriptor would hold the run
-    lock after its rank died, and the restarted rank would wait for it. dup2 closes the child's copy
-    while the descriptor number stays valid, so nothing in the child can close an unrelated file.
-    """
-    for handle in list(_HELD_LOCKS):
-        try:
-            null = os.open(os.devnull, os.O_RDONLY)
-            os.dup2(null, handle.fileno())
-            os.close(null)
-        except (OSError, ValueError):
-            pass
-    _HELD_LOCKS.clear()
-
-
-os.register_at_fork(after_in_child=_release_locks_in_child)
-
-
-def lock_run_dir(run_dir: Path, timeout_s: float):
-    """Hold `<run>/.lock` for this process's lifetime, so that two trainings never share a run directory.
-
-    A run that was just killed may still be saving (its workers got SIGTERM); wait for it up to
-    `timeout_s`, then fail with a line naming the holder. The kernel drops the lock when the holder dies;
-    forked children do not keep it (see _release_locks_in_child). Without flock (NFS/Lustre): locks.py.
-    """
-    path = Path(run_dir) / ".lock"
-    deadline = time.monotonic() + timeout_s
-    announced = False
-    while (lock := locks.try_lock(path, shared=False)) is None:
-        who = locks.holder(path)
-        if time.monotonic() >= deadline:
-            raise UserError(f"run directory {run_dir} is in use by {who}; wait for it to finish or "
-                            "pass another --work-dir")
-        if not announced:
-            print(f"[ann] run directory {run_dir} is in use by {who}; waiting up to {timeout_s:.0f} s", flush=True)
-            announced = True
-        time.sleep(0.5)
-    if lock.handle is not None:
-        _HELD_LOCKS.append(lock.handle)
-    return lock

@@ -147,7 +147,8 @@ def plan_split(recipe: Recipe, opts, plan):
     """(split, checkpoint to resume or None) of a launch plan, before any process starts: a world that
     cannot keep the checkpoint's effective batch, or continue its data stream, is refused here in one line
     (`opts`: train.TrainOptions). `--fresh` and `--init-from` start new runs: nothing is resumed."""
-    from anncli.runs.checkpoint import default_work_dir, resolve_resume, saved_split
+    from anncli.runs.checkpoint import default_work_dir, saved_split
+    from anncli.runs.rundir import resolve_resume
 
     new_run = opts.fresh or (opts.init_from is not None and opts.resume == "auto")
     resume = None if new_run else resolve_resume(opts.resume, opts.work_dir or default_work_dir(recipe))

@@ -96,6 +96,17 @@ def test_pictures_check_their_format_before_the_model_runs(project, tmp_path):
                    tmp_path / "v.xyz"), 2, "--out " + str(tmp_path / "v.xyz") + ": .xyz is not a picture format")
 
 
+def test_a_recipe_path_that_is_a_directory_says_so(tmp_path):
+    folder = tmp_path / "recipes"
+    folder.mkdir()
+    _one_line(_cli("train", folder, "--dry-run"), 2, f"{folder}: is a directory, not a recipe file")
+    _one_line(_cli("recipe", "validate", folder), 2, f"{folder}: is a directory, not a recipe file")
+    res = subprocess.run(ann_cmd("train", "recipes", "--dry-run"), capture_output=True, text=True, cwd=tmp_path,
+                         env=ann_env(), timeout=300)  # a bare name beside a folder of that name
+    assert res.returncode == 2 and "recipe recipes: is a directory, not a recipe file" in res.stderr, res.stderr
+    assert "no such file" not in res.stderr
+
+
 def test_plot_of_a_non_utf8_events_file_is_one_line(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

@@ -7,7 +7,7 @@ import time
 import pytest
 from conftest import ann_cmd, start_until_checkpoint, tiny_overrides
 
-from anncli.runs.checkpoint import lock_run_dir
+from anncli.runs.locks import lock_run_dir
 
 
 def _children(pid: int) -> list[int]:

@@ -3,7 +3,10 @@
 A tree in the real layout (labelIds with void ids, instanceIds) is packed with `ann data pack cityscapes`,
 trained a few steps, evaluated with `ann eval --save-pred --pred-format cityscapes` and segmented with
 `ann predict --format cityscapes`; cityscapesscripts' evalPixelLevelSemanticLabeling then reads each results
-folder as it would on a real Cityscapes tree. Needs `pip install 'anncli[cityscapes]'`; skipped without it.
+folder as it would on a real Cityscapes tree, run by the command the README gives
+(`python -m anncli.eval.cityscapes_official`) in this environment's numpy, with nothing patched by the test,
+into a CITYSCAPES_EXPORT_DIR that does not exist yet. Needs `pip install 'anncli[cityscapes]'`; skipped
+without it.
 """
 
 import json
@@ -22,19 +25,12 @@ from test_pred_formats import fake_cityscapes
 pytest.importorskip("cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling")
 pytestmark = pytest.mark.slow
 
-# cityscapesscripts 2.3.0 calls np.in1d for its instance-level scores, which numpy 2.4 removed; np.isin gives
-# the same values (the script reshapes them to the image). Everything else is the official module as shipped.
-OFFICIAL = ("import numpy, runpy\n"
-            "if not hasattr(numpy, 'in1d'):\n"
-            "    numpy.in1d = lambda a, b, invert=False: numpy.isin(a, b, invert=invert).ravel()\n"
-            "runpy.run_module('cityscapesscripts.evaluation.evalPixelLevelSemanticLabeling', run_name='__main__')\n")
-
-
 def official_scores(dataset, results, export) -> dict:
-    export.mkdir()
+    """The README's command, as a user runs it: the environment variables and nothing else."""
+    assert not export.exists()  # the command makes it
     env = ann_env(CITYSCAPES_DATASET=str(dataset), CITYSCAPES_RESULTS=str(results), CITYSCAPES_EXPORT_DIR=str(export))
-    res = subprocess.run([sys.executable, "-c", OFFICIAL], capture_output=True, text=True, env=env, cwd=export,
-                         timeout=600)
+    res = subprocess.run([sys.executable, "-m", "anncli.eval.cityscapes_official"], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=600)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     return json.loads((export / "resultPixelLevelSemanticLabeling.json").read_text())
 

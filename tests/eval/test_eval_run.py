@@ -65,7 +65,8 @@ def write_recipe(path: Path, data_root: Path, **model) -> Path:
 
 
 def write_checkpoint(run_dir: Path, recipe_path: Path, step: int = 10) -> Path:
-    from anncli.runs.checkpoint import begin_save, finish_save, save_json, save_torch
+    from anncli.runs.checkpoint import save_json, save_torch
+    from anncli.runs.staging import begin_save, finish_save
     from anncli.models.ann import build_model
 
     recipe = load_recipe(recipe_path)

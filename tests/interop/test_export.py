@@ -1,6 +1,7 @@
 """`ann export` (ONNX, TorchScript) checked against eager, and `ann predict --model` on onnxruntime."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -13,7 +14,8 @@ from PIL import Image
 
 from anncli.data.synth import make_sample
 from anncli.interop.export import Exported, ShapeFreeAdaptiveAvgPool, check_parity
-from conftest import ROOT, ann_env, run_ann, tiny_overrides
+from conftest import ROOT, ann_env, run_ann, run_ann_limited, tiny_overrides
+from test_faults import tmpfs  # noqa: F401  (a fixture: a real small file system)
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -106,6 +108,31 @@ def test_bad_options_are_one_line_with_exit_2(checkpoint, tmp_path):
         res = run_ann(*args)
         assert res.returncode == 2 and needle in res.stderr, (args, res.stderr)
         assert "Traceback" not in res.stderr
+
+
+def _one_error_line(res, *needles):
+    assert res.returncode == 2, res.stderr[-3000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith("ann: error:")]
+    assert len(errors) == 1 and "Traceback" not in res.stderr, res.stderr[-3000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+
+
+@pytest.mark.parametrize("fmt, name", [("onnx", "old.onnx"), ("torchscript", "old.pt")])
+def test_an_export_over_the_file_size_limit_keeps_the_old_file_whole(checkpoint, tmp_path, fmt, name):
+    out = tmp_path / name
+    before = os.urandom(1 << 20)  # what a file written before holds: bigger than the limit, not ours to cut
+    out.write_bytes(before)
+    res = run_ann_limited("export", "--checkpoint", checkpoint, "--format", fmt, "--out", out, limit=100 << 10)
+    _one_error_line(res, f"{out}: file too large (over the file-size limit")
+    assert out.read_bytes() == before and os.listdir(tmp_path) == [name]  # not truncated, no temporary file
+
+
+def test_an_export_onto_a_full_disk_leaves_no_file(checkpoint, tmpfs):  # noqa: F811
+    full = tmpfs("1m")
+    res = run_ann("export", "--checkpoint", checkpoint, "--out", full / "model.onnx")
+    _one_error_line(res, f"{full / 'model.onnx'}: no space left on tmpfs at {full}")
+    assert os.listdir(full) == []  # no 0-byte model.onnx, no temporary file
 
 
 def test_shape_free_pooling_equals_adaptive_average_pooling():

@@ -88,6 +88,19 @@ def test_bad_inputs_are_one_line_with_exit_2(two_runs, tmp_path):
         run_plot([two_runs["ann"]], tmp_path / "x.txt")
 
 
+def test_an_empty_events_file_is_one_line_not_an_empty_chart(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "events.jsonl").write_bytes(b"")
+    res = run_ann("plot", run, "--out", tmp_path / "x.png")
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.strip() == f"ann: error: {run / 'events.jsonl'}: is empty; nothing to plot"
+    (run / "events.jsonl").write_text('{"event": "start", "step": 0}\n')
+    with pytest.raises(UserError, match="holds no logged step or validation yet; nothing to plot"):
+        run_plot([run], tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
+
+
 def test_without_matplotlib_the_error_names_the_extra(two_runs, tmp_path):
     code = ("import sys; sys.modules['matplotlib'] = None; from anncli.cli.main import main; "
             f"sys.argv = ['ann', 'plot', {str(two_runs['ann'])!r}, '--out', {str(tmp_path / 'x.png')!r}]; main()")

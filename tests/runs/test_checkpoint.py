@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from anncli.runs import checkpoint as ck
+from anncli.runs import integrity, locks, retention, rundir, staging
 from anncli.errors import UserError
 from anncli.recipe import Recipe
 
@@ -45,32 +46,32 @@ def test_layout_marker_and_latest(tmp_path):
     assert marker["step"] == 400
     assert marker["files"]["model.pt"]["sha256"] == hashlib.sha256((path / "model.pt").read_bytes()).hexdigest()
     assert sorted(marker["files"]) == sorted(p.name for p in path.iterdir() if p.name != "COMPLETE")
-    assert ck.latest_checkpoint(tmp_path) == path
-    assert ck.resolve_resume("auto", tmp_path) == path
-    assert ck.resolve_resume("never", tmp_path) is None
+    assert rundir.latest_checkpoint(tmp_path) == path
+    assert rundir.resolve_resume("auto", tmp_path) == path
+    assert rundir.resolve_resume("never", tmp_path) is None
 
 
 def test_interrupted_save_leaves_previous_in_use(tmp_path):
     good = _save(tmp_path, 200)
     # A save killed before rename: only the staging dir exists.
-    tmp = ck.begin_save(tmp_path, 400)
+    tmp = staging.begin_save(tmp_path, 400)
     ck.save_torch({"w": torch.zeros(2)}, tmp / "model.pt")
     # A save killed after rename, before the marker.
     (tmp_path / "checkpoints" / "step-000600").mkdir()
-    assert ck.latest_checkpoint(tmp_path) == good
+    assert rundir.latest_checkpoint(tmp_path) == good
     with pytest.raises(UserError, match="incomplete"):
-        ck.resolve_resume(str(tmp_path / "checkpoints" / "step-000600"), tmp_path)
+        rundir.resolve_resume(str(tmp_path / "checkpoints" / "step-000600"), tmp_path)
     # The next save of a step cleans the leftovers.
-    assert ck.latest_checkpoint(tmp_path) == good
+    assert rundir.latest_checkpoint(tmp_path) == good
     _save(tmp_path, 600)
     assert not (tmp_path / "checkpoints" / ".tmp-step-000400").exists()
-    assert ck.latest_checkpoint(tmp_path).name == "step-000600"
+    assert rundir.latest_checkpoint(tmp_path).name == "step-000600"
 
 
 def test_keep_last(tmp_path):
     for step in (100, 200, 300, 400):
         _save(tmp_path, step, keep_last=2)
-    assert [p.name for p in ck.complete_checkpoints(tmp_path)] == ["step-000300", "step-000400"]
+    assert [p.name for p in rundir.complete_checkpoints(tmp_path)] == ["step-000300", "step-000400"]
 
 
 def test_incompatible_model_is_one_line(tmp_path):
@@ -85,7 +86,7 @@ def test_incompatible_model_is_one_line(tmp_path):
 
 def test_missing_checkpoint_path(tmp_path):
     with pytest.raises(UserError, match="no such directory"):
-        ck.resolve_resume(str(tmp_path / "nope"), tmp_path)
+        rundir.resolve_resume(str(tmp_path / "nope"), tmp_path)
 
 
 def test_run_directory_lock_excludes_a_second_run(tmp_path):
@@ -93,17 +94,17 @@ def test_run_directory_lock_excludes_a_second_run(tmp_path):
     import sys
 
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from anncli.runs.checkpoint import lock_run_dir; "
+        "import sys, time; from anncli.runs.locks import lock_run_dir; "
         f"h = lock_run_dir({str(tmp_path)!r}, 5); print('locked', flush=True); time.sleep(60)")],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(UserError, match=f"in use by pid {holder.pid}"):
-            ck.lock_run_dir(tmp_path, 1)
+            locks.lock_run_dir(tmp_path, 1)
     finally:
         holder.kill()
         holder.wait()
-    ck.lock_run_dir(tmp_path, 5).close()  # the kernel released the dead holder's lock
+    locks.lock_run_dir(tmp_path, 5).close()  # the kernel released the dead holder's lock
 
 
 def test_save_then_load_gives_back_every_part(tmp_path):
@@ -157,16 +158,16 @@ def test_damaged_model_is_one_line_and_auto_falls_back(tmp_path, damage, capsys)
     newer = _save(tmp_path, 200, keep_last=3)
     DAMAGE[damage](newer / "model.pt")
     recipe = Recipe(name="t")
-    with pytest.raises(ck.DamagedCheckpoint, match=f"checkpoint {newer} is damaged: model.pt") as err:
+    with pytest.raises(integrity.DamagedCheckpoint, match=f"checkpoint {newer} is damaged: model.pt") as err:
         ck.load_model_for_inference(newer, recipe)
     assert "weights_only" not in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(UserError, match="is damaged"):
-        ck.resolve_resume(str(newer), tmp_path)
-    assert ck.resolve_resume("auto", tmp_path) == older
+        rundir.resolve_resume(str(newer), tmp_path)
+    assert rundir.resolve_resume("auto", tmp_path) == older
     assert f"warning: checkpoint {newer} is damaged" in capsys.readouterr().err
     DAMAGE[damage](older / "model.pt")
     with pytest.raises(UserError, match="every checkpoint under .* is damaged"):
-        ck.resolve_resume("auto", tmp_path)
+        rundir.resolve_resume("auto", tmp_path)
 
 
 def test_unverifiable_files_still_fail_in_one_line(tmp_path, capsys):
@@ -176,12 +177,12 @@ def test_unverifiable_files_still_fail_in_one_line(tmp_path, capsys):
     assert torch.equal(ck.load_model_for_inference(path, Recipe(name="t"))["w"], torch.full((2,), 100.0))
     assert "marker without checksums" in capsys.readouterr().err
     (path / "model.pt").write_bytes(b"not a zip")
-    with pytest.raises(ck.DamagedCheckpoint, match="model.pt cannot be read as a tensor file") as err:
+    with pytest.raises(integrity.DamagedCheckpoint, match="model.pt cannot be read as a tensor file") as err:
         ck.load_model_for_inference(path, Recipe(name="t"))
     assert "weights_only" not in str(err.value)
     (path / "COMPLETE").write_text("")
     (path / "model.pt").unlink()
-    with pytest.raises(ck.DamagedCheckpoint, match="model.pt is missing"):
+    with pytest.raises(integrity.DamagedCheckpoint, match="model.pt is missing"):
         ck.load_model_for_inference(path, Recipe(name="t"))
 
 
@@ -189,23 +190,25 @@ def test_resume_never_refuses_and_fresh_moves_aside(tmp_path):
     path = _save(tmp_path, 100)
     (tmp_path / "events.jsonl").write_text("{}\n")
     with pytest.raises(UserError, match=f"newest {path}.*another --work-dir, or --fresh"):
-        ck.decide_start(tmp_path, "never")
-    assert ck.decide_start(tmp_path, "never", fresh=True) is None
-    assert ck.complete_checkpoints(tmp_path) == [] and not (tmp_path / "events.jsonl").exists()
+        rundir.decide_start(tmp_path, "never")
+    assert rundir.decide_start(tmp_path, "never", fresh=True) is None
+    assert rundir.complete_checkpoints(tmp_path) == [] and not (tmp_path / "events.jsonl").exists()
     [aside] = tmp_path.glob("superseded-*")
     assert (aside / "checkpoints" / "step-000100" / "COMPLETE").is_file() and (aside / "events.jsonl").is_file()
-    assert ck.decide_start(tmp_path, "never") is None  # nothing left to mix with
+    assert rundir.decide_start(tmp_path, "never") is None  # nothing left to mix with
 
 
 def test_resume_from_an_older_checkpoint_moves_the_newer_aside(tmp_path):
     for step in (100, 200, 300):
         _save(tmp_path, step, keep_last=3)
-    older = ck.checkpoint_path(tmp_path, 100)
-    assert ck.decide_start(tmp_path, str(older)) == older
-    assert [p.name for p in ck.complete_checkpoints(tmp_path)] == ["step-000100"]
+    older = rundir.checkpoint_path(tmp_path, 100)
+    assert rundir.decide_start(tmp_path, str(older)) == older
+    assert len(rundir.complete_checkpoints(tmp_path)) == 3  # nothing moves before the resume is accepted
+    rundir.supersede_newer(tmp_path, older)
+    assert [p.name for p in rundir.complete_checkpoints(tmp_path)] == ["step-000100"]
     [aside] = tmp_path.glob("superseded-*")
     assert sorted(p.name for p in (aside / "checkpoints").iterdir()) == ["step-000200", "step-000300"]
-    assert ck.decide_start(tmp_path, "auto") == older  # a requeue continues from where the run went on
+    assert rundir.decide_start(tmp_path, "auto") == older  # a requeue continues from where the run went on
 
 
 def test_a_restarted_worker_of_the_same_launch_continues(tmp_path, monkeypatch):
@@ -213,13 +216,13 @@ def test_a_restarted_worker_of_the_same_launch_continues(tmp_path, monkeypatch):
     _save(tmp_path, 100)
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "launch-a")
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
-    assert ck.decide_start(tmp_path, "never", fresh=True) is None
+    assert rundir.decide_start(tmp_path, "never", fresh=True) is None
     mine = _save(tmp_path, 4)
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
-    assert ck.decide_start(tmp_path, "never", fresh=True) == mine
+    assert rundir.decide_start(tmp_path, "never", fresh=True) == mine
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "launch-b")  # another launch: the decision applies again
     with pytest.raises(UserError, match="already holds checkpoints"):
-        ck.decide_start(tmp_path, "never")
+        rundir.decide_start(tmp_path, "never")
 
 
 def test_recipe_changes_are_sorted_into_harmless_and_breaking():
@@ -320,8 +323,8 @@ def test_a_non_finite_model_is_never_saved_and_the_last_good_checkpoint_is_named
     with pytest.raises(UserError, match=rf"step 200: the model's (w|running_var) hold non-finite values; no "
                                         rf"checkpoint written, the run stops. Last good checkpoint: {good}"):
         ck.Checkpointer(tmp_path, recipe, info).save(200, engine, stream)
-    assert ck.complete_checkpoints(tmp_path) == [good]
-    assert not ck.staging_dir(tmp_path, 200).exists()
+    assert rundir.complete_checkpoints(tmp_path) == [good]
+    assert not staging.staging_dir(tmp_path, 200).exists()
 
 
 def test_pruning_keeps_the_checkpoint_just_written_and_moves_a_damaged_one_aside(tmp_path, capsys):
@@ -330,8 +333,8 @@ def test_pruning_keeps_the_checkpoint_just_written_and_moves_a_damaged_one_aside
     damaged = _save(tmp_path, 200, keep_last=3)
     (damaged / "model.pt").write_bytes(b"bit rot")
     written = _save(tmp_path, 150, keep_last=1)
-    assert ck.complete_checkpoints(tmp_path) == [written]
-    assert ck.resolve_resume("auto", tmp_path) == written
+    assert rundir.complete_checkpoints(tmp_path) == [written]
+    assert rundir.resolve_resume("auto", tmp_path) == written
     aside = list(tmp_path.glob("superseded-*/checkpoints/step-000200"))
     assert len(aside) == 1 and (aside[0] / "model.pt").read_bytes() == b"bit rot"
     assert "not counted by train.keep_last" in capsys.readouterr().err
@@ -355,12 +358,12 @@ def test_prune_keeps_a_checkpoint_that_is_being_read_until_the_reader_is_done(tm
     reader = _hold(first, "read")
     try:
         _save(tmp_path, 200, keep_last=1)
-        assert first in ck.complete_checkpoints(tmp_path)
+        assert first in rundir.complete_checkpoints(tmp_path)
         assert f"keeping {first} beyond train.keep_last for now: it is being read" in capsys.readouterr().err
     finally:
         reader.communicate("\n", timeout=60)
     last = _save(tmp_path, 300, keep_last=1)
-    assert ck.complete_checkpoints(tmp_path) == [last]
+    assert rundir.complete_checkpoints(tmp_path) == [last]
 
 
 def test_readers_wait_for_a_prune_under_way_and_say_so(tmp_path, monkeypatch):
@@ -379,33 +382,32 @@ def test_readers_wait_for_a_prune_under_way_and_say_so(tmp_path, monkeypatch):
 def test_a_garbled_marker_is_damage_not_a_reason_to_skip_verification(tmp_path, marker):
     path = _save(tmp_path, 100)
     (path / "COMPLETE").write_text(marker)
-    with pytest.raises(ck.DamagedCheckpoint, match=f"checkpoint {path} is damaged: its COMPLETE marker is neither"):
+    with pytest.raises(integrity.DamagedCheckpoint, match=f"checkpoint {path} is damaged: its COMPLETE marker is neither"):
         ck.load_model_for_inference(path, Recipe(name="t"))
 
 
 def test_without_flock_locks_fall_back_to_o_excl_files_and_say_so(tmp_path, monkeypatch, capsys):
     import errno
 
-    from anncli.runs import locks
 
     def nfs_flock(fd, operation):
         raise OSError(errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr(locks, "flock", nfs_flock)
-    held = ck.lock_run_dir(tmp_path, 1)
+    held = locks.lock_run_dir(tmp_path, 1)
     assert (tmp_path / ".lock.held").read_text().startswith(f"pid {os.getpid()} on ")
     with pytest.raises(UserError, match=f"in use by pid {os.getpid()} on .* \\(lock file {tmp_path}/.lock.held\\)"):
-        ck.lock_run_dir(tmp_path, 0)
+        locks.lock_run_dir(tmp_path, 0)
     held.close()
     assert not (tmp_path / ".lock.held").exists()
     (tmp_path / ".lock.held").write_text(f"pid 999999999 on {os.uname().nodename}\n")  # killed holder, this host
-    ck.lock_run_dir(tmp_path, 0).close()
+    locks.lock_run_dir(tmp_path, 0).close()
     err = capsys.readouterr().err
     assert err.count("does not support flock (ENOLCK: NFS/Lustre without locking); using O_EXCL lock files") == 1
     # Read locks too: prune keeps a checkpoint with a reader file.
     first = _save(tmp_path, 100, keep_last=1)
-    with ck.reading(first):
+    with retention.reading(first):
         _save(tmp_path, 200, keep_last=1)
-        assert first in ck.complete_checkpoints(tmp_path)
+        assert first in rundir.complete_checkpoints(tmp_path)
     last = _save(tmp_path, 300, keep_last=1)
-    assert ck.complete_checkpoints(tmp_path) == [last] and not list(tmp_path.glob("checkpoints/*/.readers*"))
+    assert rundir.complete_checkpoints(tmp_path) == [last] and not list(tmp_path.glob("checkpoints/*/.readers*"))

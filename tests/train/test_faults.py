@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from anncli.runs import checkpoint as ck
+from anncli.runs.locks import lock_run_dir
 from anncli.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,7 +28,7 @@ def test_a_forked_child_does_not_keep_the_run_lock_of_its_dead_parent(tmp_path):
     """A DataLoader worker is a fork of its rank: when the rank is SIGKILLed, the restarted rank must get
     the run directory although the orphaned child still lives."""
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import os, sys, time; from anncli.runs.checkpoint import lock_run_dir\n"
+        "import os, sys, time; from anncli.runs.locks import lock_run_dir\n"
         f"h = lock_run_dir({str(tmp_path)!r}, 5)\n"
         "child = os.fork()\n"
         "if child == 0:\n"
@@ -39,7 +39,7 @@ def test_a_forked_child_does_not_keep_the_run_lock_of_its_dead_parent(tmp_path):
         os.kill(holder.pid, signal.SIGKILL)
         holder.wait()
         assert _alive(child)
-        ck.lock_run_dir(tmp_path, 2).close()
+        lock_run_dir(tmp_path, 2).close()
     finally:
         os.kill(child, signal.SIGKILL)
 
@@ -101,13 +101,15 @@ def test_read_only_work_dir_and_outputs_are_refused_before_the_work(tmpfs):
     res = _ann("train", "recipes/demo.yaml", "--work-dir", ro / "run")
     _one_line_exit_2(res, f"--work-dir {ro / 'run'}: read-only file system (tmpfs at {ro})")
     res = _ann("bench", "attention", "--sizes", "64x64", "--channels", "16", "--repeats", "1", "--json", ro / "x.json")
-    _one_line_exit_2(res, "--json", "read-only file system")
+    _one_line_exit_2(res, f"--json {ro / 'x.json'}: read-only file system (tmpfs at {ro})")
+    assert ".ann-write-test" not in res.stderr  # the user's path, never the probe's temporary file
 
 
 def test_a_full_disk_during_training_is_one_line_naming_the_device(tmpfs, tmp_path):
     full = tmpfs("96k")  # the recipe and the event log fit, a checkpoint does not
     res = _ann("train", "recipes/demo.yaml", "--work-dir", full / "run", *tiny_overrides(tmp_path / "data"))
     _one_line_exit_2(res, f"no space left on tmpfs at {full}")
+    assert list((full / "run" / "checkpoints").iterdir()) == []  # no .tmp-step-* staging folder is left
 
 
 def test_deepspeed_cpu_op_build_is_announced_once_before_it_starts(tmp_path, monkeypatch, capfd):
