@@ -229,6 +229,7 @@ class DeepSpeedEngine(_Engine):
         optimizer = build_optimizer(model.parameters(), recipe, info.world_size, split and split.effective_batch)
         optimizer.check_gradients = True  # ZeRO hands it this rank's partition of the reduced gradients
         self.guard = optimizer  # ZeRO's partitions are its parameters once initialised
+        self._not_stepped = torch.ones((), device=info.device)
         self.model, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=deepspeed_config(recipe, split)
         )
@@ -249,6 +250,7 @@ class DeepSpeedEngine(_Engine):
     def optimizer_step(self) -> torch.Tensor:
         """DeepSpeed's boundary step: reduce, clip, update (skipped on the device when non-finite)."""
         self.guard.skip = self._skip_unless_finite()
+        self.guard.skipped = self._not_stepped  # ZeRO skips an overflowed step itself, without calling the optimizer
         self.model.step()
         return self._applied()
 

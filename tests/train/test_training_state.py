@@ -144,3 +144,53 @@ def test_a_skipped_micro_batch_keeps_the_data_position_on_the_grid_of_the_effect
         assert run.stream.state_dict()["next_sample"] == 4
     finally:
         run.close()
+
+
+def _gradient_skip_worker(out_dir: str, engine_name: str, zero_stage: int) -> None:
+    """Every rank: a good step, then a step whose loss is finite everywhere but whose gradient of one weight
+    is NaN on rank 1 only (under ZeRO only that weight's partition owner sees it after the reduction), then a
+    good step. Saves the weights after each step."""
+    from anncli.cluster.distributed import init_distributed
+    from anncli.models.ann import build_model
+    from anncli.train.engine import build_engine
+    from anncli.train.losses import SegLoss
+
+    torch.set_num_threads(1)
+    info = init_distributed()
+    recipe = _demo("train.batch_size=2", f"engine={engine_name}", f"deepspeed.zero_stage={zero_stage}",
+                   "model.norm=bn", "optim.name=sgd")
+    torch.manual_seed(0)
+    model = build_model(recipe.model)
+    engine = build_engine(model, recipe, info)
+    criterion = SegLoss(recipe.loss, recipe.model.num_classes)
+    g = torch.Generator().manual_seed(info.rank)
+    images, labels = torch.randn(2, 3, 32, 64, generator=g), torch.randint(0, 5, (2, 32, 64), generator=g)
+    model.train()
+    weights, applied = [], []
+    last = list(model.parameters())[-1]
+    for poisoned in (False, True, False):
+        hook = last.register_hook(lambda grad: grad * float("nan")) if poisoned and info.rank == 1 else None
+        engine.micro_step(images, labels, criterion, boundary=True)
+        applied.append(bool(engine.optimizer_step()))
+        if hook:
+            hook.remove()
+        weights.append({k: v.detach().clone() for k, v in model.named_parameters()})  # BN buffers of a finite forward stay
+    torch.save({"weights": weights, "applied": applied}, os.path.join(out_dir, f"rank{info.rank}.pt"))
+
+
+@pytest.mark.parametrize("engine,zero_stage", [("ddp", 0), pytest.param("deepspeed", 1, marks=pytest.mark.slow),
+                                               pytest.param("deepspeed", 2, marks=pytest.mark.slow)])
+def test_a_non_finite_gradient_on_one_rank_skips_the_step_on_every_rank(tmp_path, engine, zero_stage):
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    cfg = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=2, run_id=str(uuid.uuid4()),
+                       rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1)
+    elastic_launch(cfg, entrypoint=_gradient_skip_worker)(str(tmp_path), engine, zero_stage)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    for got in ranks:
+        assert got["applied"] == [True, False, True]
+        first, skipped, last = got["weights"]
+        assert all(torch.equal(first[k], skipped[k]) for k in first)  # the skipped step changed nothing
+        assert all(torch.isfinite(v.float()).all() for v in last.values())
+        assert any(not torch.equal(first[k], last[k]) for k in first)
+    for k, v in ranks[0]["weights"][-1].items():  # and every rank holds the same weights
+        assert torch.equal(v, ranks[1]["weights"][-1][k]), k
