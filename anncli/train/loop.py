@@ -20,6 +20,7 @@ from typing import Any, Iterator, NamedTuple
 
 from anncli.errors import EXIT_PREEMPTED, UserError
 from anncli.train.plan import bn_images, lr_at, run_split, scaled_lr
+from anncli.train.trackers.history import train_series
 from anncli.recipe import Recipe
 
 
@@ -87,9 +88,9 @@ class _Run:
     def close(self, status: str = "FAILED") -> None:
         self.progress.close()
         self.tb.close()
-        self.trackers.close(status)
         self.events.close()
-        self.checkpointer.close()
+        self.checkpointer.close()  # the run lock: released before the trackers' bounded wait
+        self.trackers.close(status)
 
 
 def run_training(recipe: Recipe, opts: TrainOptions) -> int:
@@ -246,7 +247,7 @@ def _log(run: _Run, step: int, result: StepResult, lr: float) -> None:
 
         record["samples_sha256"] = gather_samples_sha256(result.indices, result.keys)
     run.events.write("step", step=step, **record)
-    series = {f"train/{k}": v for k, v in record.items() if k != "samples_sha256"}
+    series = train_series(record)
     run.tb.scalars(step, series)
     run.trackers.scalars(step, series)
     run.progress.update(step, {k: record[k] for k in ("loss", "lr", "img_per_s")}, log_line=True)
