@@ -208,13 +208,13 @@ class WandbConfig(_Section):
 
 
 class MlflowConfig(_Section):
-    tracking_uri: Optional[str] = None  # null: MLFLOW_TRACKING_URI, else mlflow's default (./mlruns)
+    tracking_uri: Optional[str] = None  # null: MLFLOW_TRACKING_URI, else mlflow's default (sqlite:///mlflow.db)
     experiment: Optional[str] = None  # null: the recipe name
     run_name: Optional[str] = None  # null: the recipe name
 
 
 class LoggingConfig(_Section):
-    """Experiment trackers that rank 0 logs to, beside events.jsonl (train/trackers.py)."""
+    """Experiment trackers that rank 0 logs to, beside events.jsonl (train/trackers/)."""
 
     wandb: Optional[WandbConfig] = None
     mlflow: Optional[MlflowConfig] = None

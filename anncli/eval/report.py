@@ -123,9 +123,13 @@ def _fmt(value) -> str:
 
 
 class TensorBoard:
-    """Optional TensorBoard scalars; a clear error when asked for without the package."""
+    """Optional TensorBoard scalars; a clear error when asked for without the package.
 
-    def __init__(self, log_dir: Path | None):
+    `purge_step`, a launch's first step: TensorBoard hides what earlier launches logged from there on
+    (a resumed launch trains those steps again), so that each step shows once. Every call is flushed:
+    a killed launch loses none of its points."""
+
+    def __init__(self, log_dir: Path | None, purge_step: int | None = None):
         self._writer = None
         if log_dir is None:
             return
@@ -135,12 +139,13 @@ class TensorBoard:
             from anncli.errors import UserError
 
             raise UserError("train.tensorboard is on but tensorboard is not installed (pip install 'anncli[tensorboard]')") from None
-        self._writer = SummaryWriter(str(log_dir))
+        self._writer = SummaryWriter(str(log_dir), purge_step=purge_step)
 
     def scalars(self, step: int, values: dict) -> None:
         if self._writer is not None:
             for k, v in values.items():
                 self._writer.add_scalar(k, v, step)
+            self._writer.flush()
 
     def close(self) -> None:
         if self._writer is not None:

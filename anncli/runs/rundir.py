@@ -32,7 +32,7 @@ RESUME_SAFE_KEYS = (
     "model.channels_last", "model.compile", "model.compile_backend", "train.deterministic",
 )
 LAUNCH_FILE = ".launch"
-TRACKERS_FILE = "trackers.json"  # the W&B / MLflow run ids of this run (train/trackers.py)
+TRACKERS_FILE = "trackers.json"  # the W&B / MLflow run ids of this run (train/trackers/)
 
 
 def superseded_dir(run_dir: Path) -> Path:
@@ -220,10 +220,10 @@ def record_launch(run_dir: Path) -> None:
 # --- recipe changes at resume ---------------------------------------------------------------------
 
 
-def _flatten(tree, prefix: str = "") -> dict:
+def flatten(tree, prefix: str = "") -> dict:
     if not isinstance(tree, dict):
         return {prefix[:-1]: tree}
-    return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()}
+    return {k: v for key, sub in tree.items() for k, v in flatten(sub, f"{prefix}{key}.").items()}
 
 
 def recipe_changes(saved_yaml: str, current_yaml: str) -> tuple[list[str], list[str]]:
@@ -231,7 +231,7 @@ def recipe_changes(saved_yaml: str, current_yaml: str) -> tuple[list[str], list[
     'key: old -> new' lines."""
     import yaml
 
-    old, new = _flatten(yaml.safe_load(saved_yaml) or {}), _flatten(yaml.safe_load(current_yaml) or {})
+    old, new = flatten(yaml.safe_load(saved_yaml) or {}), flatten(yaml.safe_load(current_yaml) or {})
     same_lr = new.get("train.lr_scaling") != "linear" or _effective_batch(old) == _effective_batch(new)
     harmless, breaking = [], []
     for key in sorted(set(old) | set(new)):

@@ -71,9 +71,9 @@ class _Run:
     def close(self, status: str = "FAILED") -> None:
         self.progress.close()
         self.tb.close()
-        self.trackers.close(status)
         self.events.close()
-        self.checkpointer.close()
+        self.checkpointer.close()  # the run lock: released before the trackers' bounded wait
+        self.trackers.close(status)
 
 
 def run_training(recipe: Recipe, opts: TrainOptions) -> int:
@@ -213,7 +213,8 @@ def _set_up(recipe: Recipe, opts: TrainOptions, info, stop: StopFlag) -> _Run:
     else:
         events.write("start", step=0, world_size=info.world_size, recipe=recipe.name, batch_size=split.batch_size,
                      accum_steps=split.accum_steps, effective_batch=split.effective_batch)
-    tb = TensorBoard(checkpointer.run_dir / "tb" if (t.tensorboard and info.is_main) else None)
+    tb = TensorBoard(checkpointer.run_dir / "tb" if (t.tensorboard and info.is_main) else None,
+                     purge_step=(resumed.step if resumed else 0) + 1)
     trackers = Trackers(recipe, checkpointer.run_dir, enabled=info.is_main)
     start = resumed.step if resumed else 0
     progress = TrainProgress(t.iters, start, enabled=info.is_main)

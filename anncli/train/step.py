@@ -11,6 +11,7 @@ import functools
 from typing import Any, NamedTuple
 
 from anncli.errors import UserError
+from anncli.train.trackers.history import train_series
 
 class StepResult(NamedTuple):
     """One optimizer step, on the device until a log step reads it: `losses`, one row per micro-batch of
@@ -120,7 +121,7 @@ def _log(run, step: int, result: StepResult, lr: float) -> None:
 
         record["samples_sha256"] = gather_samples_sha256(result.indices, result.keys)
     run.events.write("step", step=step, **record)
-    series = {f"train/{k}": v for k, v in record.items() if k != "samples_sha256"}
+    series = train_series(record)
     run.tb.scalars(step, series)
     run.trackers.scalars(step, series)
     run.progress.update(step, {k: record[k] for k in ("loss", "lr", "img_per_s")}, log_line=True)
