@@ -33,3 +33,10 @@ def run_writing(where, fn, *args, **kwargs):
         if line is None:
             raise
         fail(line)
+
+
+def load(recipe, overrides):
+    """The recipe file with its `--set` overrides, every problem one line."""
+    from anncli.recipe import load_recipe
+
+    return run(load_recipe, recipe, overrides or [])

@@ -14,11 +14,12 @@ import typer
 
 from anncli.cli import tools as cli_tools
 from anncli.cli.common import fail as _fail
+from anncli.cli.common import load as _load
 from anncli.cli.common import run as _run
 from anncli.cli.common import run_writing as _run_writing
 from anncli.cli.data import data_app
-from anncli.cli.options import PRED_FORMAT_HELP, App, RecipeArg, SetOpt, WorkDirOpt, at_least, launched, set_option
-from anncli.cli.recipes import recipe_file, recipes_app
+from anncli.cli.options import PRED_FORMAT_HELP, App, RecipeArg, SetOpt, WorkDirOpt, launched, set_option
+from anncli.cli.recipes import recipe_app, recipe_file, recipes_app
 from anncli.cli.weights import weights_app
 from anncli.paths import check_outputs, writable_dir
 
@@ -30,13 +31,10 @@ app = App(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-recipe_app = App(help="Check and print recipes.", no_args_is_help=True)
-model_app = App(help="Model information.", no_args_is_help=True)
-bench_app = App(help="Benchmarks that measure and write JSON.", no_args_is_help=True)
-app.add_typer(recipe_app, name="recipe")
+app.add_typer(recipe_app, name="recipe")  # anncli/cli/recipes.py: `ann recipe validate|show`
 app.add_typer(data_app, name="data")  # anncli/cli/data.py: `ann data pack|synth|inspect`
-app.add_typer(model_app, name="model")
-app.add_typer(bench_app, name="bench")
+app.add_typer(cli_tools.model_app, name="model")  # anncli/cli/tools.py: `ann model summary`, `ann bench attention`
+app.add_typer(cli_tools.bench_app, name="bench")
 app.add_typer(weights_app, name="weights")  # anncli/cli/weights.py: `ann weights import|inspect`
 app.add_typer(recipes_app, name="recipes")  # anncli/cli/recipes.py: `ann recipes list|show|copy`
 
@@ -54,12 +52,6 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_print_ver
         "Print ann's version and the torch/CUDA it runs on, then exit."))] = False) -> None:
     pass
 
-
-
-def _load(recipe: Path, overrides: Optional[list[str]]):
-    from anncli.recipe import load_recipe
-
-    return _run(load_recipe, recipe, overrides or [])
 
 
 def _start(request, in_process, describe=None, preflight=None, run_dir=None, writes=None) -> None:
@@ -231,58 +223,6 @@ def predict(
 app.command()(cli_tools.plot)
 app.command()(cli_tools.export)
 app.add_typer(cli_tools.viz_app, name="viz")
-
-
-@recipe_app.command("validate")
-def recipe_validate(recipes: Annotated[list[Path], typer.Argument(help="Recipe files.")], set_: SetOpt = None) -> None:
-    """Check recipes against the schema; exit 2 on the first problem."""
-    for path in recipes:
-        r = _load(recipe_file(path), set_)
-        typer.echo(f"{path}: ok ({r.name})")
-
-
-@recipe_app.command("show")
-def recipe_show(recipe: RecipeArg, set_: SetOpt = None) -> None:
-    """Print the resolved recipe, overrides and defaults applied."""
-    from anncli.recipe import recipe_to_yaml
-
-    typer.echo(recipe_to_yaml(_load(recipe_file(recipe), set_)), nl=False)
-
-
-@model_app.command("summary")
-def model_summary(
-    model: Annotated[str, typer.Option(help="ann, fcn or nonlocal.")] = "ann",
-    variant: Annotated[str, typer.Option(help=(
-        "official (the paper's code) or mmseg (mmsegmentation's ANN: ResNetV1c, its heads)."))] = "official",
-    backbone: Annotated[str, typer.Option(help="resnet101, resnet50 or small.")] = "resnet101",
-    classes: Annotated[int, typer.Option(callback=at_least(1), help="Number of classes.")] = 19,
-    input_size: Annotated[Optional[str], typer.Option("--input", metavar="HxW", help=(
-        "Input size for FLOPs, e.g. 769x769 (default: none, parameters only)."))] = None,
-    aux: Annotated[bool, typer.Option("--aux/--no-aux", help="Include the auxiliary head.")] = True,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
-) -> None:
-    """Parameters per module and FLOPs, the way mmseg's get_flops does."""
-    from anncli.interop.summary import print_summary
-
-    _run(print_summary, model=model, backbone=backbone, classes=classes, input_size=input_size, aux=aux,
-         as_json=json_out, variant=variant)
-
-
-@bench_app.command("attention")
-def bench_attention(
-    sizes: Annotated[str, typer.Option(metavar="HxW,…", help="Feature maps, comma-separated.")] = "96x96,128x128,128x256",
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16.")] = "float32",
-    channels: Annotated[int, typer.Option(callback=at_least(1), help="Input channels (paper: 2048).")] = 2048,
-    repeats: Annotated[Optional[int], typer.Option(callback=at_least(1), help="Timed forwards (default 10, or 3 for slow CPU sizes).")] = None,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write results JSON here.")] = None,
-) -> None:
-    """APNB vs plain non-local block: FLOPs, peak memory, time (the paper's efficiency table)."""
-    _run(check_outputs, json_out=json_out)
-    from anncli.interop.bench import run_attention_bench
-
-    _run(run_attention_bench, sizes=sizes, device=device, dtype=dtype, channels=channels, repeats=repeats,
-         json_out=json_out)
 
 
 @app.command("env")

@@ -1,4 +1,4 @@
-"""`ann recipes list|show|copy`: the built-in recipes and SLURM templates (anncli/catalog.py), and the
+"""`ann recipes list|show|copy`: the built-in recipes and SLURM templates (anncli/catalog.py), `ann recipe validate|show`, and the
 recipe argument of train/eval that takes a built-in name. Torch-free, like every command module.
 """
 
@@ -10,10 +10,12 @@ from typing import Annotated, Optional
 
 import typer
 
+from anncli.cli.common import load as _load
 from anncli.cli.common import run as _run
 from anncli.cli.common import run_writing as _run_writing
-from anncli.cli.options import App
+from anncli.cli.options import App, RecipeArg, SetOpt
 
+recipe_app = App(help="Check and print recipes.", no_args_is_help=True)
 recipes_app = App(help="The built-in recipes and SLURM templates: list, show, copy out to edit.",
                   no_args_is_help=True)
 
@@ -60,3 +62,19 @@ def recipes_copy(
 
     for path in _run_writing(dest or Path("."), copy_recipe, name, dest, force):
         typer.echo(f"wrote {path}")
+
+
+@recipe_app.command("validate")
+def recipe_validate(recipes: Annotated[list[Path], typer.Argument(help="Recipe files.")], set_: SetOpt = None) -> None:
+    """Check recipes against the schema; exit 2 on the first problem."""
+    for path in recipes:
+        r = _load(recipe_file(path), set_)
+        typer.echo(f"{path}: ok ({r.name})")
+
+
+@recipe_app.command("show")
+def recipe_show(recipe: RecipeArg, set_: SetOpt = None) -> None:
+    """Print the resolved recipe, overrides and defaults applied."""
+    from anncli.recipe import recipe_to_yaml
+
+    typer.echo(recipe_to_yaml(_load(recipe_file(recipe), set_)), nl=False)
