@@ -69,13 +69,19 @@ def _start(request, in_process, describe=None, preflight=None, run_dir=None, wri
         _run(preflight, plan)
     if run_dir is not None:
         run_dir = _run(writable_dir, run_dir, "--work-dir")
+    from anncli.runs.checkpoint import interrupted_note
+
+    note = None if run_dir is None else (lambda: interrupted_note(Path(run_dir)))
     if plan.command is not None:
         from anncli.cluster.supervisor import execute
-        from anncli.runs.checkpoint import interrupted_note
 
-        note = None if run_dir is None else (lambda: interrupted_note(Path(run_dir)))
         raise typer.Exit(execute(plan, checkpoint_note=note))
-    code = _run_writing(writes or run_dir, in_process)
+    try:
+        code = _run_writing(writes or run_dir, in_process)
+    except KeyboardInterrupt:  # a single process, Ctrl-C: the same line as a supervised run's
+        from anncli.cluster.supervisor import interrupted
+
+        raise typer.Exit(interrupted(note)) from None
     raise typer.Exit(code if isinstance(code, int) else 0)
 
 

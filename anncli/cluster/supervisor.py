@@ -113,7 +113,8 @@ def kill_tree(pid: int) -> None:
             pass
 
 
-def _interrupted(checkpoint_note: Optional[Callable[[], str]]) -> int:
+def interrupted(checkpoint_note: Optional[Callable[[], str]]) -> int:
+    """The line a Ctrl-C ends with, naming where `--resume auto` continues; the exit code 130."""
     line = "ann: interrupted"
     if checkpoint_note is not None:
         line += f"; {checkpoint_note()}"
@@ -133,7 +134,7 @@ def _exit_code(plan: LaunchPlan, rc: int, received: list[int], host: str,
               "(requeue; --resume auto continues from the newest complete checkpoint)", file=sys.stderr, flush=True)
         return EXIT_PREEMPTED
     if signal.SIGINT in received:
-        return _interrupted(checkpoint_note)
+        return interrupted(checkpoint_note)
     hint = "the rank that failed first and its host are named above"
     if plan.kind == "srun":
         hint = "srun names the failing task and node above"

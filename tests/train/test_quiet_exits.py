@@ -28,3 +28,18 @@ def test_sigterm_on_two_ranks_saves_and_exits_124_without_a_traceback(synth_root
     events = [json.loads(line) for line in (run / "events.jsonl").read_text().splitlines()]
     (preempted,) = [e for e in events if e["event"] == "preempted"]
     assert (run / "checkpoints" / f"step-{preempted['step']:06d}" / "COMPLETE").is_file()
+
+
+def test_ctrl_c_of_a_single_process_run_names_the_newest_checkpoint_and_exits_130(synth_root, tmp_path):
+    """A terminal's Ctrl-C (SIGINT to the foreground process) of an in-process run ends in the line a
+    supervised run ends in: where `--resume auto` continues, no traceback."""
+    run, log = tmp_path / "run", tmp_path / "train.log"
+    cmd = ann_cmd("train", "recipes/demo.yaml", "--work-dir", run,
+                  *tiny_overrides(synth_root, **{"train.iters": 400, "train.checkpoint_every": 2, "data.num_workers": 0}))
+    proc = start_until_checkpoint(cmd, run, 2, log)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=300) == 130, log.read_text()[-3000:]
+    last = log.read_text().strip().splitlines()[-1]
+    assert "Traceback" not in log.read_text()
+    newest = max(p for p in (run / "checkpoints").iterdir() if (p / "COMPLETE").is_file())
+    assert last == f"ann: interrupted; last complete checkpoint: {newest} (--resume auto continues from it)", last
