@@ -265,7 +265,9 @@ def test_a_slow_mlflow_server_costs_the_training_loop_nothing_and_gets_every_ste
     plain, tracked = statistics.median(steps["plain"]), statistics.median(steps["mlflow"])
     print(f"20-step runs, median step: plain {plain:.3f} s, mlflow behind a 1 s proxy {tracked:.3f} s, ratio "
           f"{tracked / plain:.3f}; loop totals {sum(steps['plain']):.1f} s vs {sum(steps['mlflow']):.1f} s for two runs")
-    assert tracked <= 1.1 * plain, steps
+    # 1.1x, plus 20 ms for a step this small (about 0.1 s): the millisecond clock of events.jsonl and the
+    # tracker thread's share of the interpreter weigh more here than on a real step; the old way added 1 s.
+    assert tracked <= 1.1 * plain + 0.02, steps
 
 
 def _read_lines(stream, lines: list[str]):
