@@ -68,7 +68,8 @@ test-demo: $(STAMP)
 test-chaos: $(STAMP)
 	$(PY) -m pytest -q -m chaos
 
-# The whole ZeRO-0/1/2 state matrix: every stage and optimizer saved on 2 ranks and loaded on 1, 2 and 3,
+# The whole ZeRO-0/1/2 state matrix: every stage and optimizer saved on 2 ranks and loaded on 1, 2 and 3 (and a NaN
+# gradient on one rank of ZeRO-2 skipping the step on both; ZeRO-1 runs in `make test`),
 # and across stages (test_elastic and test_train cover ZeRO-1/2 resume end to end in `make test`), and a
 # compiled training run resumed, evaluated and exported (minutes of compilation on 2 cores).
 test-long: $(STAMP)

@@ -179,7 +179,7 @@ def _gradient_skip_worker(out_dir: str, engine_name: str, zero_stage: int) -> No
 
 
 @pytest.mark.parametrize("engine,zero_stage", [("ddp", 0), pytest.param("deepspeed", 1, marks=pytest.mark.slow),
-                                               pytest.param("deepspeed", 2, marks=pytest.mark.slow)])
+                                               pytest.param("deepspeed", 2, marks=pytest.mark.long)])
 def test_a_non_finite_gradient_on_one_rank_skips_the_step_on_every_rank(tmp_path, engine, zero_stage):
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     cfg = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=2, run_id=str(uuid.uuid4()),
