@@ -100,6 +100,33 @@ def _engine(recipe, device):
     return step
 
 
+def _bare_deepspeed(recipe, device):
+    """DeepSpeed's own step of the same network (ZeRO as configured, torch's fused SGD, no skip machinery):
+    what the DeepSpeed engine adds on top of it is ann's."""
+    import deepspeed
+    import torch
+
+    from anncli.models.ann import build_model
+    from anncli.train.engine import deepspeed_config
+    from anncli.train.losses import SegLoss
+
+    torch.manual_seed(0)
+    model = build_model(recipe.model).to(device).train()
+    o = recipe.optim
+    opt = torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, fused=True)
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=deepspeed_config(recipe))
+    criterion = SegLoss(recipe.loss, recipe.model.num_classes, check=False).to(device)
+
+    def step(x, y):
+        main, aux = engine(x)  # deepspeed_config turns torch autocast on for bf16/fp16
+        total, _ = criterion(main, aux, y)
+        engine.backward(total)
+        engine.step()
+        return total.detach()
+
+    return step
+
+
 def _sync(device) -> None:
     import torch
 
@@ -139,6 +166,8 @@ def measure(arch: str, engine: str, precision: str, size: int, batch: int, round
     x, y = _inputs(recipe, size, batch, device)
     steps = {"plain": _plain(recipe, device), "plain_fused": _plain(recipe, device, fused=True),
              "engine": _engine(recipe, device)}
+    if engine == "deepspeed":
+        steps["bare_deepspeed"] = _bare_deepspeed(recipe, device)
     for _ in range(warmup):
         for step in steps.values():
             step(x, y)
@@ -146,7 +175,7 @@ def measure(arch: str, engine: str, precision: str, size: int, batch: int, round
     times = {name: [] for name in steps}
     names = list(steps)
     for r in range(rounds):  # interleaved, the order rotating: load changes hit all alike
-        for name in names[r % 3:] + names[:r % 3]:
+        for name in names[r % len(names):] + names[:r % len(names)]:
             times[name].append(_timed(steps[name], x, y, device))
     ratios = [e / p for e, p in zip(times["engine"], times["plain"])]
     fused_ratios = [e / p for e, p in zip(times["engine"], times["plain_fused"])]
@@ -159,7 +188,13 @@ def measure(arch: str, engine: str, precision: str, size: int, batch: int, round
             "time_ratio_vs_fused": round(statistics.median(fused_ratios), 4),
             "plain_ops": ops["plain"], "plain_fused_ops": ops["plain_fused"], "engine_ops": ops["engine"],
             "op_ratio": round(ops["engine"] / ops["plain"], 4),
-            "op_ratio_vs_fused": round(ops["engine"] / ops["plain_fused"], 4)}
+            "op_ratio_vs_fused": round(ops["engine"] / ops["plain_fused"], 4),
+            **({"bare_deepspeed_ms": round(statistics.median(times["bare_deepspeed"]) * 1e3, 1),
+                "bare_deepspeed_ops": ops["bare_deepspeed"],
+                "time_ratio_vs_bare_deepspeed": round(statistics.median(
+                    [e / p for e, p in zip(times["engine"], times["bare_deepspeed"])]), 4),
+                "op_ratio_vs_bare_deepspeed": round(ops["engine"] / ops["bare_deepspeed"], 4)}
+               if "bare_deepspeed" in steps else {})}
 
 
 def _in_tree(tree: Path, args, arch, engine, precision) -> dict:
@@ -187,7 +222,10 @@ def _write(out: Path, device, rows: list[dict]) -> None:
                           for k, v in worst.items()},
               # against a plain step with torch's fused SGD (the engine's kernel): the machinery's own cost
               "against_fused_sgd": {k: max(r[k] for r in mine if k in r) if any(k in r for r in mine) else None
-                                    for k in ("time_ratio_vs_fused", "op_ratio_vs_fused")}}
+                                    for k in ("time_ratio_vs_fused", "op_ratio_vs_fused")},
+              # DeepSpeed rows against DeepSpeed's own step of the same network: ann's share of the engine
+              "against_bare_deepspeed": {k: max(r[k] for r in mine if k in r) if any(k in r for r in mine) else None
+                                         for k in ("time_ratio_vs_bare_deepspeed", "op_ratio_vs_bare_deepspeed")}}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
 
@@ -230,7 +268,9 @@ def main() -> int:
                           f"{row['engine_ms']} ms ({row['time_ratio']}x); ops {row['plain_ops']} / "
                           f"{row['engine_ops']} ({row['op_ratio']}x)"
                           + (f"; vs fused SGD {row['time_ratio_vs_fused']}x time, {row['op_ratio_vs_fused']}x ops"
-                             if "plain_fused_ops" in row else ""), flush=True)
+                             if "plain_fused_ops" in row else "")
+                          + (f"; vs DeepSpeed's own step {row['time_ratio_vs_bare_deepspeed']}x time, "
+                             f"{row['op_ratio_vs_bare_deepspeed']}x ops" if "bare_deepspeed_ops" in row else ""), flush=True)
                     _write(out, device, rows)
     print(f"wrote {out}")
     return 0
